@@ -1,0 +1,3 @@
+from ibllm.cli import main
+
+raise SystemExit(main())
