@@ -111,11 +111,11 @@ def check_groups() -> list[tuple[str, CheckGroup]]:
 def run(root: str | Path, only: str | None = None) -> list[Comparison]:
     fixture = Fixture(root)
     results: list[Comparison] = []
-    torch.set_grad_enabled(False)
-    for title, group in check_groups():
-        if only and title != only:
-            continue
-        results.extend(group(fixture))
+    with torch.no_grad():
+        for title, group in check_groups():
+            if only and title != only:
+                continue
+            results.extend(group(fixture))
     return results
 
 
@@ -124,7 +124,9 @@ def report(results: list[Comparison]) -> str:
     lines = []
     for r in results:
         status = "ok  " if r.ok else "FAIL"
-        shape = "" if r.actual.shape == r.expected.shape else f"  shape {tuple(r.actual.shape)} != {tuple(r.expected.shape)}"
+        shape = ""
+        if r.actual.shape != r.expected.shape:
+            shape = f"  shape {tuple(r.actual.shape)} != {tuple(r.expected.shape)}"
         note = f"  ({r.note})" if r.note else ""
         lines.append(f"{status} {r.name:<{width}}  max|diff| {r.max_abs_diff:.3e}  tol {r.tol:.0e}{shape}{note}")
     failed = sum(not r.ok for r in results)

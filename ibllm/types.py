@@ -1,0 +1,99 @@
+"""Plain data passed between the engine (ibllm.model), the CLI and the UI. No tensors, no Gradio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One input of a chat turn: a file (or a piece of text) with its modality and mixing weight (0 drops it)."""
+
+    path: str
+    modality: str  # "image", "video", "audio", "point", "depth", "thermal", "imu", "text"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Turn:
+    """An earlier exchange of the conversation."""
+
+    user: str
+    assistant: str
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Visual cache (retrieval) settings; defaults are the reference demo's."""
+
+    enabled: bool = True
+    size: int = 10  # top-k neighbours
+    temperature: float = 20.0  # softmax temperature multiplier on similarities
+    weight: float = 0.5  # mix weight of the retrieved feature
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 128
+    temperature: float = 0.1  # 0 = greedy
+    top_p: float = 0.75
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A visual-cache entry retrieved for the fused feature (shown by the UI's inspector)."""
+
+    index: int
+    similarity: float
+    caption: str | None = None
+    thumbnail: str | None = None
+
+
+@dataclass
+class Timings:
+    """Where the time of one answer went (seconds)."""
+
+    encode: float = 0.0
+    cache: float = 0.0
+    bind: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode if self.decode > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"encode {self.encode * 1000:.0f} ms · retrieve {self.cache * 1000:.0f} ms · "
+                f"bind {self.bind * 1000:.0f} ms · prefill {self.prefill * 1000:.0f} ms "
+                f"({self.prompt_tokens} tok) · decode {self.decode * 1000:.0f} ms "
+                f"({self.new_tokens} tok, {self.decode_tokens_per_s:.1f} tok/s)")
+
+
+@dataclass
+class ChatEvent:
+    """One step of a streamed answer: ``delta`` is the new text since the previous event."""
+
+    delta: str = ""
+    text: str = ""  # the answer so far
+    done: bool = False
+    timings: Timings = field(default_factory=Timings)
+    neighbours: list[Neighbour] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. "dropped 2 oldest turns to fit the context"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the UI's model panel shows."""
+
+    name: str
+    weights: str  # human description: "embedded toy model (trained by ibllm)", "random tiny weights", paths...
+    device: str
+    dtype: str
+    is_default: bool
+    trained: bool
+    cache_entries: int = 0
+    how_to_load_real: str = ""
