@@ -1,0 +1,318 @@
+"""LLaMA with the ImageBind-LLM extras, in one file (REFERENCE.md section 4).
+
+On top of Meta's LLaMA (RMSNorm, RoPE on consecutive even/odd pairs, SwiGLU) every block has, when the config
+asks for them:
+
+- biases on ``wq``, ``wo``, ``w1``, ``w2``, ``w3`` (not ``wk``/``wv``) — ``LlamaConfig.w_bias``;
+- rank-r LoRA without scaling, ``lora_w{q,k,v,o}_l1/l2`` and ``lora_w{1,2,3}_l1/l2`` (l1: in→r, l2: r→out) —
+  ``LlamaConfig.w_lora``. q/k/v/w1/w3 see the normed input, ``lora_wo`` the attention output, ``lora_w2`` the
+  SwiGLU product;
+- ``attention.gate`` (1, n_heads, 1, 1): the zero-initialised gate of the visual injection.
+
+Visual injection: in each of the last ``query_layer`` blocks the adapter ``a_l = visual_query + prefix_query[l]``
+(B, 1, D) goes *un-normed* through that block's base ``wv`` (no LoRA, no RoPE) and ``tanh(gate) * wv(a_l)`` is
+added, per head, to every position's attention output before ``wo``. That term does not depend on the token, so
+``Transformer.visual_injection`` computes it once per request and ``forward`` only adds it.
+
+Native LoRA layout: the ``lora_*`` Linears are ordinary submodules, so ``state_dict()`` is the official layout
+(under ``llama.`` in the official files). For stage-2 training ``ibllm.llm.lora.to_peft`` swaps them for peft
+LoRA layers and ``from_peft`` swaps them back; for inference ``merge_lora`` folds them into the base weights.
+
+KV cache: static, allocated once by ``setup_cache`` (max_batch_size x max_seq_len) as non-persistent buffers; the
+rotary table is computed on first use; neither is in the state dict. ``forward(tokens, start_pos)`` writes positions
+``start_pos .. start_pos+T-1`` and attends to ``0 .. start_pos+T-1`` with the causal mask shifted by start_pos.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ibllm.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    """Meta's RMSNorm: normalise in float32, cast back, then scale (the cast-before-scale order matters in fp16)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def precompute_rope(head_dim: int, positions: int, theta: float = 10000.0,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Rotary table (positions, head_dim // 2, 2) of (cos, sin), float32, frequencies theta^(-2i/head_dim)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), freqs)
+    return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive (even, odd) pairs of each head, in float32. x: (B, T, H, hd); rope: (T, hd/2, 2)."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def _base(linear: nn.Module) -> nn.Module:
+    """The plain Linear under a peft LoRA wrapper (or the module itself): the injection must skip LoRA."""
+    get = getattr(linear, "get_base_layer", None)
+    return get() if get is not None else linear
+
+
+def _lora_pair(enabled: bool, d_in: int, d_out: int, rank: int) -> tuple[nn.Linear | None, nn.Linear | None]:
+    if not enabled:
+        return None, None
+    l1 = nn.Linear(d_in, rank, bias=False)
+    l2 = nn.Linear(rank, d_out, bias=False)
+    nn.init.zeros_(l2.weight)  # LoRA starts as the identity update, as in the reference
+    return l1, l2
+
+
+def _with_lora(y: torch.Tensor, x: torch.Tensor, l1: nn.Module | None, l2: nn.Module | None) -> torch.Tensor:
+    return y if l1 is None else y + l2(l1(x))
+
+
+@torch.no_grad()
+def _fold(owner: nn.Module, name: str) -> None:
+    """Fold ``lora_{name}_l2 @ lora_{name}_l1`` into ``owner.{name}.weight`` (in float32) and drop the pair."""
+    l1, l2 = getattr(owner, f"lora_{name}_l1"), getattr(owner, f"lora_{name}_l2")
+    if l1 is None:
+        return
+    base = getattr(owner, name)
+    delta = l2.weight.float() @ l1.weight.float()
+    base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+    setattr(owner, f"lora_{name}_l1", None)
+    setattr(owner, f"lora_{name}_l2", None)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, r = cfg.dim, cfg.lora_rank
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(d, d, bias=cfg.w_bias)
+        self.wk = nn.Linear(d, d, bias=False)
+        self.wv = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=cfg.w_bias)
+        self.lora_wq_l1, self.lora_wq_l2 = _lora_pair(cfg.w_lora, d, d, r)
+        self.lora_wk_l1, self.lora_wk_l2 = _lora_pair(cfg.w_lora, d, d, r)
+        self.lora_wv_l1, self.lora_wv_l2 = _lora_pair(cfg.w_lora, d, d, r)
+        self.lora_wo_l1, self.lora_wo_l2 = _lora_pair(cfg.w_lora, d, d, r)
+        self.gate = nn.Parameter(torch.zeros(1, cfg.n_heads, 1, 1))
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
+
+    def injection(self, adapter: torch.Tensor) -> torch.Tensor:
+        """``tanh(gate) * wv(adapter)`` per head: (B, 1, D) -> (B, H, 1, head_dim). Base wv only (no LoRA)."""
+        b = adapter.shape[0]
+        v = F.linear(adapter, _base(self.wv).weight).view(b, -1, self.n_heads, self.head_dim).transpose(1, 2)
+        if v.shape[2] != 1:
+            raise ValueError("only query_len 1 is supported (ImageBind-LLM's setting)")
+        return self.gate.tanh().to(v.dtype) * v
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, injection: torch.Tensor | None,
+                use_cache: bool) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = _with_lora(self.wq(x), x, self.lora_wq_l1, self.lora_wq_l2).view(b, t, self.n_heads, self.head_dim)
+        k = _with_lora(self.wk(x), x, self.lora_wk_l1, self.lora_wk_l2).view(b, t, self.n_heads, self.head_dim)
+        v = _with_lora(self.wv(x), x, self.lora_wv_l1, self.lora_wv_l2).view(b, t, self.n_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if use_cache:
+            end = start_pos + t
+            self.cache_k[:b, :, start_pos:end] = k
+            self.cache_v[:b, :, start_pos:end] = v
+            k, v = self.cache_k[:b, :, :end], self.cache_v[:b, :, :end]
+        s = k.shape[2]
+        if t == 1:
+            out = F.scaled_dot_product_attention(q, k, v)  # one new token sees every cached position
+        elif s == t:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # several new tokens after a cached prefix: causal mask shifted by start_pos
+            allowed = torch.arange(s, device=x.device)[None, :] <= (s - t) + torch.arange(t, device=x.device)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        if injection is not None:
+            out = out + injection
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return _with_lora(self.wo(out), out, self.lora_wo_l1, self.lora_wo_l2)
+
+    def merge_lora(self) -> None:
+        # wv keeps its LoRA separate: the visual injection needs the un-adapted wv (a rank-r add per token is
+        # ~2r/D of the wv matmul, i.e. <1% at 7B, versus keeping a second D x D copy of wv per layer).
+        for name in ("wq", "wk", "wo"):
+            _fold(self, name)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, h, r = cfg.dim, cfg.ffn_hidden_dim, cfg.lora_rank
+        self.w1 = nn.Linear(d, h, bias=cfg.w_bias)
+        self.w2 = nn.Linear(h, d, bias=cfg.w_bias)
+        self.w3 = nn.Linear(d, h, bias=cfg.w_bias)
+        self.lora_w1_l1, self.lora_w1_l2 = _lora_pair(cfg.w_lora, d, h, r)
+        self.lora_w2_l1, self.lora_w2_l2 = _lora_pair(cfg.w_lora, h, d, r)
+        self.lora_w3_l1, self.lora_w3_l2 = _lora_pair(cfg.w_lora, d, h, r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = _with_lora(self.w1(x), x, self.lora_w1_l1, self.lora_w1_l2)
+        up = _with_lora(self.w3(x), x, self.lora_w3_l1, self.lora_w3_l2)
+        h = F.silu(gate) * up
+        return _with_lora(self.w2(h), h, self.lora_w2_l1, self.lora_w2_l2)
+
+    def merge_lora(self) -> None:
+        for name in ("w1", "w2", "w3"):
+            _fold(self, name)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, injection: torch.Tensor | None,
+                use_cache: bool) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, injection, use_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """LLaMA + ImageBind-LLM extras. ``query_layer``: how many of the last blocks get the visual injection."""
+
+    def __init__(self, cfg: LlamaConfig, query_layer: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.query_layer = cfg.n_layers if query_layer is None else query_layer
+        if not 0 <= self.query_layer <= cfg.n_layers:
+            raise ValueError(f"query_layer {self.query_layer} outside 0..{cfg.n_layers}")
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Rotary table: 2 * max_seq_len positions as Meta's code. A plain attribute, not a buffer, so that it is not
+        # in the state dict and ``model.to(torch.float16)`` cannot lower it: rotation stays float32 as in Meta's code.
+        self.rope: torch.Tensor | None = None
+        self.lora_merged = False
+        self.cache_batch = self.cache_len = 0
+
+    @property
+    def first_query_layer(self) -> int:
+        return self.cfg.n_layers - self.query_layer
+
+    @property
+    def max_seq_len(self) -> int:
+        """Positions available to generation: the KV cache's length once allocated, else the config's."""
+        return self.cache_len or self.cfg.max_seq_len
+
+    def _ensure_rope(self, device: torch.device) -> torch.Tensor:
+        # Computed on first use on the device of the tokens (so a model built on the meta device needs nothing).
+        if self.rope is None or self.rope.device != device:
+            self.rope = precompute_rope(self.cfg.head_dim, 2 * self.cfg.max_seq_len, self.cfg.rope_theta, device)
+        return self.rope
+
+    def setup_cache(self, max_batch_size: int | None = None, max_seq_len: int | None = None, *,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Allocate the static KV cache once (defaults: the config's sizes, the weights' device and dtype)."""
+        weight = self.output.weight
+        device = torch.device(device) if device is not None else weight.device
+        dtype = dtype or weight.dtype
+        b = max_batch_size or self.cfg.max_batch_size
+        s = max_seq_len or self.cfg.max_seq_len
+        if s > 2 * self.cfg.max_seq_len:
+            raise ValueError(f"max_seq_len {s} exceeds the rotary table ({2 * self.cfg.max_seq_len})")
+        shape = (b, self.cfg.n_heads, s, self.cfg.head_dim)
+        for layer in self.layers:
+            layer.attention.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+            layer.attention.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_batch, self.cache_len = b, s
+        self._ensure_rope(device)
+
+    def clear_cache(self) -> None:
+        """Free the KV cache (e.g. before training)."""
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+        self.cache_batch = self.cache_len = 0
+
+    def visual_injection(self, adapters: torch.Tensor) -> torch.Tensor:
+        """Per-layer gated value vectors from the adapters (query_layer, B, 1, D): (query_layer, B, H, 1, hd).
+
+        Compute once per request; ``forward`` adds slice l to the attention output of block first_query_layer+l.
+        """
+        if adapters.shape[0] != self.query_layer:
+            raise ValueError(f"expected {self.query_layer} adapters (one per query layer), got {adapters.shape[0]}")
+        layers = self.layers[self.first_query_layer:]
+        return torch.stack([layer.attention.injection(a) for layer, a in zip(layers, adapters, strict=True)])
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, injection: torch.Tensor | None = None, *,
+                last_only: bool = False, use_cache: bool | None = None) -> torch.Tensor:
+        """Logits (float32) for ``tokens`` (B, T) at positions start_pos.. : (B, T, V), or (B, V) if last_only.
+
+        ``use_cache`` defaults to "a KV cache is allocated"; without it the call sees only ``tokens`` (training).
+        """
+        b, t = tokens.shape
+        start_pos = int(start_pos)
+        use_cache = self.cache_len > 0 if use_cache is None else use_cache
+        if use_cache:
+            if self.cache_len == 0:
+                self.setup_cache()
+            if b > self.cache_batch or start_pos + t > self.cache_len:
+                raise ValueError(f"batch {b} x positions {start_pos}+{t} exceed the KV cache "
+                                 f"({self.cache_batch} x {self.cache_len})")
+        rope = self._ensure_rope(tokens.device)[start_pos:start_pos + t]
+        h = self.tok_embeddings(tokens)
+        first = self.first_query_layer
+        for i, layer in enumerate(self.layers):
+            inj = injection[i - first] if injection is not None and i >= first else None
+            h = layer(h, start_pos, rope, inj, use_cache)
+        if last_only:
+            h = h[:, -1]
+        return self.output(self.norm(h)).float()
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold every LoRA pair except wv's into its base weight (inference only; irreversible).
+
+        Same outputs to rounding, 12 fewer small matmuls per block. Afterwards ``state_dict()`` no longer has the
+        official layout (merged base weights, only ``lora_wv_*`` left): reload the checkpoint to save or train.
+        """
+        if _base(self.layers[0].attention.wq) is not self.layers[0].attention.wq:
+            raise ValueError("the model is wrapped by peft: convert back with ibllm.llm.lora.from_peft first")
+        for layer in self.layers:
+            layer.attention.merge_lora()
+            layer.feed_forward.merge_lora()
+        self.lora_merged = self.cfg.w_lora
+
+
+def init_weights(model: Transformer, generator: torch.Generator | None = None, *, nonzero: float = 0.0) -> None:
+    """Random LLaMA-style init for tiny test / toy models: N(0, 1/fan_in) matrices, N(0, 0.5^2) embeddings.
+
+    Gates, biases and LoRA B start at zero as in the reference; ``nonzero > 0`` draws them from N(0, nonzero^2)
+    instead, so that every path contributes (tests).
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            zero_init = name.endswith(("bias", "gate")) or "_l2." in name
+            if p.ndim == 1 and name.endswith(".weight"):  # norms
+                p.fill_(1.0)
+            elif zero_init and nonzero == 0.0:
+                p.zero_()
+            elif zero_init:
+                p.normal_(0.0, nonzero, generator=generator)
+            elif "tok_embeddings" in name:
+                p.normal_(0.0, 0.5, generator=generator)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=generator)

@@ -1,0 +1,162 @@
+import copy
+
+import pytest
+import torch
+
+from ibllm.config import LlamaConfig
+from ibllm.llm.llama import Transformer, init_weights
+
+# Deliberately not the parity sizes: 3 heads of 16, odd vocabulary, FFN hidden rounded to 32.
+TINY = LlamaConfig(dim=48, n_layers=3, n_heads=3, vocab_size=97, multiple_of=32, max_seq_len=32, max_batch_size=2,
+                   lora_rank=3)
+
+
+def tiny(cfg: LlamaConfig = TINY, query_layer: int | None = 2, seed: int = 0) -> Transformer:
+    model = Transformer(cfg, query_layer)
+    init_weights(model, torch.Generator().manual_seed(seed), nonzero=0.3)
+    return model.eval()
+
+
+def injection_for(model: Transformer, batch: int, seed: int = 1) -> torch.Tensor:
+    adapters = torch.randn(model.query_layer, batch, 1, model.cfg.dim, generator=torch.Generator().manual_seed(seed))
+    return model.visual_injection(adapters)
+
+
+def tokens(batch: int, length: int, vocab: int = TINY.vocab_size, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def expected_keys(cfg: LlamaConfig) -> set[str]:
+    keys = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        keys |= {p + "attention_norm.weight", p + "ffn_norm.weight", p + "attention.gate"}
+        keys |= {f"{p}attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        keys |= {f"{p}feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
+        if cfg.w_bias:
+            keys |= {p + "attention.wq.bias", p + "attention.wo.bias"}
+            keys |= {f"{p}feed_forward.{w}.bias" for w in ("w1", "w2", "w3")}
+        if cfg.w_lora:
+            keys |= {f"{p}attention.lora_{w}_{part}.weight" for w in ("wq", "wk", "wv", "wo") for part in ("l1", "l2")}
+            keys |= {f"{p}feed_forward.lora_{w}_{part}.weight" for w in ("w1", "w2", "w3") for part in ("l1", "l2")}
+    return keys
+
+
+@pytest.mark.parametrize("w_bias,w_lora", [(True, True), (False, False), (True, False), (False, True)])
+def test_state_dict_is_the_official_layout(w_bias, w_lora):
+    cfg = LlamaConfig(**{**TINY.__dict__, "w_bias": w_bias, "w_lora": w_lora})
+    model = Transformer(cfg)
+    model.setup_cache()
+    state = model.state_dict()
+    assert set(state) == expected_keys(cfg)  # no KV cache, no rotary table
+    assert state["layers.0.attention.gate"].shape == (1, cfg.n_heads, 1, 1)
+    if w_lora:
+        assert state["layers.1.feed_forward.lora_w2_l1.weight"].shape == (cfg.lora_rank, cfg.ffn_hidden_dim)
+        assert state["layers.1.feed_forward.lora_w2_l2.weight"].shape == (cfg.dim, cfg.lora_rank)
+
+
+@pytest.mark.parametrize("w_bias,w_lora", [(True, True), (False, False)])
+def test_kv_cache_steps_equal_full_prefill(w_bias, w_lora):
+    cfg = LlamaConfig(**{**TINY.__dict__, "w_bias": w_bias, "w_lora": w_lora})
+    model = tiny(cfg)
+    x = tokens(2, 12, cfg.vocab_size)
+    inj = injection_for(model, 2)
+    full = model(x, 0, inj, use_cache=False)  # (B, T, V), no cache at all
+    model.setup_cache()
+    prefill = model(x[:, :5], 0, inj)
+    torch.testing.assert_close(prefill, full[:, :5], atol=1e-5, rtol=0)
+    for p in range(5, 12):
+        step = model(x[:, p:p + 1], p, inj, last_only=True)
+        torch.testing.assert_close(step, full[:, p], atol=1e-5, rtol=0)
+
+
+def test_chunk_after_cached_prefix_uses_shifted_causal_mask():
+    model = tiny()
+    x = tokens(1, 10)
+    full = model(x, 0, None, use_cache=False)
+    model.setup_cache()
+    model(x[:, :4], 0)
+    chunk = model(x[:, 4:10], 4)  # 6 new tokens after 4 cached ones
+    torch.testing.assert_close(chunk, full[:, 4:], atol=1e-5, rtol=0)
+
+
+def test_batch_rows_are_independent():
+    model = tiny()
+    x = tokens(2, 9)
+    inj = injection_for(model, 2)
+    both = model(x, 0, inj, use_cache=False)
+    for b in range(2):
+        alone = model(x[b:b + 1], 0, inj[:, b:b + 1], use_cache=False)
+        torch.testing.assert_close(alone[0], both[b], atol=1e-5, rtol=0)
+
+
+def test_merge_lora_same_logits_fewer_modules():
+    model = tiny()
+    merged = copy.deepcopy(model)
+    merged.merge_lora()
+    assert merged.lora_merged and not model.lora_merged
+    keys = set(merged.state_dict())
+    assert not any(".lora_" in k and "lora_wv_" not in k for k in keys)  # wv keeps its LoRA for the injection
+    assert sum(p.numel() for p in merged.parameters()) < sum(p.numel() for p in model.parameters())
+    x = tokens(2, 11)
+    inj = injection_for(model, 2)
+    torch.testing.assert_close(merged(x, 0, inj, use_cache=False), model(x, 0, inj, use_cache=False),
+                               atol=1e-5, rtol=0)
+    adapters = torch.randn(2, 2, 1, 48)
+    torch.testing.assert_close(merged.visual_injection(adapters), model.visual_injection(adapters))
+
+
+def test_injection_is_gated_base_wv_per_head():
+    model = tiny()
+    adapters = torch.randn(2, 1, 1, 48)
+    inj = model.visual_injection(adapters)
+    assert inj.shape == (2, 1, 3, 1, 16)
+    attn = model.layers[1].attention  # query_layer 2 of 3 layers: adapters[0] goes to layer 1
+    base_v = adapters[0, 0, 0] @ attn.wv.weight.T  # base wv: no LoRA, no bias, no norm, no RoPE
+    want = torch.tanh(attn.gate.view(3, 1)) * base_v.view(3, 16)
+    torch.testing.assert_close(inj[0, 0, :, 0], want)
+
+
+def test_injection_reaches_only_the_last_query_layers():
+    model = tiny()
+    x = tokens(1, 6)
+    inj = injection_for(model, 1)
+    with_inj = model(x, 0, inj, use_cache=False)
+    with torch.no_grad():
+        model.layers[0].attention.gate.fill_(5.0)  # layer 0 is not a query layer: its gate must not matter
+    torch.testing.assert_close(model(x, 0, inj, use_cache=False), with_inj)
+    assert (model(x, 0, None, use_cache=False) - with_inj).abs().max() > 1e-3  # ...but the injection does
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.gate.zero_()
+    zero_gate = model.visual_injection(torch.randn(2, 1, 1, 48))
+    torch.testing.assert_close(model(x, 0, zero_gate, use_cache=False), model(x, 0, None, use_cache=False))
+
+
+def test_build_on_meta_then_load_with_assign():
+    ref = tiny()
+    with torch.device("meta"):
+        model = Transformer(TINY, 2)
+    model.load_state_dict(ref.state_dict(), assign=True)
+    x = tokens(2, 7)
+    model.setup_cache()
+    torch.testing.assert_close(model(x, 0, last_only=True), ref(x, 0, use_cache=False)[:, -1])
+
+
+def test_cache_bounds_are_checked():
+    model = tiny()
+    model.setup_cache(1, 8)
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        model(tokens(1, 9), 0)
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        model(tokens(2, 2), 0)
+
+
+def test_dtype_casts_keep_a_float32_rotary_table():
+    model = tiny()
+    x = tokens(1, 6)
+    want = model(x, 0, use_cache=False)
+    model.to(torch.float64)  # a cast of the whole module must not touch the rotary table
+    got = model(x.clone(), 0, use_cache=False)
+    assert model.rope.dtype == torch.float32 and "rope" not in model.state_dict()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
