@@ -64,7 +64,8 @@ class Timings:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.new_tokens / self.decode if self.decode > 0 else 0.0
+        # The first token comes out of the prefill; decode time covers the ones after it.
+        return (self.new_tokens - 1) / self.decode if self.decode > 0 and self.new_tokens > 1 else 0.0
 
     def summary(self) -> str:
         return (f"encode {self.encode * 1000:.0f} ms · retrieve {self.cache * 1000:.0f} ms · "

@@ -1,0 +1,179 @@
+"""``load_model``: the embedded default, or the official ImageBind-LLM weights.
+
+- No weights arguments: the toy model in ``assets/toy/`` (trained by ``python -m ibllm.train``). If its weights
+  are absent, the same architecture with random weights (the UI says so).
+- ``llama_dir`` (Meta layout) + ``adapter`` (7B.pth) + ``imagebind`` (imagebind_w3D.pth) [+ ``knn_index``]:
+  the real model. ``adapter``/``imagebind``/``knn_index`` may be omitted to take them from the Hugging Face
+  cache (``ibllm.weights.resolve``). Everything is built on the meta device and filled from memory-mapped files,
+  so a 7B model needs about its own size in RAM.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ibllm.cache import VisualCache
+from ibllm.checkpoint import CheckpointError, read_state_dict
+from ibllm.config import IMAGEBIND_HUGE, AdapterConfig, ImageBindConfig, LlamaConfig, ModelConfig, from_name
+from ibllm.encoders.loading import load_imagebind_weights
+from ibllm.llm.tokenizer import Tokenizer
+from ibllm.model import ImageBindLLM
+from ibllm.network import ImageBindLLMNet
+from ibllm.types import ModelInfo
+from ibllm.weights import MetaLlama, WeightsError, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ASSETS = REPO / "assets" / "toy"
+
+HOW_TO_LOAD_REAL = (
+    "python app.py --llama-dir /path/to/LLaMA/7B --adapter 7B.pth --imagebind imagebind_w3D.pth "
+    "[--knn-index knn.index] (adapter: huggingface.co/Cxxs/ImageBind-LLM; encoders: huggingface.co/ZiyuG/"
+    "ImageBind_w3D; cache: huggingface.co/csuhan/knn; LLaMA-7B from Meta, ideally merged with the "
+    "Open-Chinese-LLaMA delta: python -m ibllm merge-chinese). python -m ibllm doctor checks a setup."
+)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    if dtype:
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                    "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16") from None
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _finish(net: ImageBindLLMNet, device: torch.device, dtype: torch.dtype, *, merge_lora: bool) -> ImageBindLLMNet:
+    net = net.to(device=device, dtype=dtype).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if merge_lora and net.cfg.llama.w_lora:
+        net.llama.merge_lora()
+    net.llama.setup_cache(1, net.cfg.llama.max_seq_len)
+    return net
+
+
+def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | None = None, dtype: str | None = None,
+                 merge_lora: bool = True, seed: int = 0) -> ImageBindLLM:
+    """The embedded toy model (random weights of the same architecture when it has not been trained yet)."""
+    assets = Path(assets)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype) if dtype else torch.float32  # the toy model is small: float32 everywhere
+    cfg = ModelConfig.load(assets / "config.json") if (assets / "config.json").is_file() else from_name("toy")
+    tokenizer_path = assets / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise WeightsError(f"{tokenizer_path} is missing: run `python -m ibllm.train.tokenizer --out {tokenizer_path}`")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > cfg.llama.vocab_size:
+        raise WeightsError(f"tokenizer has {tokenizer.vocab_size} pieces, the model only {cfg.llama.vocab_size}")
+    weights = assets / "model.safetensors"
+    torch.manual_seed(seed)
+    net = ImageBindLLMNet(cfg)
+    trained = weights.is_file()
+    if trained:
+        net.load_official(read_state_dict(weights), what=str(weights))
+        description = f"embedded toy model trained by ibllm ({weights.relative_to(assets.parent.parent)})" \
+            if assets.is_relative_to(REPO) else f"toy model from {weights}"
+    else:
+        description = "random weights of the toy architecture (no trained weights in assets/toy yet)"
+    cache_dir = assets / "cache"
+    cache = VisualCache.load(cache_dir) if cache_dir.exists() else None
+    net = _finish(net, dev, dt, merge_lora=merge_lora)
+    info = ModelInfo(name=f"toy ({cfg.name})", weights=description, device=str(dev), dtype=str(dt).split(".")[-1],
+                     is_default=True, trained=trained, cache_entries=cache.index.ntotal if cache else 0,
+                     how_to_load_real=HOW_TO_LOAD_REAL)
+    return ImageBindLLM(net, tokenizer, cache=cache, info=info)
+
+
+def config_from_adapter(adapter_state: dict[str, torch.Tensor], llama: LlamaConfig,
+                        imagebind: ImageBindConfig = IMAGEBIND_HUGE) -> ModelConfig:
+    """The model an adapter file was trained for: LoRA rank, biases, bind-network width and layout, and how many
+    layers get the visual injection are read off its tensors rather than assumed."""
+    from ibllm.bind import is_legacy_bridge
+
+    lora = adapter_state.get("llama.layers.0.attention.lora_wq_l1.weight")
+    llama = replace(llama, w_lora=lora is not None, lora_rank=int(lora.shape[0]) if lora is not None else 0,
+                    w_bias="llama.layers.0.attention.wq.bias" in adapter_state)
+    try:
+        hidden = int(adapter_state["image_bind_f1_1.weight"].shape[0])
+        query_layer = int(adapter_state["prefix_query.weight"].shape[0])
+    except KeyError as exc:
+        raise CheckpointError(f"not an ImageBind-LLM adapter: {exc.args[0]} is missing") from None
+    blocks = sum(1 for k in adapter_state if k.startswith("image_bind_norm_") and k.endswith(".weight"))
+    legacy = is_legacy_bridge(adapter_state)
+    return ModelConfig(
+        name="ImageBind-LLM" + (" (beta bridge)" if legacy else ""), imagebind=imagebind, llama=llama,
+        adapter=AdapterConfig(query_layer=query_layer, legacy_bridge=legacy, bridge_hidden=hidden,
+                              bridge_blocks=blocks),
+    )
+
+
+def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+                  imagebind: str | os.PathLike | None = None, knn_index: str | os.PathLike | None = None,
+                  tokenizer: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
+                  max_seq_len: int = 512, merge_lora: bool = True, use_cache: bool = True,
+                  imagebind_config: ImageBindConfig = IMAGEBIND_HUGE) -> ImageBindLLM:
+    """The released ImageBind-LLM: Meta LLaMA + ``7B.pth`` + ``imagebind_w3D.pth`` (+ ``knn.index``).
+
+    ``imagebind_config`` is ImageBind-Huge for the released files; tests pass the tiny sizes of their fixtures.
+    """
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    meta = MetaLlama.find(llama_dir, tokenizer)
+    if meta.tokenizer is None:
+        raise WeightsError(f"tokenizer.model not found in {meta.root} or its parent: pass --tokenizer")
+    tok = Tokenizer(meta.tokenizer)
+    adapter_path = resolve("adapter", adapter)
+    imagebind_path = resolve("imagebind", imagebind)
+    adapter_state = read_state_dict(adapter_path)
+    cfg = config_from_adapter(adapter_state, replace(meta.config(vocab_size=tok.vocab_size), max_seq_len=max_seq_len,
+                                                     max_batch_size=1), imagebind_config)
+    with torch.device("meta"):
+        net = ImageBindLLMNet(cfg)
+    # The adapter overrides the frozen base where both have a tensor (fine-tuned norms); the encoders come from
+    # their own file (if an adapter carries encoder tensors too, the encoder file wins).
+    state = {f"llama.{k}": v for k, v in meta.state_dict().items()}
+    state.update(adapter_state)
+    net.load_official(state, what=f"{meta.root} + {adapter_path.name}", allow_missing=("image_bind.",), assign=True)
+    load_imagebind_weights(net.image_bind, imagebind_path)
+    cache = None
+    if use_cache:
+        try:
+            cache = VisualCache.load(resolve("knn", knn_index))
+        except WeightsError:
+            if knn_index is not None:
+                raise
+    net = _finish(net, dev, dt, merge_lora=merge_lora)
+    info = ModelInfo(
+        name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
+        f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=str(dt).split(".")[-1],
+        is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0)
+    return ImageBindLLM(net, tok, cache=cache, info=info)
+
+
+def load_model(*, llama_dir: str | None = None, adapter: str | None = None, imagebind: str | None = None,
+               knn_index: str | None = None, tokenizer: str | None = None, assets: str | None = None,
+               device: str | None = None, dtype: str | None = None, max_seq_len: int = 512,
+               merge_lora: bool = True) -> ImageBindLLM:
+    """The model the app and CLI serve: official weights when ``llama_dir`` is given, else the embedded default."""
+    if llama_dir:
+        return load_official(llama_dir, adapter=adapter, imagebind=imagebind, knn_index=knn_index,
+                             tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                             merge_lora=merge_lora)
+    if adapter or imagebind or knn_index:
+        raise WeightsError("the official adapter/encoders need the base LLaMA too: pass --llama-dir (Meta's 7B "
+                           "folder with params.json and consolidated.00.pth)")
+    return load_default(assets or DEFAULT_ASSETS, device=device, dtype=dtype, merge_lora=merge_lora)
+
+
+__all__ = ["load_model", "load_default", "load_official", "CheckpointError", "WeightsError", "HOW_TO_LOAD_REAL"]
