@@ -1,9 +1,91 @@
-"""``python -m ibllm ...``: parity, generate, doctor, build-cache, merge-chinese."""
+"""``python -m ibllm COMMAND``: generate, doctor, parity, merge-chinese, build-cache.
+
+Weights options are shared with ``app.py``: no weights options serve the embedded default model.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+MODALITY_FLAGS = ("image", "video", "audio", "point", "depth", "thermal", "imu", "text")
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the weights (also used by app.py)."""
+    g = parser.add_argument_group("weights (none: the embedded default model)")
+    g.add_argument("--llama-dir", help="Meta-format LLaMA-7B folder (params.json, consolidated.00.pth)")
+    g.add_argument("--tokenizer", help="tokenizer.model (default: in --llama-dir or its parent)")
+    g.add_argument("--adapter", help="ImageBind-LLM 7B.pth (default: the Hugging Face cache)")
+    g.add_argument("--imagebind", help="imagebind_w3D.pth (default: the Hugging Face cache)")
+    g.add_argument("--knn-index", help="knn.index or a cache folder from build-cache (default: the HF cache)")
+    g.add_argument("--assets", help="folder of a toy-format model (default: assets/toy)")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on GPU, float32 on CPU")
+    g.add_argument("--max-seq-len", type=int, default=512, help="context length of the official model")
+
+
+def weights_kwargs(args: argparse.Namespace) -> dict:
+    return {"llama_dir": args.llama_dir, "tokenizer": args.tokenizer, "adapter": args.adapter,
+            "imagebind": args.imagebind, "knn_index": args.knn_index, "assets": args.assets,
+            "device": args.device, "dtype": args.dtype, "max_seq_len": args.max_seq_len}
+
+
+def parse_weighted(value: str) -> tuple[str, float]:
+    """``path`` or ``path@weight``."""
+    path, sep, weight = value.rpartition("@")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ibllm.media.errors import MediaError
+    from ibllm.model import load_model
+    from ibllm.types import Attachment, CacheOptions, GenerationOptions
+
+    attachments = []
+    for modality in MODALITY_FLAGS:
+        for value in getattr(args, modality) or []:
+            path, weight = parse_weighted(value)
+            attachments.append(Attachment(path, modality, weight))
+    model = load_model(**weights_kwargs(args))
+    print(f"[{model.info.name}: {model.info.weights}; {model.info.device} {model.info.dtype}]", file=sys.stderr)
+    defaults = model.cfg.generation
+    generation = GenerationOptions(
+        max_new_tokens=args.max_new_tokens or defaults.max_new_tokens,
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_p=args.top_p, seed=args.seed)
+    cache = CacheOptions(enabled=not args.no_cache, size=args.cache_size, temperature=args.cache_t,
+                         weight=args.cache_weight)
+    try:
+        for event in model.chat(args.question, attachments=attachments, cache=cache, generation=generation):
+            sys.stdout.write(event.delta)
+            sys.stdout.flush()
+    except MediaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    for note in event.notes:
+        print(f"[{note}]", file=sys.stderr)
+    if event.neighbours:
+        shown = ", ".join(f"#{n.index} {n.similarity:.2f}" + (f" {n.caption!r}" if n.caption else "")
+                          for n in event.neighbours[:3])
+        print(f"[cache: {shown}]", file=sys.stderr)
+    print(f"[{event.timings.summary()}]", file=sys.stderr)
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ibllm.doctor import doctor
+
+    return doctor(llama_dir=args.llama_dir, adapter=args.adapter, imagebind=args.imagebind,
+                  knn_index=args.knn_index, tokenizer=args.tokenizer)
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:
@@ -14,20 +96,97 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 0 if results and all(r.ok for r in results) else 1
 
 
+def _cmd_merge_chinese(args: argparse.Namespace) -> int:
+    from ibllm.weights import merge_chinese_delta
+
+    out = merge_chinese_delta(args.llama_dir, args.delta_dir, args.out)
+    print(f"wrote 7B_chinese to {out}")
+    return 0
+
+
+def _cmd_build_cache(args: argparse.Namespace) -> int:
+    from ibllm.cache import VisualCache
+
+    if args.from_index:
+        cache = VisualCache.load(args.from_index)
+        print(f"read {len(cache)} vectors of {cache.dim}-d; building HNSW (once; this can take a while)")
+        cache.to_hnsw().save(args.out)
+    else:
+        import torch
+
+        from ibllm.model import load_model
+        from ibllm.types import Attachment
+
+        model = load_model(**weights_kwargs(args))
+        images = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png",
+                                                                                          ".webp", ".bmp"})
+        if not images:
+            print(f"no images under {args.images}", file=sys.stderr)
+            return 1
+        embeddings, captions = [], []
+        for path in images:
+            embeddings.append(torch.nn.functional.normalize(model.embed(Attachment(str(path), "image")), dim=-1))
+            caption = path.with_suffix(".txt")
+            captions.append(caption.read_text().strip() if caption.is_file() else path.stem)
+        VisualCache.build(torch.stack(embeddings), ids=[str(p) for p in images], captions=captions,
+                          thumbnails=[str(p) for p in images]).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ibllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="answer a question about files, streamed to stdout")
+    p.add_argument("question")
+    for modality in MODALITY_FLAGS:
+        p.add_argument(f"--{modality}", action="append", metavar="FILE[@WEIGHT]",
+                       help=f"a {modality} input (repeatable; @WEIGHT sets its mixing weight, default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="do not mix in the visual cache")
+    p.add_argument("--cache-size", type=int, default=10)
+    p.add_argument("--cache-t", type=float, default=20.0)
+    p.add_argument("--cache-weight", type=float, default=0.5)
+    add_weights_arguments(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("doctor", help="check an official weights setup (files, shapes, base LLaMA version)")
+    add_weights_arguments(p)
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("parity", help="compare against a reference fixture (e.g. ../shared/fixtures/parity-a)")
     p.add_argument("dir", help="fixture directory with config.json, model.safetensors, inputs, expected outputs")
     p.add_argument("--only", choices=["encoders", "preprocessing", "language"], help="run one check group")
     p.set_defaults(func=_cmd_parity)
+
+    p = sub.add_parser("merge-chinese", help="build 7B_chinese = LLaMA-7B + Open-Chinese-LLaMA delta (fp16)")
+    p.add_argument("--llama-dir", required=True)
+    p.add_argument("--delta-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_merge_chinese)
+
+    p = sub.add_parser("build-cache", help="build a visual cache: HNSW from knn.index, or from a folder of images")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-index", help="an existing faiss index (e.g. the official knn.index)")
+    src.add_argument("--images", help="a folder of images (captions from same-named .txt files)")
+    p.add_argument("--out", required=True, help="output folder")
+    add_weights_arguments(p)
+    p.set_defaults(func=_cmd_build_cache)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        # Weights/config problems carry messages written for people: show them without a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
