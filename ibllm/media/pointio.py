@@ -1,0 +1,325 @@
+"""Point-cloud file parsers that return the (N, 3) float64 xyz of the points, in numpy, nothing else.
+
+Written in Python/numpy on purpose: uploaded files are untrusted, and a parser that only ever reads declared,
+bounds-checked byte ranges into typed arrays cannot be made to run code or to allocate more than the file
+holds. Colours, normals and other properties are ignored. Formats:
+
+- PLY: ascii, binary_little_endian, binary_big_endian; the ``vertex`` element's x, y, z, whatever other
+  properties it has and wherever it sits among the other elements (faces, edges, ...).
+- PCD: ascii and binary (``binary_compressed`` is refused with a message saying what to do).
+- XYZ / PTS / TXT / CSV: the first three numeric columns of a table (comma, semicolon, tab or space
+  separated); header lines and a leading point-count line are skipped.
+- OBJ: the ``v x y z`` lines only.
+- NPY: a float/int array of shape (N, >=3); the header is checked before loading and pickles are never
+  allowed (an object array is refused without being unpickled).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ibllm.media.errors import MediaError
+from ibllm.media.limits import Limits
+
+_PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2", "ushort": "u2",
+    "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4", "float": "f4", "float32": "f4",
+    "double": "f8", "float64": "f8",
+}
+_MAX_HEADER = 64 * 1024
+
+
+def _check_count(name: str, count: int, limits: Limits) -> None:
+    if count > limits.max_points:
+        raise MediaError(f"{name} has {count:,} points; the limit is {limits.max_points:,}. Downsample it first.")
+
+
+def _header_lines(data: bytes, name: str, end_marker: bytes | None) -> tuple[list[str], int]:
+    """Text header lines and the byte offset right after the header."""
+    lines, pos = [], 0
+    while pos < min(len(data), _MAX_HEADER):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            nl = len(data)
+        line = data[pos:nl].decode("ascii", errors="replace").strip()
+        pos = nl + 1
+        lines.append(line)
+        if end_marker is not None and line.encode() == end_marker:
+            return lines, pos
+        if end_marker is None and line.upper().startswith("DATA"):
+            return lines, pos
+    raise MediaError(f"{name}: the header never ends (truncated or not a point cloud file)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PLY
+
+
+def read_ply(path: Path, limits: Limits) -> np.ndarray:
+    name = path.name
+    data = path.read_bytes()
+    lines, body = _header_lines(data, name, b"end_header")
+    fmt = None
+    elements: list[tuple[str, int, list[tuple[str, str, str | None]]]] = []  # name, count, [(prop, type, list-count)]
+    for line in lines[1:]:
+        parts = line.split()
+        if not parts or parts[0] in ("comment", "obj_info", "end_header"):
+            continue
+        try:
+            if parts[0] == "format":
+                fmt = parts[1]
+            elif parts[0] == "element":
+                elements.append((parts[1], int(parts[2]), []))
+            elif parts[0] == "property" and elements:
+                if parts[1] == "list":
+                    elements[-1][2].append((parts[4], _PLY_TYPES[parts[3]], _PLY_TYPES[parts[2]]))
+                else:
+                    elements[-1][2].append((parts[2], _PLY_TYPES[parts[1]], None))
+        except (IndexError, KeyError, ValueError):
+            raise MediaError(f"{name}: malformed PLY header line {line!r}") from None
+    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+        raise MediaError(f"{name}: unsupported PLY format {fmt!r} (ascii or binary little/big endian expected)")
+    if any(count < 0 for _, count, _ in elements):
+        raise MediaError(f"{name}: negative element count in the PLY header")
+    vertex = next((e for e in elements if e[0] == "vertex"), None)
+    if vertex is None:
+        raise MediaError(f"{name}: the PLY file has no 'vertex' element")
+    names = [p[0] for p in vertex[2]]
+    if not all(axis in names for axis in ("x", "y", "z")):
+        raise MediaError(f"{name}: the PLY vertex element has no x, y, z properties")
+    _check_count(name, vertex[1], limits)
+    if fmt == "ascii":
+        return _ply_ascii(data[body:], elements, name)
+    return _ply_binary(data, body, elements, "<" if fmt == "binary_little_endian" else ">", name)
+
+
+def _ply_ascii(body: bytes, elements, name: str) -> np.ndarray:
+    rows = body.split(b"\n")
+    pos = 0
+    for el_name, count, props in elements:
+        if el_name != "vertex":
+            pos += count  # one line per item in ascii PLY, whatever its lists hold
+            continue
+        if any(lc is not None for _, _, lc in props):
+            raise MediaError(f"{name}: list properties inside the PLY vertex element are not supported")
+        chunk = rows[pos : pos + count]
+        if len(chunk) < count:
+            raise MediaError(f"{name}: the PLY file is truncated ({len(chunk)} of {count} vertices)")
+        try:
+            table = np.array(b" ".join(chunk).split(), dtype=np.float64)
+            table = table.reshape(count, len(props))
+        except ValueError:
+            raise MediaError(f"{name}: malformed vertex lines in the ascii PLY data") from None
+        cols = [next(i for i, p in enumerate(props) if p[0] == axis) for axis in ("x", "y", "z")]
+        return table[:, cols]
+    raise AssertionError("unreachable: vertex element checked above")
+
+
+def _ply_binary(data: bytes, offset: int, elements, order: str, name: str) -> np.ndarray:
+    for el_name, count, props in elements:
+        has_lists = any(lc is not None for _, _, lc in props)
+        if el_name == "vertex":
+            if has_lists:
+                raise MediaError(f"{name}: list properties inside the PLY vertex element are not supported")
+            dtype = np.dtype([(p, order + t) for p, t, _ in props])
+            if offset + dtype.itemsize * count > len(data):
+                raise MediaError(f"{name}: the PLY file is truncated (fewer bytes than its {count} vertices need)")
+            rec = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported by the caller
+                return np.stack([rec[a].astype(np.float64) for a in ("x", "y", "z")], axis=1)
+        if not has_lists:
+            offset += np.dtype([(p, order + t) for p, t, _ in props]).itemsize * count
+            continue
+        # An element with lists (faces before the vertices: rare) is walked item by item, bounds-checked.
+        for _ in range(count):
+            for _, t, lc in props:
+                if lc is None:
+                    offset += np.dtype(t).itemsize
+                    continue
+                if offset + np.dtype(lc).itemsize > len(data):
+                    raise MediaError(f"{name}: the PLY file is truncated")
+                n = int(np.frombuffer(data, dtype=order + lc, count=1, offset=offset)[0])
+                offset += np.dtype(lc).itemsize + max(n, 0) * np.dtype(t).itemsize
+            if offset > len(data):
+                raise MediaError(f"{name}: the PLY file is truncated")
+    raise AssertionError("unreachable: vertex element checked above")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PCD
+
+
+def read_pcd(path: Path, limits: Limits) -> np.ndarray:
+    name = path.name
+    data = path.read_bytes()
+    lines, body = _header_lines(data, name, None)
+    head: dict[str, list[str]] = {}
+    for line in lines:
+        parts = line.split()
+        if parts and not parts[0].startswith("#"):
+            head[parts[0].upper()] = parts[1:]
+    try:
+        fields = head["FIELDS"]
+        sizes = [int(s) for s in head.get("SIZE", ["4"] * len(fields))]
+        types = head.get("TYPE", ["F"] * len(fields))
+        counts = [int(c) for c in head.get("COUNT", ["1"] * len(fields))]
+        points = int(head["POINTS"][0]) if "POINTS" in head else int(head["WIDTH"][0]) * int(head["HEIGHT"][0])
+        mode = head["DATA"][0].lower()
+    except (KeyError, IndexError, ValueError):
+        raise MediaError(f"{name}: malformed PCD header (FIELDS, SIZE, TYPE, COUNT, POINTS, DATA expected)") from None
+    if not (len(fields) == len(sizes) == len(types) == len(counts)) or not all(a in fields for a in "xyz"):
+        raise MediaError(f"{name}: the PCD header has no consistent x, y, z fields")
+    if points < 0 or any(c < 1 for c in counts):
+        raise MediaError(f"{name}: malformed PCD header (negative point count or field COUNT)")
+    _check_count(name, points, limits)
+    if mode == "binary_compressed":
+        raise MediaError(f"{name}: compressed binary PCD is not supported; save it with DATA binary or ascii "
+                         "(e.g. open3d.io.write_point_cloud(..., compressed=False)) or as .ply")
+    columns, col = {}, 0
+    for f, c in zip(fields, counts, strict=True):
+        columns[f] = col
+        col += c
+    idx = [columns[a] for a in ("x", "y", "z")]
+    if mode == "ascii":
+        rows = data[body:].split()
+        if len(rows) < points * col:
+            raise MediaError(f"{name}: the PCD file is truncated (fewer values than its {points} points need)")
+        try:
+            table = np.array(rows[: points * col], dtype=np.float64).reshape(points, col)
+        except ValueError:
+            raise MediaError(f"{name}: non-numeric values in the ascii PCD data") from None
+        return table[:, idx]
+    if mode != "binary":
+        raise MediaError(f"{name}: unknown PCD DATA mode {mode!r} (ascii or binary expected)")
+    kinds = {"F": "f", "I": "i", "U": "u"}
+    try:
+        dtype = np.dtype([(f"{f}_{k}", "<" + kinds[t.upper()] + str(s)) for f, s, t, c in
+                          zip(fields, sizes, types, counts, strict=True) for k in range(c)])
+    except (KeyError, TypeError):
+        raise MediaError(f"{name}: unsupported PCD field types {types} / sizes {sizes}") from None
+    if body + dtype.itemsize * points > len(data):
+        raise MediaError(f"{name}: the PCD file is truncated (fewer bytes than its {points} points need)")
+    rec = np.frombuffer(data, dtype=dtype, count=points, offset=body)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported by the caller
+        return np.stack([rec[f"{a}_0"].astype(np.float64) for a in "xyz"], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text tables (xyz, pts, txt, csv) and OBJ
+
+_NUMBER = rb"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)"
+
+
+def read_table(path: Path, limits: Limits, min_columns: int = 3, max_columns: int | None = None,
+               max_rows: int | None = None) -> np.ndarray:
+    """The leading numeric columns of a delimited text table (comma, semicolon, tab or space separated).
+
+    Header lines (and a leading count line, as in .pts files) are skipped: data start at the first row whose
+    first ``min_columns`` fields are numbers. Up to ``max_columns`` (default ``min_columns``) columns are kept,
+    as many as that first row has. ``max_rows`` defaults to ``limits.max_points``.
+    """
+    name = path.name
+    max_columns = max_columns or min_columns
+    max_rows = limits.max_points if max_rows is None else max_rows
+    data = path.read_bytes()
+    if b"\x00" in data[:4096]:
+        raise MediaError(f"{name} is not a text table")
+    lines = data.splitlines()
+    first, ncols = None, 0
+    for i, line in enumerate(lines[:1000]):
+        fields = [f for f in re.split(rb"[,;\s]+", line.strip()) if f]
+        numeric = 0
+        while numeric < len(fields) and re.fullmatch(_NUMBER, fields[numeric], re.I):
+            numeric += 1
+        if numeric >= min_columns:
+            first, ncols = i, min(numeric, max_columns)
+            break
+    if first is None:
+        raise MediaError(f"{name}: no row with {min_columns} numeric columns found in the first 1000 lines")
+    body = [ln for ln in lines[first:] if ln.strip() and not ln.lstrip().startswith(b"#")]
+    if len(body) > max_rows:
+        raise MediaError(f"{name} has {len(body):,} rows; the limit is {max_rows:,}")
+    sample = body[0]
+    delimiter = "," if b"," in sample else ";" if b";" in sample else None
+    try:
+        table = np.loadtxt(body, delimiter=delimiter, usecols=range(ncols), dtype=np.float64, ndmin=2,
+                           encoding="latin-1")
+    except (ValueError, IndexError) as exc:
+        raise MediaError(f"{name}: every data row needs {ncols} numeric columns ({exc})") from None
+    return table
+
+
+def read_obj(path: Path, limits: Limits) -> np.ndarray:
+    name = path.name
+    data = path.read_bytes()
+    rows = re.findall(rb"^[ \t]*v[ \t]+(\S+)[ \t]+(\S+)[ \t]+(\S+)", data, re.M)
+    if not rows:
+        raise MediaError(f"{name}: no vertex ('v x y z') lines found in the OBJ file")
+    _check_count(name, len(rows), limits)
+    try:
+        return np.array(rows, dtype=np.float64)
+    except ValueError:
+        raise MediaError(f"{name}: non-numeric vertex coordinates in the OBJ file") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NPY
+
+
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the .npy header, without reading the data (and never unpickling).
+
+    Also checks that the file holds as many bytes as the header promises, so a tiny file cannot make
+    ``np.load`` allocate a huge array.
+    """
+    name = path.name
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh, max_header_size=10_000)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=10_000)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            data_start = fh.tell()
+            file_size = fh.seek(0, 2)
+    except Exception as exc:
+        raise MediaError(f"{name}: not a valid .npy file ({exc})") from None
+    if dtype.hasobject:
+        raise MediaError(f"{name} holds Python objects (a pickle inside a .npy), which are never loaded because "
+                         "unpickling can run arbitrary code. Save a plain numeric array instead.")
+    if any(d < 0 for d in shape):
+        raise MediaError(f"{name}: invalid array shape {shape}")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > file_size - data_start:
+        raise MediaError(f"{name} is truncated: its header declares {shape} {dtype} "
+                         f"({need:,} bytes) but only {file_size - data_start:,} bytes follow")
+    return tuple(shape), dtype
+
+
+def read_npy(path: Path, limits: Limits, what: str = "array") -> np.ndarray:
+    """A numeric .npy array (any shape); header, dtype and size are checked before loading."""
+    name = path.name
+    _, dtype = npy_header(path)
+    if dtype.kind not in "biuf":
+        raise MediaError(f"{name}: the {what} must be numeric, not {dtype}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise MediaError(f"{name}: the .npy file could not be read: {exc}") from None
+
+
+def read_npy_points(path: Path, limits: Limits) -> np.ndarray:
+    name = path.name
+    shape, _ = npy_header(path)
+    if len(shape) != 2 or shape[1] < 3:
+        raise MediaError(f"{name}: a point cloud array must have shape (N, 3) or (N, >3); this one is {shape}")
+    _check_count(name, shape[0], limits)
+    return read_npy(path, limits, "point cloud")[:, :3].astype(np.float64)
+
+
+__all__ = ["read_ply", "read_pcd", "read_table", "read_obj", "read_npy", "read_npy_points", "npy_header"]

@@ -1,0 +1,137 @@
+"""Audio loader: soundfile and FFmpeg formats at odd rates/channels, long files, and malformed input."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from ibllm.config import ImageBindConfig
+from ibllm.media import DEFAULT_LIMITS, MediaError
+from ibllm.media.audio import clip_ranges, load_audio
+from ibllm.media.probe import adts_duration, declared_duration, matroska_duration
+from tests.media_samples import write_av, write_image, write_sound
+
+SHAPE = (3, 1, 128, 204)
+
+
+@pytest.mark.parametrize("ext,rate,channels,subtype", [
+    ("wav", 8000, 1, "PCM_16"), ("wav", 44100, 2, "FLOAT"), ("flac", 22050, 3, "PCM_24"),
+    ("ogg", 48000, 2, "VORBIS"), ("mp3", 11025, 1, "MPEG_LAYER_III"),
+])
+def test_soundfile_formats(tmp_path, ext, rate, channels, subtype):
+    x = load_audio(write_sound(tmp_path / f"a.{ext}", 1.3, rate, channels, subtype))
+    assert x.shape == SHAPE and x.dtype == torch.float32 and torch.isfinite(x).all()
+    # 1.3 s < 2 s: every clip is the whole file; frames beyond it are zero before normalisation.
+    assert torch.allclose(x[0, 0, :, 150:], torch.tensor(4.268 / 9.138))
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("a.m4a", {"video": None, "audio": "aac", "fmt": "mp4"}),
+    ("a.aac", {"video": None, "audio": "aac", "fmt": "adts"}),
+    ("a.webm", {"video": None, "audio": "libopus", "rate": 48000}),
+    ("soundtrack.mp4", {"audio": "aac"}),
+    ("a.opus", {"video": None, "audio": "libopus", "rate": 48000, "fmt": "ogg"}),  # Ogg: read by soundfile
+])
+def test_ffmpeg_written_formats(tmp_path, name, kw):
+    x = load_audio(write_av(tmp_path / name, seconds=1.0, **kw))
+    assert x.shape == SHAPE and torch.isfinite(x).all()
+    assert x.std() > 0.1  # a real tone, not silence
+
+
+def test_config_sizes_are_used(tmp_path):
+    cfg = ImageBindConfig(audio_mel_bins=64, audio_target_len=100)
+    assert load_audio(write_sound(tmp_path / "a.wav", 3.0), cfg).shape == (3, 1, 64, 100)
+
+
+def test_silence_and_very_short_audio(tmp_path):
+    sf.write(tmp_path / "silent.wav", np.zeros(16000, np.float32), 16000)
+    assert torch.isfinite(load_audio(tmp_path / "silent.wav")).all()
+    sf.write(tmp_path / "blip.wav", np.ones(100, np.float32) * 0.1, 16000)  # 6 ms: shorter than one frame
+    assert load_audio(tmp_path / "blip.wav").shape == SHAPE
+
+
+def test_clip_positions_follow_the_reference():
+    assert clip_ranges(56000) == [(0, 32000), (8000, 40000), (16000, 48000)]  # 3.5 s, as the fixture README
+    assert clip_ranges(16000) == [(0, 32000)] * 3
+
+
+def test_long_file_windows_equal_whole_file(tmp_path):
+    path = write_sound(tmp_path / "long.wav", 10.0, 44100, 2, "PCM_16")
+    windowed = load_audio(path, full_decode_seconds=5.0)  # reads only three windows
+    whole = load_audio(path)
+    torch.testing.assert_close(windowed, whole, atol=1e-5, rtol=0)
+
+
+def test_duration_limit(tmp_path):
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_audio_seconds=1.0)
+    with pytest.raises(MediaError, match=r"3\.0 s long; the limit for audio is 1\.0 s"):
+        load_audio(write_sound(tmp_path / "a.flac", 3.0), limits=limits)
+    with pytest.raises(MediaError, match="limit for audio"):
+        load_audio(write_av(tmp_path / "a.m4a", video=None, audio="aac", fmt="mp4", seconds=3.0), limits=limits)
+
+
+def test_container_durations(tmp_path):
+    assert declared_duration(write_av(tmp_path / "a.m4a", video=None, audio="aac", fmt="mp4", seconds=2.0),
+                             "mp4") == pytest.approx(2.0, abs=0.1)
+    assert adts_duration(write_av(tmp_path / "a.aac", video=None, audio="aac", fmt="adts", seconds=2.0)) == \
+        pytest.approx(2.0, abs=0.1)
+    webm = write_av(tmp_path / "a.webm", video=None, audio="libopus", rate=48000, seconds=12.0).read_bytes()
+    assert matroska_duration(tmp_path / "a.webm") == pytest.approx(12.0, abs=0.1)
+    # Without the Duration element (as browser recordings) the cluster timecodes (every 5 s) bound it,
+    # and the walk stops as soon as the limit is passed.
+    (tmp_path / "nodur.webm").write_bytes(webm.replace(b"\x44\x89\x88", b"\x4f\xff\x88", 1))
+    assert 9.0 < matroska_duration(tmp_path / "nodur.webm") <= 12.0
+    assert 3.0 < matroska_duration(tmp_path / "nodur.webm", stop_after=3.0) < 6.0
+
+
+def test_undeclared_duration_falls_back_on_size(tmp_path):
+    webm = write_av(tmp_path / "a.webm", video=None, audio="libopus", rate=48000, seconds=1.0).read_bytes()
+    (tmp_path / "nodur.webm").write_bytes(webm.replace(b"\x1f\x43\xb6\x75", b"\x1f\x43\xb6\x70")
+                                          .replace(b"\x44\x89\x88", b"\x4f\xff\x88", 1))
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_undeclared_audio_bytes=100)
+    with pytest.raises(MediaError, match="does not state the duration"):
+        load_audio(tmp_path / "nodur.webm", limits=limits)
+
+
+def test_empty_truncated_and_wrong_content(tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(MediaError, match="empty"):
+        load_audio(tmp_path / "empty.wav")
+    data = write_sound(tmp_path / "full.wav", 1.0).read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:30])
+    with pytest.raises(MediaError, match="could not be read as audio"):
+        load_audio(tmp_path / "cut.wav")
+    write_image(tmp_path / "img.png")
+    (tmp_path / "png.wav").write_bytes((tmp_path / "img.png").read_bytes())
+    with pytest.raises(MediaError, match="looks like PNG image"):
+        load_audio(tmp_path / "png.wav")
+    (tmp_path / "t.mp3").write_text("not audio at all\n")
+    with pytest.raises(MediaError, match="plain text"):
+        load_audio(tmp_path / "t.mp3")
+
+
+def test_no_samples_and_no_channels(tmp_path):
+    sf.write(tmp_path / "nothing.wav", np.zeros((0, 1), np.float32), 16000)
+    with pytest.raises(MediaError, match="no audio samples"):
+        load_audio(tmp_path / "nothing.wav")
+    fmt = struct.pack("<HHIIHH", 1, 0, 16000, 0, 0, 16)  # PCM, 0 channels
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", 4) + b"\0" * 4
+    (tmp_path / "zero_ch.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    with pytest.raises(MediaError):
+        load_audio(tmp_path / "zero_ch.wav")
+
+
+def test_video_without_soundtrack(tmp_path):
+    with pytest.raises(MediaError, match="no audio track"):
+        load_audio(write_av(tmp_path / "silent.mp4", seconds=0.5))
+
+
+def test_oversize_file(tmp_path):
+    with pytest.raises(MediaError, match="limit is"):
+        load_audio(write_sound(tmp_path / "a.wav", 1.0), limits=dataclasses.replace(DEFAULT_LIMITS,
+                                                                                     max_file_bytes=1000))

@@ -1,0 +1,79 @@
+"""Video loader: containers, portrait, very short clips, frame choice, and malformed input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ibllm.config import ImageBindConfig
+from ibllm.media import DEFAULT_LIMITS, MediaError
+from ibllm.media.video import decode_clip_frames, load_video, select_frames
+from tests.media_samples import write_av
+
+SMALL = ImageBindConfig(image_size=32)
+
+
+@pytest.mark.parametrize("name,codec", [("a.mp4", "libx264"), ("a.webm", "libvpx"), ("a.avi", "mpeg4"),
+                                        ("a.mov", "libx264"), ("a.mkv", "libx264")])
+def test_containers(tmp_path, name, codec):
+    x = load_video(write_av(tmp_path / name, video=codec, seconds=2.5), SMALL)
+    assert x.shape == (15, 3, 2, 32, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_default_size_and_clip_count(tmp_path):
+    path = write_av(tmp_path / "a.mp4", seconds=1.0)
+    assert load_video(path).shape == (15, 3, 2, 224, 224)
+    assert load_video(path, SMALL, clips=2).shape == (6, 3, 2, 32, 32)
+
+
+def test_frame_choice_matches_the_reference():
+    # 25 fps, 3 s, 2 clips: [0, 2) -> frames 0..49, [0.5, 2.5) -> frames 13..62 (first and last of each).
+    starts = np.arange(75) * 0.04
+    assert select_frames(starts, 3.0, 2, clips=2) == [[0, 49], [13, 62]]
+    assert select_frames(np.array([0.0]), 0.04, 2) == [[0, 0]] * 5  # a single frame serves every clip
+
+
+def test_short_videos(tmp_path):
+    half = write_av(tmp_path / "half.mp4", fps=10, seconds=0.5)
+    frames = decode_clip_frames(half)
+    assert len(frames) == 5 and all(f.shape == (2, 64, 96, 3) for f in frames)
+    one = write_av(tmp_path / "one.mp4", fps=10, seconds=0.1)
+    assert load_video(one, SMALL).shape == (15, 3, 2, 32, 32)
+
+
+def test_portrait_crops_run_top_to_bottom(tmp_path):
+    # The sample video is blue in its top third and green in its bottom third.
+    x = load_video(write_av(tmp_path / "p.mp4", w=64, h=128, seconds=1.0), SMALL, clips=1)
+    top, bottom = x[0], x[2]
+    assert top[2].mean() > bottom[2].mean() and bottom[1].mean() > top[1].mean()
+    landscape = load_video(write_av(tmp_path / "l.mp4", w=128, h=64, seconds=1.0), SMALL, clips=1)
+    assert landscape.shape == (3, 3, 2, 32, 32)
+
+
+def test_limits(tmp_path):
+    path = write_av(tmp_path / "a.mp4", seconds=3.0)
+    with pytest.raises(MediaError, match=r"3\.0 s long; the limit for video is 2\.0 s"):
+        load_video(path, limits=dataclasses.replace(DEFAULT_LIMITS, max_video_seconds=2.0))
+    with pytest.raises(MediaError, match="megapixels"):
+        load_video(path, limits=dataclasses.replace(DEFAULT_LIMITS, max_video_pixels=1000))
+    with pytest.raises(MediaError, match="limit is"):
+        load_video(path, limits=dataclasses.replace(DEFAULT_LIMITS, max_file_bytes=100))
+
+
+def test_malformed(tmp_path):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(MediaError, match="empty"):
+        load_video(tmp_path / "empty.mp4")
+    (tmp_path / "text.mp4").write_text("definitely not a video\n")
+    with pytest.raises(MediaError, match="plain text"):
+        load_video(tmp_path / "text.mp4")
+    data = write_av(tmp_path / "full.mp4", seconds=2.0, options={"movflags": "faststart"}).read_bytes()
+    for cut in (len(data) // 3, 2 * len(data) // 3):
+        (tmp_path / "cut.mp4").write_bytes(data[:cut])
+        with pytest.raises(MediaError, match="damaged or truncated"):
+            load_video(tmp_path / "cut.mp4")
+    with pytest.raises(MediaError, match="no video track"):
+        load_video(write_av(tmp_path / "a.m4a", video=None, audio="aac", fmt="mp4", seconds=1.0))
