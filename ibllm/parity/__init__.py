@@ -97,6 +97,7 @@ def check_groups() -> list[tuple[str, CheckGroup]]:
         ("encoders", "ibllm.parity.encoders"),
         ("preprocessing", "ibllm.parity.preprocessing"),
         ("language", "ibllm.parity.language"),
+        ("end-to-end", "ibllm.parity.endtoend"),
     ):
         try:
             module = __import__(module_name, fromlist=["checks"])
