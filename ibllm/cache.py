@@ -136,7 +136,10 @@ class VisualCache:
             meta = json.loads((path / META_FILE).read_text())
             if meta.get("count", index.ntotal) != index.ntotal:
                 raise ValueError(f"{path}: meta.json describes {meta['count']} rows, the index has {index.ntotal}")
-        return cls(index, ids=meta.get("ids"), captions=meta.get("captions"), thumbnails=meta.get("thumbnails"),
+        thumbnails = meta.get("thumbnails")
+        if thumbnails is not None:  # paths relative to the cache directory (a shipped cache can move)
+            thumbnails = [t if t is None or Path(t).is_absolute() else str(path / t) for t in thumbnails]
+        return cls(index, ids=meta.get("ids"), captions=meta.get("captions"), thumbnails=thumbnails,
                    ef_search=meta.get("ef_search", 64))
 
     def to_hnsw(self, *, hnsw_m: int = 32, ef_construction: int = 80, chunk: int = 100_000) -> VisualCache:

@@ -165,9 +165,12 @@ def _dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
     kwargs: dict[str, Any] = {}
-    defaults = cls()
+    try:
+        defaults = cls()
+    except TypeError:  # a dataclass without defaults (TrunkConfig): its fields are plain values
+        defaults = None
     for name, value in data.items():
-        current = getattr(defaults, name)
+        current = getattr(defaults, name, None)
         if hasattr(current, "__dataclass_fields__") and isinstance(value, dict):
             kwargs[name] = _dataclass_from_dict(type(current), value)
         elif isinstance(current, tuple) and isinstance(value, list):
@@ -182,7 +185,11 @@ def _dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 IMAGEBIND_HUGE = ImageBindConfig()
 
-# The embedded default's encoders: the same towers at a size that trains on 2 CPU cores.
+# The embedded default's encoders: the same towers at a size that trains on 2 CPU cores. Inputs are coarser than
+# ImageBind-Huge's so that every trunk sees at most ~100 tokens (the whole pipeline must train in well under 90
+# minutes on 2 shared cores, ibllm/train/): 112 px images (8x8 patches of 14; depth/thermal 7x7 patches of 16),
+# audio patches with stride 16 instead of 10 (8x12 instead of 12x19), IMU windows of 20 samples (100 instead of
+# 250), a 32-token text context (the toy captions are under 20 CLIP tokens), 1024 points in 32 groups.
 IMAGEBIND_TOY = ImageBindConfig(
     out_embed_dim=128,
     vision=TrunkConfig(128, 4, 4, 0.0),
@@ -192,9 +199,13 @@ IMAGEBIND_TOY = ImageBindConfig(
     thermal=TrunkConfig(64, 2, 4, 0.0),
     imu=TrunkConfig(64, 2, 4, 0.1),
     point=PointConfig(
-        trans_dim=96, depth=3, num_heads=4, drop_path=0.0, group_size=32, num_group=64,
-        encoder_dims=96, proj_dim=128, num_points=2048,
+        trans_dim=96, depth=3, num_heads=4, drop_path=0.0, group_size=32, num_group=32,
+        encoder_dims=96, proj_dim=128, num_points=1024,
     ),
+    image_size=112,
+    audio_stride=16,
+    imu_window=20,
+    text_context=32,
 )
 
 LLAMA_7B = LlamaConfig()  # params.json of Meta's 7B: dim 4096, 32 layers, 32 heads, norm_eps 1e-6, vocab 32000
