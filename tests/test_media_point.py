@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import io
 import pickle
@@ -14,6 +13,7 @@ import torch
 
 from ibllm.config import ImageBindConfig, PointConfig
 from ibllm.media import DEFAULT_LIMITS, MediaError
+from ibllm.media.open3d_reader import import_open3d
 from ibllm.media.point import is_normalized, load_point, read_points
 from tests.media_samples import sphere_points, write_ply
 
@@ -23,9 +23,10 @@ XYZ = sphere_points(200)
 
 
 def _open3d():
-    libusb_package = pytest.importorskip("libusb_package")
-    ctypes.CDLL(str(libusb_package.get_library_path()), mode=ctypes.RTLD_GLOBAL)
-    return pytest.importorskip("open3d")
+    try:
+        return import_open3d()
+    except ImportError as exc:
+        pytest.skip(f"open3d is not importable here: {exc}")
 
 
 def _check_unit(x: torch.Tensor, n: int = N) -> None:
@@ -53,13 +54,26 @@ def test_open3d_files(tmp_path, name, kw):
     np.testing.assert_allclose(read_points(tmp_path / name), XYZ, rtol=1e-5, atol=1e-5)
 
 
-def test_compressed_pcd_is_refused_clearly(tmp_path):
+def test_compressed_pcd_is_read_through_open3d_in_a_child(tmp_path):
     o3d = _open3d()
     pc = o3d.geometry.PointCloud()
     pc.points = o3d.utility.Vector3dVector(XYZ)
     o3d.io.write_point_cloud(str(tmp_path / "c.pcd"), pc, write_ascii=False, compressed=True)
-    with pytest.raises(MediaError, match="compressed binary PCD is not supported"):
-        load_point(tmp_path / "c.pcd", CFG)
+    np.testing.assert_allclose(read_points(tmp_path / "c.pcd"), XYZ, rtol=1e-5, atol=1e-5)
+    _check_unit(load_point(tmp_path / "c.pcd", CFG))
+
+
+def test_corrupt_compressed_pcd_is_a_media_error(tmp_path):
+    o3d = _open3d()
+    pc = o3d.geometry.PointCloud()
+    pc.points = o3d.utility.Vector3dVector(XYZ)
+    o3d.io.write_point_cloud(str(tmp_path / "c.pcd"), pc, write_ascii=False, compressed=True)
+    data = bytearray((tmp_path / "c.pcd").read_bytes())
+    header_end = data.index(b"DATA binary_compressed") + len(b"DATA binary_compressed\n")
+    data[header_end + 8:] = bytes(len(data) - header_end - 8)  # keep the sizes, zero the LZF stream
+    (tmp_path / "bad.pcd").write_bytes(bytes(data[: header_end + 40]))
+    with pytest.raises(MediaError, match="bad.pcd"):
+        load_point(tmp_path / "bad.pcd", CFG)
 
 
 def test_text_tables_obj_and_npy(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import soundfile
 from PIL import Image
 
+from ibllm.media.open3d_reader import import_open3d
 from ibllm.train import toyworld as tw
 from ibllm.train.toyworld import Scene
 
@@ -87,12 +87,9 @@ def test_audio_points_imu_text_decode(written: dict[str, Path]) -> None:
 
 def test_ply_reads_in_open3d(written: dict[str, Path]) -> None:
     try:
-        import libusb_package
-
-        ctypes.CDLL(str(libusb_package.get_library_path()), mode=ctypes.RTLD_GLOBAL)
-        import open3d as o3d
-    except Exception:  # noqa: BLE001 - open3d is optional on some platforms
-        pytest.skip("open3d is not importable here")
+        o3d = import_open3d()
+    except ImportError as exc:
+        pytest.skip(f"open3d is not importable here: {exc}")
     pts = np.asarray(o3d.io.read_point_cloud(str(written["point"])).points)
     np.testing.assert_allclose(pts, tw.read_ply(written["point"]), atol=1e-6)
 

@@ -176,8 +176,11 @@ def read_pcd(path: Path, limits: Limits) -> np.ndarray:
         raise MediaError(f"{name}: malformed PCD header (negative point count or field COUNT)")
     _check_count(name, points, limits)
     if mode == "binary_compressed":
-        raise MediaError(f"{name}: compressed binary PCD is not supported; save it with DATA binary or ascii "
-                         "(e.g. open3d.io.write_point_cloud(..., compressed=False)) or as .ply")
+        # LZF-compressed, field-major: decoded by open3d in a child process (its reader is not ours to harden).
+        # The header's count was checked above; the decompressed size must also fit the file-size limit.
+        from ibllm.media.open3d_reader import read_points_isolated
+
+        return read_points_isolated(path)
     columns, col = {}, 0
     for f, c in zip(fields, counts, strict=True):
         columns[f] = col
