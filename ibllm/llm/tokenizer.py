@@ -30,4 +30,7 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         # SentencePiece drops control ids (bos/eos) itself; byte-fallback pieces of an unfinished UTF-8 character
         # come out as U+FFFD, which the streamer (stream.py) holds back until the character is complete.
-        return self.sp.decode(list(ids))
+        # The model's vocabulary may be padded past the tokenizer's pieces; an id from the padding (only an
+        # untrained model samples one) decodes to nothing instead of raising mid-answer.
+        size = self.sp.get_piece_size()
+        return self.sp.decode([i for i in ids if 0 <= i < size])

@@ -1,0 +1,241 @@
+"""The whole page: chat on the left; inputs, cache, generation and model tabs on the right."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ibllm.types import ModelInfo
+from ibllm.ui.chat import NEIGHBOUR_HEADERS, ChatHandler
+from ibllm.ui.engine import ChatEngine
+from ibllm.ui.gallery import DEFAULT_GALLERY, REPO, Example, load_gallery
+from ibllm.ui.history import message_parts
+from ibllm.ui.inputs import collect_items, render_panel
+from ibllm.ui.settings import cache_controls, generation_controls
+
+TITLE = "ImageBind-LLM"
+# Every event that runs the model joins this concurrency group, so the UI chat, the API, example clicks and the
+# cache-off comparison take turns on the one model instead of each getting its own slot.
+MODEL_GROUP = "model"
+# Pickle-based files are let through the upload filter only so the media loader can say why they are refused
+# (Gradio's own filter would just answer "invalid file type").
+REFUSED_WITH_A_REASON = [".pt", ".pth", ".pkl", ".pickle", ".ckpt"]
+
+
+def _max_upload() -> int:
+    """Uploads larger than the media loaders accept are refused by Gradio before they are even stored."""
+    from ibllm.media.limits import DEFAULT_LIMITS
+
+    return DEFAULT_LIMITS.max_file_bytes
+
+
+MAX_UPLOAD = _max_upload()
+
+CSS = """
+#ibllm-banner {border-left: 4px solid var(--color-accent); padding-left: .75em;}
+"""
+
+
+def accepted_extensions() -> list[str]:
+    """The upload filter: every extension the media loaders accept, plus the ones they refuse with a reason."""
+    from ibllm.media import ACCEPTED_EXTENSIONS
+
+    return sorted({e for exts in ACCEPTED_EXTENSIONS.values() for e in exts} | set(REFUSED_WITH_A_REASON))
+
+
+def accepted_markdown() -> str:
+    from ibllm.media import accepted_table
+
+    return (accepted_table() + "\n\nA file that could be read several ways (a PNG as a photo, depth or thermal map) "
+            "gets a *read as* choice in its panel. Thermal images are never guessed: pick *thermal* yourself.")
+
+
+def model_markdown(info: ModelInfo) -> str:
+    state = "trained" if info.trained else "**untrained (random weights): answers are noise**"
+    lines = [
+        f"### {info.name}",
+        f"- weights: {info.weights} ({state})",
+        f"- device: `{info.device}` · dtype: `{info.dtype}`",
+        f"- visual cache: {info.cache_entries:,} entries",
+    ]
+    if info.is_default:
+        lines.append("\nThis is the small model shipped with the app, not the paper's ImageBind-LLM.")
+    if info.how_to_load_real:
+        lines.append(f"\n#### Loading the real ImageBind-LLM weights\n{info.how_to_load_real}")
+    return "\n".join(lines)
+
+
+def banner_markdown(info: ModelInfo) -> str:
+    if not info.trained:
+        return (f"⚠️ **{info.name}** runs with random weights, so its answers are noise. "
+                "The *Model* tab says how to load the real ImageBind-LLM weights.")
+    if info.is_default:
+        return (f"Running **{info.name}**, a small model trained on a toy world of shapes, sounds and motions; "
+                "try the examples. The *Model* tab says how to load the real ImageBind-LLM weights.")
+    return f"Running **{info.name}** on `{info.device}` ({info.dtype})."
+
+
+API_HELP = """#### API
+The chat is also an API endpoint, `/chat` (files are sent with `handle_file`):
+```python
+from gradio_client import Client, handle_file
+client = Client("http://127.0.0.1:7860/")
+answer, timings, neighbours, thumbnails = client.predict(
+    {"text": "What is in this picture?", "files": [handle_file("photo.png")]},
+    weights='{"image": 1.0}',  # optional; 0 leaves an input out
+    api_name="/chat")
+```
+`weights` is keyed by file name, modality or position; `modalities='{"scan.png": "depth"}'` says how to read a
+file. Files stay part of the conversation: each client keeps its own (`client.reset_session()` starts a new one).
+`client.submit(...)` streams: iterate the job for the growing answer, `job.cancel()` stops it."""
+
+
+def _examples(examples: Sequence[Example]) -> dict[str, Any]:
+    if not examples:
+        return {}
+    # With additional inputs ChatInterface wants one list per example; a one-element list leaves those inputs (the
+    # sliders) as the person set them.
+    return {"examples": [[e.message()] for e in examples], "example_labels": [e.label for e in examples]}
+
+
+def _join_model_group(demo: gr.Blocks, fns: Sequence[Any]) -> int:
+    """Put every event running one of ``fns`` (or ChatInterface's wrappers of them) in the model's group.
+
+    Bound methods are compared with ``==``: each attribute access makes a new method object.
+    """
+    joined = 0
+    for block_fn in demo.fns.values():
+        fn = block_fn.fn
+        if fn is not None and any(fn == f or getattr(fn, "__wrapped__", None) == f for f in fns):
+            block_fn.concurrency_id = MODEL_GROUP
+            joined += 1
+    return joined
+
+
+def build_demo(engine: ChatEngine, *, gallery: str | Path | None = DEFAULT_GALLERY) -> gr.Blocks:
+    """The Gradio app for ``engine``: chat, inputs panel with weights and previews, cache/generation controls,
+    cache inspector, model panel and example gallery. The ``/chat`` endpoint is the API (see README)."""
+    handler = ChatHandler(engine)
+    info = engine.info
+    examples = load_gallery(gallery) if gallery else []
+    for example in examples:  # the gallery says what its files are (detection cannot tell a thermal PNG)
+        for path, modality in zip(example.files, example.modalities, strict=True):
+            if modality:
+                handler.detect.add_hint(path, modality)
+
+    with gr.Blocks(title=TITLE, fill_height=True, analytics_enabled=False) as demo:
+        items = gr.State([])  # the inputs panel's rows
+        session_weights = gr.State({})  # path → weight chosen with the sliders
+        session_modalities = gr.State({})  # path → modality picked where a file can be read several ways
+        removed = gr.State([])  # paths taken out of the conversation
+
+        gr.Markdown(f"## {TITLE}\nAsk about any mix of images, videos, sounds, 3D point clouds, depth and thermal "
+                    "maps, IMU traces and text.")
+        gr.Markdown(banner_markdown(info), elem_id="ibllm-banner")
+
+        with gr.Row(equal_height=False):
+            chat_column = gr.Column(scale=3)
+            with gr.Column(scale=2, min_width=320):
+                with gr.Tab("Inputs"):
+                    render_panel(demo, items, session_weights, session_modalities, removed)
+                    with gr.Accordion("Accepted files", open=False):
+                        gr.Markdown(accepted_markdown())
+                with gr.Tab("Cache"):
+                    cache = cache_controls()
+                    gr.Markdown("#### Inspector: neighbours retrieved for the last answer")
+                    neighbours = gr.Dataframe(headers=NEIGHBOUR_HEADERS, datatype=["number", "number", "number",
+                                                                                  "str"],
+                                              interactive=False, label="neighbours", max_height=300)
+                    thumbnails = gr.Gallery(label="neighbour thumbnails", visible=False, columns=5, height=160)
+                    lookup_note = gr.Markdown(label="note")
+                    lookup = gr.Button("Look up neighbours of the current inputs", size="sm")
+                    compare = gr.Button("Answer the last question again with the cache off", size="sm")
+                    compare_out = gr.Textbox(label="answer with the cache off", lines=4, interactive=False)
+                with gr.Tab("Generation"):
+                    generation = generation_controls()
+                with gr.Tab("Model"):
+                    gr.Markdown(model_markdown(info))
+                    gr.Markdown(API_HELP)
+
+        with chat_column:
+            timings = gr.Markdown(render=False, elem_id="ibllm-timings", label="timings")
+            # Hidden, for API callers: JSON weights per file name, modality or position, and modalities per file
+            # name or position (the panel's sliders and "read as" choices are the browser's way to set them).
+            weights_text = gr.Textbox("", visible=False, label="weights")
+            modalities_text = gr.Textbox("", visible=False, label="modalities")
+            textbox = gr.MultimodalTextbox(
+                sources=["upload", "microphone"], file_count="multiple", file_types=accepted_extensions(),
+                placeholder="Ask about your files… (attach with the paper clip, or record)", stop_btn=True,
+                autofocus=True,
+            )
+            chatbot = gr.Chatbot(label="chat", height="62vh", editable="user", buttons=["copy", "copy_all"],
+                                 placeholder="Attach a file, ask a question — or pick an example.")
+            chat = gr.ChatInterface(
+                handler.respond,
+                multimodal=True,
+                textbox=textbox,
+                chatbot=chatbot,
+                additional_inputs=[session_weights, session_modalities, removed, weights_text, modalities_text,
+                                   *cache.components(), *generation.components()],
+                additional_outputs=[timings, neighbours, thumbnails, items, removed],
+                editable=True,
+                cache_examples=False,  # caching file examples breaks multimodal chat (NOTES.md)
+                run_examples_on_click=True,
+                api_name="chat",
+                analytics_enabled=False,
+                api_description="Ask about files; streams the answer. See the README for a gradio_client example.",
+                fill_height=False,
+                **_examples(examples),
+            )
+            timings.render()
+
+        # The panel follows the conversation (after each answer, undo, retry, edit, clear) and the textbox.
+        def refresh(history: list[Any], pending: Any, sent: Any, removed_paths: list[str],
+                    chosen: dict[str, str]) -> list[dict]:
+            # ``sent`` is the message being answered: between the textbox clearing and the answer reaching the
+            # history its files are in neither, and the panel would drop (and re-create) their previews.
+            files = [*message_parts(pending)[1], *message_parts(sent)[1]]
+            return collect_items(handler.detect, history, files, removed_paths, chosen)
+
+        # Queued (not queue=False): a State changed by an unqueued event does not fire its .change, and the inputs
+        # panel re-renders on items.change.
+        internal = {"show_progress": "hidden", "api_visibility": "undocumented"}
+        refresh_inputs = [chat.chatbot_state, textbox, chat.saved_input, removed, session_modalities]
+        chat.chatbot_state.change(refresh, refresh_inputs, [items], **internal)
+        textbox.change(refresh, refresh_inputs, [items], **internal)
+        chatbot.clear(lambda: ([], {}, {}, [], [], "", ""), None,
+                      [removed, session_weights, session_modalities, items, neighbours, timings, compare_out],
+                      **internal)
+
+        lookup.click(handler.lookup_neighbours,
+                     [chat.chatbot_state, textbox, session_weights, session_modalities, removed, cache.top_k,
+                      cache.temperature, cache.weight],
+                     [neighbours, thumbnails, lookup_note], api_name="neighbours")
+        compare.click(handler.compare_without_cache,
+                      [chat.chatbot_state, session_weights, session_modalities, removed, *generation.components()],
+                      [compare_out],
+                      api_name="compare_without_cache")
+
+    # UI submit, retry, edit, example click and the /chat API are separate events around the same function.
+    joined = _join_model_group(demo, [handler.respond, handler.lookup_neighbours, handler.compare_without_cache])
+    if joined < 4:
+        raise RuntimeError(f"only {joined} model events found: gradio's ChatInterface wiring changed")
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def launch_options() -> dict[str, Any]:
+    """``launch()`` arguments shared by ``app.py`` and the tests: no share link, no SSR, nothing from the internet.
+
+    The theme names system fonts only, so the page loads no web fonts; the examples folder is served for the
+    gallery and the assets folder for the visual cache's thumbnails, even when the app starts elsewhere.
+    """
+    theme = gr.themes.Soft(
+        font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+    )
+    return {"share": False, "ssr_mode": False, "theme": theme, "css": CSS, "max_file_size": MAX_UPLOAD,
+            "allowed_paths": [str(REPO / "examples"), str(REPO / "assets")], "footer_links": ["api", "settings"]}

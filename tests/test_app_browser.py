@@ -1,0 +1,143 @@
+"""The app in a real browser: headless Debian Chromium driven by the ``playwright`` pip package (no browser download).
+
+One walk through the page, as a person would: open it, click a gallery example and watch the answer stream, attach a
+point cloud and ask about it, then check the page logged no errors and asked nothing of any host but this one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.test_app_api import TOY, SpyEngine, example_for, launch, load_engine
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+# Babylon.js (gr.Model3D) tries WebGPU first and logs its failure as an error before falling back to WebGL; with
+# --disable-gpu that attempt always fails, so the message says nothing about the app.
+BENIGN_CONSOLE = ("WebGPU",)
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not found (apt-get install chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def app_url() -> Iterator[tuple[str, SpyEngine]]:
+    spy = SpyEngine(load_engine())
+    spy.delay = 0.05  # slow enough that the page shows the answer growing
+    demo, url = launch(spy)
+    try:
+        yield url, spy
+    finally:
+        demo.close()
+
+
+def bot_texts(page: Any) -> list[str]:
+    return [t.strip() for t in page.locator(".bot.message").all_inner_texts()]
+
+
+def watch_answer(page: Any, index: int, timeout: float = 90.0) -> list[str]:
+    """The successive texts of bot message ``index`` until it stops changing (after the queue finishes)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    stable_since = None
+    while time.monotonic() < deadline:
+        texts = bot_texts(page)
+        text = texts[index] if len(texts) > index else ""
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+            stable_since = time.monotonic()
+        elif seen and stable_since and time.monotonic() - stable_since > 2.0 and \
+                page.locator(".stop-button").count() == 0:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"bot message {index} did not settle; saw {seen}")
+
+
+def test_browser_walkthrough(app_url, tmp_path: Path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    url, spy = app_url
+    host = urlparse(url).hostname
+    example = example_for(("image",))
+    label = f"image: {example['question']}"
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            requests: list[str] = []
+            errors: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.goto(url, wait_until="domcontentloaded")  # never "networkidle": the queue keeps a stream open
+            page.get_by_test_id("textbox").first.wait_for(timeout=60_000)
+
+            # 1. a gallery example: one click fills and runs it, and the answer streams in
+            page.get_by_text(label, exact=True).click()
+            seen = watch_answer(page, 0)
+            assert len(seen) >= 2, f"the answer did not stream: {seen}"
+            assert seen[-1].split()[0] in spy.calls[-1]["answer"]  # the page shows the engine's text
+            assert [a.modality for a in spy.calls[-1]["attachments"]] == ["image"]
+            page.get_by_text(Path(example["files"][0]["path"]).name).first.wait_for(timeout=30_000)
+
+            # 2. halve the image's weight in the inputs panel, attach a point cloud and ask about both
+            weight = page.get_by_label("number input for weight").first
+            weight.fill("0.5")
+            weight.press("Enter")
+            time.sleep(1)  # the slider's change event writes the session's weights
+            cloud = TOY / example_for(("point",))["files"][0]["path"]
+            with page.expect_file_chooser() as chooser:
+                page.get_by_test_id("upload-button").first.click()
+            chooser.value.set_files(str(cloud))
+            page.get_by_text(f"{cloud.name} · point").first.wait_for(timeout=60_000)  # listed in the inputs panel
+            box = page.get_by_test_id("textbox").first
+            box.fill("What shape is it?")
+            box.press("Enter")
+            second = watch_answer(page, 1)
+            assert second[-1]
+            last = spy.calls[-1]
+            assert last["message"] == "What shape is it?" and len(last["history"]) == 1
+            assert [(a.modality, a.weight) for a in last["attachments"]] == [("image", 0.5), ("point", 1.0)]
+            page.locator("canvas").first.wait_for(timeout=30_000)  # the Model3D preview of the cloud
+            time.sleep(2)  # let the 3D view draw before the picture
+
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            keep = os.environ.get("IBLLM_SCREENSHOT")
+            if keep:
+                shutil.copy(shot, keep)
+            print(f"screenshot: {shot}")
+
+            outside = sorted({u for u in requests if not u.startswith(("data:", "blob:"))
+                              and urlparse(u).hostname not in (host, "localhost", "127.0.0.1")})
+            assert not outside, f"the page fetched from other hosts: {outside}"
+            real_errors = [e for e in errors if not any(b in e for b in BENIGN_CONSOLE)]
+            assert not real_errors, real_errors
+
+            # 3. closing the tab mid-answer frees the model
+            spy.stopped.clear()
+            spy.delay = 1.0
+            calls = len(spy.calls)
+            box.fill("Which way does it move?")
+            box.press("Enter")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (len(spy.calls) > calls and spy.calls[-1]["answer"]):
+                time.sleep(0.05)
+            assert len(spy.calls) > calls, "the third question never reached the engine"
+            page.close()
+            assert spy.stopped.wait(30), "the answer went on after the tab was closed"
+        finally:
+            spy.delay = 0.05
+            browser.close()

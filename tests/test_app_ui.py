@@ -1,0 +1,180 @@
+"""The UI's plain-Python pieces: history normalisation, weights, previews, gallery, command line. No server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ibllm.types import Turn
+from ibllm.ui import previews
+from ibllm.ui.gallery import load_gallery
+from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history
+from ibllm.ui.inputs import (
+    RequestError,
+    engine_attachments,
+    modality_choices,
+    parse_modalities,
+    parse_weights,
+    resolve_modality,
+)
+from ibllm.ui.settings import to_cache_options, to_generation_options
+
+
+def test_history_from_browser_blocks():
+    # what the browser sends: typed blocks, each file its own user message
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/t/a.png", "mime_type": "image/png"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "what is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a cube"}]},
+        {"role": "user", "content": [{"type": "text", "text": "colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}], "metadata": None},
+    ]
+    conv = normalise_history(history)
+    assert conv.turns == [Turn("what is it?", "a cube"), Turn("colour?", "red")]
+    assert conv.files == ["/t/a.png"]
+
+
+def test_history_from_gradio_client_and_examples():
+    # what gradio_client and example clicks leave: raw strings, {"path"} dicts, tuples, FileData-like objects
+    class FileData:
+        path = "/t/c.wav"
+
+    history = [
+        {"role": "user", "content": [{"path": "/t/a.png"}, "hello"]},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": ("/t/b.ply",)},
+        {"role": "user", "content": [FileData(), "and now?"]},
+        {"role": "assistant", "content": ["more"]},
+        {"role": "user", "content": [{"path": "/t/a.png"}]},  # the same file again is one input
+        {"role": "user", "content": "pending question"},  # not answered yet: not a turn
+    ]
+    conv = normalise_history(history)
+    assert conv.turns == [Turn("hello", "hi"), Turn("and now?", "more")]
+    assert conv.files == ["/t/a.png", "/t/b.ply", "/t/c.wav"]
+
+
+def test_error_answers_and_notes_are_not_fed_back():
+    history = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": f"{ERROR_MARK} bad file"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+        {"role": "assistant", "content": "timing details", "metadata": {"title": "timings"}},
+    ]
+    assert normalise_history(history).turns == [Turn("q2", "a2")]
+
+
+def test_message_parts():
+    assert message_parts({"text": " hi ", "files": ["/a.png", {"path": "/b.wav"}]}) == ("hi", ["/a.png", "/b.wav"])
+    assert message_parts("just text") == ("just text", [])
+    assert message_parts(None) == ("", [])
+
+
+def test_weights_parsing_and_resolution():
+    assert parse_weights("") == {}
+    assert parse_weights('{"audio": 0.5, "a.png": 2}') == {"audio": 0.5, "a.png": 2.0}
+    assert parse_weights("[1, 0]") == [1.0, 0.0]
+    with pytest.raises(RequestError, match="JSON"):
+        parse_weights("{audio: 1}")
+    with pytest.raises(RequestError):
+        parse_weights('{"audio": "loud"}')
+    paths = ["/t/a.png", "/t/b.wav", "/t/c.ply"]
+    modalities = {"/t/a.png": "image", "/t/b.wav": "audio", "/t/c.ply": "point"}
+    # slider weights per path; API weights by modality, name or position win; 0 drops the input
+    got = engine_attachments(paths, modalities, {"/t/a.png": 0.25, "/t/c.ply": 0.0}, {"audio": 0.5})
+    assert [(a.path, a.modality, a.weight) for a in got] == [("/t/a.png", "image", 0.25), ("/t/b.wav", "audio", 0.5)]
+    got = engine_attachments(paths, modalities, {}, [0, 1, 0.3])
+    assert [(a.modality, a.weight) for a in got] == [("audio", 1.0), ("point", 0.3)]
+
+
+def test_modality_choice():
+    assert modality_choices("/t/x.png", "depth") == ["depth", "image", "thermal"]
+    assert modality_choices("/t/x.wav", "audio") == ["audio"]
+    assert resolve_modality(0, "/t/x.png", "image", {"/t/x.png": "thermal"}, {}) == "thermal"
+    assert resolve_modality(0, "/t/x.png", "image", {}, parse_modalities('{"x.png": "depth"}')) == "depth"
+    assert resolve_modality(0, "/t/x.png", "image", {}, parse_modalities('["depth"]')) == "depth"
+    with pytest.raises(RequestError, match="cannot be read as audio"):
+        resolve_modality(0, "/t/x.png", "image", {}, {"x.png": "audio"})
+
+
+def test_options_conversion():
+    c = to_cache_options(False, 7.0, 15.0, 1.5)
+    assert (c.enabled, c.size, c.temperature, c.weight) == (False, 7, 15.0, 1.0)
+    g = to_generation_options(32.0, 0.0, 0.9, -1)
+    assert (g.max_new_tokens, g.temperature, g.top_p, g.seed) == (32, 0.0, 0.9, None)
+    assert to_generation_options(32, 0.5, 0.9, 42.0).seed == 42
+
+
+def test_point_cloud_preview_is_point_only_ply(tmp_path):
+    pts = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    (tmp_path / "cloud.xyz").write_text("\n".join(" ".join(f"{v:.5f}" for v in p) for p in pts))
+    np.save(tmp_path / "cloud.npy", pts)
+    for name in ("cloud.xyz", "cloud.npy"):
+        p = previews.make_preview(str(tmp_path / name), "point")
+        assert p.kind == "model3d", p.note
+        data = Path(p.value).read_bytes()
+        header, body = data.split(b"end_header\n", 1)
+        assert b"element vertex 300" in header and b"element face" not in header
+        rec = np.frombuffer(body, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("r", "u1"), ("g", "u1"),
+                                         ("b", "u1")])
+        xyz = np.stack([rec["x"], rec["y"], rec["z"]], axis=1)
+        assert len(xyz) == 300 and np.linalg.norm(xyz, axis=1).max() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_map_imu_and_text_previews(tmp_path):
+    depth = np.zeros((16, 16), np.uint16)
+    depth[4:12, 4:12] = 1000
+    depth[8:, :] += 3000
+    Image.fromarray(depth).save(tmp_path / "d.png")
+    p = previews.make_preview(str(tmp_path / "d.png"), "depth")
+    with Image.open(p.value) as im:
+        rgb = np.asarray(im)
+    assert rgb.shape == (16, 16, 3) and (rgb[0, 0] == 0).all()  # no reading stays black
+    np.save(tmp_path / "imu.npy", np.zeros((500, 6), np.float32))
+    assert previews.make_preview(str(tmp_path / "imu.npy"), "imu").kind == "plot"
+    (tmp_path / "t.txt").write_text("a red cube")
+    assert previews.make_preview(str(tmp_path / "t.txt"), "text").value == "a red cube"
+    # a file that cannot be previewed gets a note, never an exception
+    np.save(tmp_path / "bad.npy", np.zeros((3,), np.float32))
+    assert previews.make_preview(str(tmp_path / "bad.npy"), "imu").kind == "none"
+
+
+def test_gallery_loading(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.wav").write_bytes(b"x")
+    (tmp_path / "gallery.json").write_text(json.dumps({"examples": [
+        {"files": [{"path": "a.png", "modality": "image"}, {"path": "b.wav", "modality": "audio"}],
+         "question": "What shape is it?", "expect": ["cube"]},
+        {"files": [{"path": "missing.png", "modality": "image"}], "question": "skipped"},
+    ]}))
+    (ex,) = load_gallery(tmp_path / "gallery.json")
+    assert ex.label == "image + audio: What shape is it?" and ex.expected == ["cube"]
+    assert ex.message() == {"text": "What shape is it?", "files": [str(tmp_path / "a.png"), str(tmp_path / "b.wav")]}
+    assert load_gallery(tmp_path / "absent.json") == []
+
+
+def test_app_flags(monkeypatch):
+    import app
+
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "8123")
+    args = app.build_parser().parse_args(["--adapter", "7B.pth", "--device", "cpu"])
+    assert (args.host, args.port) == ("127.0.0.1", 8123)
+    assert app.model_kwargs(args) == {"adapter": "7B.pth", "device": "cpu"}
+
+
+def test_blocks_are_offline_and_share_one_model_slot():
+    from ibllm.ui import build_demo, launch_options
+    from ibllm.ui.blocks import MODEL_GROUP
+    from ibllm.ui.engine import EchoEngine
+
+    demo = build_demo(EchoEngine(), gallery=None)
+    assert demo.analytics_enabled is False
+    opts = launch_options()
+    assert opts["share"] is False and opts["ssr_mode"] is False
+    model_events = [f for f in demo.fns.values() if f.concurrency_id == MODEL_GROUP]
+    assert {f.api_name for f in model_events} >= {"chat", "neighbours", "compare_without_cache"}
+    assert demo._queue.default_concurrency_limit == 1
