@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="compare against a reference fixture (e.g. ../shared/fixtures/parity-a)")
     p.add_argument("dir", help="fixture directory with config.json, model.safetensors, inputs, expected outputs")
-    p.add_argument("--only", choices=["encoders", "preprocessing", "language", "end-to-end"], help="run one check group")
+    p.add_argument("--only", choices=["encoders", "preprocessing", "language", "end-to-end"],
+                   help="run one check group")
     p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("merge-chinese", help="build 7B_chinese = LLaMA-7B + Open-Chinese-LLaMA delta (fp16)")
