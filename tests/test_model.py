@@ -1,0 +1,112 @@
+"""The engine (ImageBindLLM.chat) end to end at the toy size: streaming, fusion weights, the per-content embedding
+cache, cancellation, long conversations and unusable files."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from ibllm.media.errors import MediaError
+from ibllm.model import load_model
+from ibllm.types import Attachment, CacheOptions, GenerationOptions, Turn
+from tests.conftest import REPO
+
+EXAMPLES = REPO / "examples" / "toy"
+IMAGE = Attachment(str(EXAMPLES / "red_cube_image.png"), "image")
+AUDIO = Attachment(str(EXAMPLES / "bell_torus_audio.wav"), "audio")
+GREEDY = GenerationOptions(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(device="cpu")
+
+
+def test_streamed_deltas_add_up_to_the_answer(model):
+    events = list(model.chat("What is it?", attachments=[IMAGE], generation=GREEDY))
+    assert events[-1].done and not any(e.done for e in events[:-1])
+    assert "".join(e.delta for e in events) == events[-1].text
+    assert model.answer("What is it?", attachments=[IMAGE], generation=GREEDY) == events[-1].text
+    t = events[-1].timings
+    assert t.prompt_tokens > 0 and 0 < t.new_tokens <= GREEDY.max_new_tokens
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    opts = GenerationOptions(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    first = model.answer("Describe it.", attachments=[AUDIO], generation=opts)
+    assert model.answer("Describe it.", attachments=[AUDIO], generation=opts) == first
+
+
+def test_each_file_content_is_encoded_once(model, tmp_path):
+    copy = tmp_path / "same_bytes_other_name.png"
+    shutil.copy(IMAGE.path, copy)
+    first = model.embed(IMAGE)
+    again = model.embed(Attachment(str(copy), "image"))
+    assert again is first  # same content -> the cached tensor, no second decode/encode
+    assert not torch.equal(model.embed(AUDIO), first)
+
+
+def test_weights_follow_the_reference_rule(model):
+    e_img, e_aud = model.embed(IMAGE), model.embed(AUDIO)
+    fused = model.fused_feature([IMAGE, Attachment(AUDIO.path, "audio", 0.5)])
+    n = torch.nn.functional.normalize
+    expected = n(e_img, dim=-1) * (1 / (1.5 + 1e-6)) + n(e_aud, dim=-1) * (0.5 / (1.5 + 1e-6))
+    torch.testing.assert_close(fused[0], expected)
+    only_image = model.fused_feature([IMAGE, Attachment(AUDIO.path, "audio", 0.0)])
+    torch.testing.assert_close(only_image[0], n(e_img, dim=-1) / (1 + 1e-6))
+    assert model.fused_feature([Attachment(IMAGE.path, "image", 0.0)]) is None  # -> answered as text only
+
+
+def test_cache_off_and_on_give_the_engine_different_features(model):
+    from ibllm.cache import VisualCache
+
+    dim = model.cfg.imagebind.out_embed_dim
+    vectors = torch.nn.functional.normalize(torch.randn(64, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    saved, model.cache = model.cache, VisualCache.build(vectors, captions=[f"entry {i}" for i in range(64)])
+    try:
+        feature = model.fused_feature([AUDIO])
+        mixed, neighbours = model._retrieve(feature, CacheOptions(enabled=True, size=5))
+        assert len(neighbours) == 5 and not torch.allclose(mixed, feature)
+        sims = [n.similarity for n in neighbours]
+        assert sims == sorted(sims, reverse=True) and neighbours[0].caption == f"entry {neighbours[0].index}"
+        same, none = model._retrieve(feature, CacheOptions(enabled=False))
+        assert none == [] and same is feature
+        events = list(model.chat("What is it?", attachments=[AUDIO], cache=CacheOptions(size=3),
+                                 generation=GREEDY))
+        assert [n.index for n in events[-1].neighbours] == [n.index for n in neighbours[:3]]
+    finally:
+        model.cache = saved
+
+
+def test_stop_flag_ends_the_answer_within_one_token(model):
+    produced = []
+
+    def should_stop() -> bool:
+        return len(produced) >= 3
+
+    for event in model.chat("Describe it.", attachments=[IMAGE], should_stop=should_stop,
+                            generation=GenerationOptions(max_new_tokens=40, temperature=1.0, seed=1)):
+        if event.delta:
+            produced.append(event.delta)
+    assert event.done and event.timings.new_tokens <= 4
+
+
+def test_a_long_conversation_is_trimmed_not_refused(model):
+    history = [Turn("Tell me everything about the scene " * 8, "It is a large red cube " * 8)] * 20
+    events = list(model.chat("And now?", history=history, attachments=[IMAGE], generation=GREEDY))
+    assert events[-1].done
+    assert any("dropped" in note for note in events[-1].notes)
+    assert events[-1].timings.prompt_tokens <= model.cfg.llama.max_seq_len
+
+
+def test_unusable_files_raise_media_error(model, tmp_path):
+    fake = tmp_path / "photo.png"
+    fake.write_text("this is not a picture")
+    with pytest.raises(MediaError, match="photo.png"):
+        list(model.chat("What is it?", attachments=[Attachment(str(fake), "image")]))
+    with pytest.raises(MediaError, match="not found"):
+        model.embed(Attachment(str(tmp_path / "gone.wav"), "audio"))
+    # the engine still answers afterwards
+    assert model.answer("What is it?", attachments=[IMAGE], generation=GREEDY) is not None
