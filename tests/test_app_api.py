@@ -1,14 +1,12 @@
 """The app as an API: launched on 127.0.0.1 in-process and driven with ``gradio_client``, as a user's script would.
 
 The engine is the real default model (``ibllm.model.load_model()``), loaded once for the module and wrapped in a
-spy that records what the UI asked of it and can slow it down (so a stop can land mid-answer). Set
-``IBLLM_TEST_ENGINE=echo`` to drive the UI with its stand-in engine instead (no weights needed).
+spy that records what the UI asked of it and can slow it down (so a stop can land mid-answer).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -74,12 +72,6 @@ def free_port() -> int:
 
 
 def load_engine() -> Any:
-    if os.environ.get("IBLLM_TEST_ENGINE") == "echo":
-        from ibllm.ui.engine import EchoEngine
-
-        return EchoEngine()
-    if not (REPO / "ibllm" / "model.py").is_file():
-        pytest.skip("ibllm/model.py (the engine) does not exist yet")
     from ibllm.model import load_model
 
     return load_model()

@@ -167,11 +167,11 @@ def test_app_flags(monkeypatch):
 
 
 def test_blocks_are_offline_and_share_one_model_slot():
+    from ibllm.model import load_model
     from ibllm.ui import build_demo, launch_options
     from ibllm.ui.blocks import MODEL_GROUP
-    from ibllm.ui.engine import EchoEngine
 
-    demo = build_demo(EchoEngine(), gallery=None)
+    demo = build_demo(load_model(), gallery=None)
     assert demo.analytics_enabled is False
     opts = launch_options()
     assert opts["share"] is False and opts["ssr_mode"] is False
