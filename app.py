@@ -46,7 +46,6 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ibllm.model import load_model
-
     from ibllm.ui import build_demo, launch_options
 
     engine = load_model(**model_kwargs(args))
