@@ -1,0 +1,117 @@
+"""``python -m ibllm.train``: train, evaluate and ship the embedded default model.
+
+    python -m ibllm.train run --out runs/toy [--smoke] [--ship assets/toy]   # the whole pipeline, resumable
+    python -m ibllm.train eval --model assets/toy [--data runs/toy/data]      # the per-modality table
+    python -m ibllm.train ship --run runs/toy --to assets/toy                 # copy a finished run's model
+
+Multi-GPU: ``torchrun --nproc_per_node N -m ibllm.train run --out runs/toy`` (see ibllm/train/common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, ship
+
+    _threads(args.threads)
+    run = PRESETS["smoke" if args.smoke else "full"]
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(run)}:
+            raise SystemExit(f"unknown run setting {key!r}")
+        overrides[key] = json.loads(value)
+    if args.workers is not None:
+        overrides["workers"] = args.workers
+    run = dataclasses.replace(run, **overrides)
+    pipe = Pipeline(args.out, run)
+    pipe.run_all(evaluate=not args.no_eval)
+    if args.ship and pipe.dist.main:
+        sizes = ship(pipe.model_dir, args.ship)
+        print(f"shipped to {args.ship}: {sizes['total'] / 1e6:.1f} MB "
+              f"({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in sizes.items() if k != 'total')})")
+    elif pipe.dist.main:
+        sizes = asset_bytes(pipe.model_dir)
+        print(f"model in {pipe.model_dir}: {sizes['total'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ibllm.loader import load_default
+    from ibllm.train.common import write_json
+    from ibllm.train.evaluate import ensure_heldout, evaluate, markdown
+
+    _threads(args.threads)
+    ensure_heldout(args.data, args.n or 120, seed=args.seed, workers=args.workers)
+    engine = load_default(args.model)
+    if not engine.info.trained:
+        print(f"warning: {args.model} has no trained weights; evaluating random weights", file=sys.stderr)
+    results = evaluate(engine, args.data, n=args.n)
+    table = markdown(results)
+    print(table)
+    if args.json:
+        write_json(args.json, results)
+    if args.md:
+        Path(args.md).write_text(table)
+    return 0
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
+    from ibllm.train.pipeline import ship
+
+    sizes = ship(Path(args.run) / "model", args.to)
+    print(json.dumps(sizes, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ibllm.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the whole pipeline (resumable: finished stages are skipped)")
+    run.add_argument("--out", required=True, type=Path, help="run folder (data, checkpoints, model, report)")
+    run.add_argument("--smoke", action="store_true", help="a handful of scenes and a few steps per stage")
+    run.add_argument("--ship", type=Path, help="copy the finished model here (e.g. assets/toy)")
+    run.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    run.add_argument("--workers", type=int, help="processes for data generation / loading")
+    run.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    run.add_argument("--set", action="append", metavar="KEY=JSON",
+                     help="override a RunConfig field, e.g. --set s2_steps=1000 (repeatable)")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="per-modality accuracy on held-out scenes, cache off / on")
+    ev.add_argument("--model", default="assets/toy", help="a model folder as load_default reads it")
+    ev.add_argument("--data", default="runs/toy/data", help="toy-world folder with heldout.jsonl (made if absent)")
+    ev.add_argument("--n", type=int, help="held-out scenes to use (default: all, 120 when generating)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--workers", type=int, default=1)
+    ev.add_argument("--threads", type=int)
+    ev.add_argument("--json", help="write the full results here")
+    ev.add_argument("--md", help="write the Markdown table here")
+    ev.set_defaults(func=cmd_eval)
+
+    sh = sub.add_parser("ship", help="copy a finished run's model/ into an assets folder")
+    sh.add_argument("--run", required=True)
+    sh.add_argument("--to", default="assets/toy")
+    sh.set_defaults(func=cmd_ship)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

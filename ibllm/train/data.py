@@ -1,0 +1,132 @@
+"""Stage 0: the toy world's files, and the tensors the media loaders make of them, cached on disk.
+
+Training scenes get every modality but video (video goes through the frozen vision tower, so it needs no
+training; REFERENCE.md section 1); held-out scenes get all eight, video included, for evaluation. Every file is
+read once through ``ibllm.media.load_media`` (the loaders the chat uses) and the stacked results are stored as
+one safetensors file per split and modality (``tensors/{split}_{modality}.safetensors``, key ``x``), so epochs
+never decode a PNG or a WAV again. Floating-point inputs are stored in float16 (they are normalised images,
+spectrograms and sensor traces; half precision is far below their noise), point clouds in float32 (the
+encoder's grouping is done in float32), token ids as int64.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ibllm.train import toyworld as tw
+
+SPLITS = ("train", "heldout")
+TRAIN_MODALITIES = tuple(m for m in tw.MODALITIES if m != "video")
+HELDOUT_MODALITIES = tw.MODALITIES
+
+
+def modalities_of(split: str) -> tuple[str, ...]:
+    return TRAIN_MODALITIES if split == "train" else HELDOUT_MODALITIES
+
+
+def tensor_path(root: Path, split: str, modality: str) -> Path:
+    return Path(root) / "tensors" / f"{split}_{modality}.safetensors"
+
+
+def _manifest_ok(path: Path, n: int) -> bool:
+    return path.is_file() and sum(1 for _ in path.open()) == n
+
+
+def _load_scene(files: dict[str, str], modalities: tuple[str, ...], cfg: Any) -> dict[str, Any]:
+    """One scene's files through the media loaders. Returns numpy arrays: tensors sent back from a worker
+    process would travel as shared-memory file descriptors, and thousands of them exhaust the descriptor table."""
+    from ibllm.media import load_media
+
+    torch.set_num_threads(1)
+    out = {}
+    for m in modalities:
+        x = load_media(files[m], m, cfg)
+        if x.is_floating_point():
+            x = x.float() if m == "point" else x.half()
+        out[m] = x.numpy()
+    return out
+
+
+def cache_tensors(root: Path, split: str, modalities: tuple[str, ...], image_cfg: Any, *, workers: int = 1,
+                  progress: bool = True) -> None:
+    """Load every file of ``split`` through the media loaders and store one stacked tensor per modality."""
+    from safetensors.torch import save_file
+
+    from ibllm.train.common import progress as bar_of
+
+    missing = [m for m in modalities if not tensor_path(root, split, m).is_file()]
+    if not missing:
+        return
+    records = tw.read_manifest(Path(root) / f"{split}.jsonl")
+    jobs = [{m: str(r["files"][m]) for m in missing} for r in records]
+    load = partial(_load_scene, modalities=tuple(missing), cfg=image_cfg)
+    per_modality: dict[str, list[torch.Tensor]] = {m: [] for m in missing}
+    bar = bar_of(len(jobs), f"load {split} ({', '.join(missing)})", disable=not progress, unit="scene")
+    if workers > 1 and len(jobs) > 4 * workers:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for loaded in pool.imap(load, jobs, chunksize=8):
+                for m, x in loaded.items():
+                    per_modality[m].append(torch.from_numpy(x))
+                bar.update()
+    else:
+        threads = torch.get_num_threads()
+        for job in jobs:
+            for m, x in load(job).items():
+                per_modality[m].append(torch.from_numpy(x))
+            bar.update()
+        torch.set_num_threads(threads)
+    bar.close()
+    for m, xs in per_modality.items():
+        path = tensor_path(root, split, m)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"x": torch.stack(xs).contiguous()}, str(tmp))
+        tmp.replace(path)
+
+
+EXTRA = "extra"  # sub-folder of image + caption scenes (the ``train`` split of another seed)
+EXTRA_MODALITIES = ("image", "text")
+
+
+def build_data(root: str | Path, n_train: int, n_heldout: int, seed: int, image_cfg: Any, *, n_extra: int = 0,
+               workers: int = 1, progress: bool = True) -> dict[str, int]:
+    """Write (or reuse) the train, held-out and extra image-caption scenes under ``root``, with cached tensors.
+
+    ``n_extra`` more training scenes with only an image and a caption (``root/extra``, drawn with ``seed + 1``):
+    the image tower is the one that needs many examples (a ViT from scratch memorises 2000 images instead of
+    learning shapes and motion cues), and images are all the language side sees.
+    """
+    root = Path(root)
+    sizes = {}
+    for where, split, n, s, mods in ((root, "train", n_train, seed, modalities_of("train")),
+                                     (root, "heldout", n_heldout, seed, modalities_of("heldout")),
+                                     (root / EXTRA, "train", n_extra, seed + 1, EXTRA_MODALITIES)):
+        if n == 0:
+            continue
+        manifest = where / f"{split}.jsonl"
+        if not _manifest_ok(manifest, n):
+            for m in mods:  # stale tensors of a different data set
+                tensor_path(where, split, m).unlink(missing_ok=True)
+            tw.make_dataset(where, n, s, split, mods, workers=workers, progress=progress)
+        cache_tensors(where, split, mods, image_cfg, workers=workers, progress=progress)
+        sizes[split if where == root else EXTRA] = n
+    return sizes
+
+
+def load_tensor(root: str | Path, split: str, modality: str, half: bool = False) -> torch.Tensor:
+    """The cached loader outputs of one split and modality, (N, ...); floats come back as float32 (``half``:
+    as stored, to be converted batch by batch)."""
+    from safetensors.torch import load_file
+
+    x = load_file(str(tensor_path(Path(root), split, modality)))["x"]
+    return x.float() if x.is_floating_point() and not half else x
+
+
+def records(root: str | Path, split: str) -> list[dict[str, Any]]:
+    return tw.read_manifest(Path(root) / f"{split}.jsonl")

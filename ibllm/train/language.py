@@ -1,0 +1,240 @@
+"""The language side: LM pre-training of the tiny LLaMA, then the two ImageBind-LLM stages (REFERENCE.md section 6).
+
+Text of a scene (toy-world records):
+
+- caption: ``format_prompt("Generate caption of this image")`` + one of the caption templates;
+- Q&A: ``format_prompt(question)`` + the answer, for every latent and "describe", any phrasing;
+- reading: ``format_prompt(question, input=caption)`` + the answer (text-only instruction data: the answer is in
+  the prompt, like the Alpaca part of the reference's stage-2 mix).
+
+A sequence is ``encode(prompt, bos) + encode(answer) + [eos]`` (prompt and answer tokenised apart, exactly as
+generation sees them: the prompt alone, then sampled ids).
+
+- LM pre-training: all three kinds, no visual input, next-token loss on every token; whole LLaMA trainable.
+- Stage 1: captions of training images; trainable = bind network, prefix queries, gates; loss on the caption.
+- Stage 2: Q&A on training images plus reading samples with an all-zero image (the reference's treatment of
+  text-only data); trainable = LLaMA norms, biases and LoRA (through peft); loss on the answer.
+
+Only image embeddings ever reach the language side.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ibllm.llm.llama import init_weights
+from ibllm.llm.prompt import format_prompt
+from ibllm.llm.tokenizer import Tokenizer
+from ibllm.network import ImageBindLLMNet
+from ibllm.train import toyworld as tw
+from ibllm.train.common import SINGLE, Dist, count, train_loop
+
+CAPTION_INSTRUCTION = "Generate caption of this image"
+QA_LATENTS = (*tw.LATENTS, "describe")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: list[int]
+    answer: list[int]  # ends with eos
+    feature: int  # row of the image-embedding table; -1 = the all-zero image; -2 = no visual input at all
+
+
+class TextMaker:
+    """Draws tokenised examples of a set of scenes (prompt and answer ids are cached by string)."""
+
+    def __init__(self, tokenizer: Tokenizer, records: list[dict[str, Any]], seed: int = 0):
+        self.tok = tokenizer
+        self.scenes: list[tw.Scene] = [r["scene"] for r in records]
+        self.captions: list[list[str]] = [r["caption_variants"] for r in records]
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one maker per stage; the cache dies with it
+    def _prompt(self, instruction: str, context: str | None) -> tuple[int, ...]:
+        return tuple(self.tok.encode(format_prompt(instruction, context), bos=True, eos=False))
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019
+    def _answer(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tok.encode(text, bos=False, eos=True))
+
+    def _pick(self, n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=self.gen))
+
+    def caption(self, i: int, feature: int) -> Example:
+        text = self.captions[i][self._pick(len(self.captions[i]))]
+        return Example(list(self._prompt(CAPTION_INSTRUCTION, None)), list(self._answer(text)), feature)
+
+    def qa(self, i: int, feature: int, reading: bool = False) -> Example:
+        scene = self.scenes[i]
+        latent = QA_LATENTS[self._pick(len(QA_LATENTS))]
+        question = tw.QUESTIONS[latent][self._pick(len(tw.QUESTIONS[latent]))]
+        answer = tw.answer_for(scene, latent, "text", question)
+        context = self.captions[i][self._pick(len(self.captions[i]))] if reading else None
+        return Example(list(self._prompt(question, context)), list(self._answer(answer)), feature)
+
+
+def collate(examples: list[Example], pad_id: int, loss_on_prompt: bool = False,
+            max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, targets) of shape (B, T); targets[t] is the id to predict at position t (IGNORE where no loss)."""
+    seqs = [e.prompt + e.answer for e in examples]
+    t = max(len(s) for s in seqs)
+    if max_len is not None:
+        t = min(t, max_len)
+    tokens = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), t), IGNORE, dtype=torch.long)
+    for row, (e, s) in enumerate(zip(examples, seqs, strict=True)):
+        s = s[:t]
+        tokens[row, :len(s)] = torch.tensor(s)
+        first = 1 if loss_on_prompt else len(e.prompt)  # predict token j from position j-1
+        for j in range(max(first, 1), len(s)):
+            targets[row, j - 1] = s[j]
+    return tokens, targets
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def noisy(feature: torch.Tensor, sigma: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Unit feature plus isotropic Gaussian noise of per-dimension std ``sigma``, re-normalised (sigma 0: as is)."""
+    if sigma <= 0:
+        return feature
+    noise = torch.randn(feature.shape, generator=gen).to(feature.device) * sigma
+    return F.normalize(feature + noise, dim=-1)
+
+
+@torch.no_grad()
+def blank_feature(net: ImageBindLLMNet) -> torch.Tensor:
+    """The embedding of an all-zero image tensor, as the engine uses for text-only turns (1, E)."""
+    s = net.cfg.imagebind.image_size
+    dev = next(net.parameters()).device
+    was = net.image_bind.training
+    net.image_bind.eval()
+    out = F.normalize(net.image_bind("vision", torch.zeros(1, 3, s, s, device=dev)).float(), dim=-1)
+    net.image_bind.train(was)
+    return out
+
+
+def _features(examples: list[Example], image_emb: torch.Tensor, blank: torch.Tensor, sigma: float,
+              gen: torch.Generator) -> torch.Tensor:
+    rows = [image_emb[e.feature] if e.feature >= 0 else blank[0] for e in examples]
+    feats = torch.stack(rows)
+    is_image = torch.tensor([e.feature >= 0 for e in examples])
+    if sigma > 0 and bool(is_image.any()):
+        feats = torch.where(is_image[:, None], noisy(feats, sigma, gen), feats)
+    return feats
+
+
+def init_llama(net: ImageBindLLMNet, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    init_weights(net.llama, gen)
+
+
+def pretrain_lm(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], *, steps: int, batch: int,
+                lr: float, weight_decay: float, seed: int, dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
+    """The tiny LLaMA as a plain language model of the toy world's text (captions, Q&A, reading)."""
+    llama = net.llama
+    llama.clear_cache()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    named = [(n, p) for n, p in llama.named_parameters() if ".lora_" not in n and not n.endswith(".gate")]
+    for _, p in named:
+        p.requires_grad_(True)
+    maker = TextMaker(tok, records, seed)
+    n = len(records)
+    llama.train()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        examples = []
+        for _ in range(batch):
+            i = maker._pick(n)
+            kind = maker._pick(3)
+            examples.append(maker.caption(i, -2) if kind == 0 else maker.qa(i, -2, reading=kind == 2))
+        examples = examples[dist.rank::dist.world]
+        tokens, targets = collate(examples, tok.eos_id, loss_on_prompt=True)
+        logits = llama(tokens.to(dist.device), 0, None, use_cache=False)
+        return lm_loss(logits, targets.to(dist.device))
+
+    log = train_loop("LM pre-training", steps, named, loss_fn, lr=lr, weight_decay=weight_decay, dist=dist,
+                     show=show, min_lr_frac=0.1)
+    llama.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return {**log.summary(), "trainable": count(named)}
+
+
+def stage1(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
+           steps: int, batch: int, lr: float, weight_decay: float, seed: int, feature_noise: float = 0.0,
+           dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
+    """Image-caption training of the bind network, prefix queries and gates; everything else frozen."""
+    net.llama.clear_cache()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    named = [(f"bind.{n}", p) for n, p in net.bind.named_parameters()]
+    named += [(f"prefix_query.{n}", p) for n, p in net.prefix_query.named_parameters()]
+    named += [(n, p) for n, p in net.llama.named_parameters() if n.endswith(".attention.gate")]
+    for _, p in named:
+        p.requires_grad_(True)
+    maker = TextMaker(tok, records, seed + 1)
+    gen = torch.Generator().manual_seed(seed + 11)
+    blank = blank_feature(net)
+    net.eval()  # no dropout anywhere; only the parameters above change
+    n = len(records)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        examples = [maker.caption(i, i) for i in (maker._pick(n) for _ in range(batch))][dist.rank::dist.world]
+        tokens, targets = collate(examples, tok.eos_id)
+        feats = _features(examples, image_emb, blank, feature_noise, gen).to(dist.device)
+        logits = net.llama(tokens.to(dist.device), 0, net.injection(feats), use_cache=False)
+        return lm_loss(logits, targets.to(dist.device))
+
+    log = train_loop("stage 1 (image-caption)", steps, named, loss_fn, lr=lr, weight_decay=weight_decay,
+                     dist=dist, show=show)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    gates = torch.stack([layer.attention.gate.detach().flatten() for layer in net.llama.layers]).tanh()
+    return {**log.summary(), "trainable": count(named), "mean_abs_tanh_gate": float(gates.abs().mean())}
+
+
+def stage2(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
+           steps: int, batch: int, lr: float, weight_decay: float, seed: int, text_only_fraction: float = 0.2,
+           feature_noise: float = 0.0, dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
+    """Instruction tuning: LoRA (peft) + biases + norms of LLaMA; bind network, prefix queries and gates frozen."""
+    from ibllm.llm.lora import from_peft, mark_stage2_trainable, to_peft
+
+    net.llama.clear_cache()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    peft_model = to_peft(net.llama)
+    mark_stage2_trainable(peft_model)
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    maker = TextMaker(tok, records, seed + 2)
+    gen = torch.Generator().manual_seed(seed + 12)
+    blank = blank_feature(net)
+    net.eval()
+    n = len(records)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        examples = []
+        for _ in range(batch):
+            i = maker._pick(n)
+            reading = float(torch.rand(1, generator=maker.gen)) < text_only_fraction
+            examples.append(maker.qa(i, -1 if reading else i, reading=reading))
+        examples = examples[dist.rank::dist.world]
+        tokens, targets = collate(examples, tok.eos_id)
+        feats = _features(examples, image_emb, blank, feature_noise, gen).to(dist.device)
+        logits = net.llama(tokens.to(dist.device), 0, net.injection(feats), use_cache=False)
+        return lm_loss(logits, targets.to(dist.device))
+
+    log = train_loop("stage 2 (instructions, LoRA)", steps, named, loss_fn, lr=lr, weight_decay=weight_decay,
+                     dist=dist, show=show)
+    net.llama = from_peft(peft_model)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return {**log.summary(), "trainable": count(named)}

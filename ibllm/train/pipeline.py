@@ -1,0 +1,432 @@
+"""The whole recipe of the embedded default, one resumable command: ``python -m ibllm.train run --out runs/toy``.
+
+Stages (each writes its output under OUT and is skipped when that output is present):
+
+====================  ==========================================================================================
+data                  toy-world scenes (train: all but video; held-out: all) + loader tensors  -> OUT/data/
+tokenizer             the toy SentencePiece vocabulary                                     -> OUT/model/
+align_image_text      image and text towers, symmetric InfoNCE                             -> OUT/ckpt/
+align_<m>             m in audio, depth, thermal, imu, point: tower m <-> frozen image tower
+embed                 image embeddings of the training scenes (+ held-out retrieval report) -> OUT/emb/
+lm                    tiny LLaMA pre-trained as a language model of the toy world's text
+stage1                image-caption: bind network, prefix queries, gates
+stage2                instructions (images + text-only with an all-zero image): LoRA (peft), biases, norms
+export                fp16 weights in the official layout, config, visual cache            -> OUT/model/
+eval                  per-modality accuracy on held-out scenes, cache off / on            -> OUT/eval.{json,md}
+====================  ==========================================================================================
+
+Every training stage saves the whole network in the official key layout (``ImageBindLLMNet.to_official``,
+safetensors, float32); a rerun loads the newest one strictly (``load_official``) and carries on from there.
+Stage metrics and wall-clock seconds go to ``OUT/ckpt/<stage>.json`` and, together, ``OUT/report.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ibllm.config import ModelConfig, from_name
+from ibllm.train import common
+from ibllm.train.common import Dist
+
+ENCODER_STAGES = ("align_image_text", "align_audio", "align_depth", "align_thermal", "align_imu", "align_point")
+LANGUAGE_STAGES = ("lm", "stage1", "stage2")
+TRAINING_STAGES = (*ENCODER_STAGES, *LANGUAGE_STAGES)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Sizes and schedules of one run. ``full`` is the shipped default; ``smoke`` exercises every code path."""
+
+    model: str = "toy"
+    seed: int = 0
+    n_train: int = 2000  # scenes with every modality but video (the other towers align on these)
+    n_heldout: int = 120  # evaluation scenes, every modality; latent combinations never used for training
+    n_extra: int = 14000  # more image + caption scenes: image<->text alignment, language stages, visual cache
+    workers: int = 2  # data generation / loading processes
+    weight_decay: float = 0.05
+    # image <-> text
+    it_steps: int = 2000
+    it_batch: int = 64
+    it_lr: float = 1e-3
+    # every other modality <-> frozen image tower
+    bound_steps: dict[str, int] = field(default_factory=lambda: {
+        "audio": 300, "depth": 200, "thermal": 200, "imu": 250, "point": 100})
+    bound_batch: int = 64
+    bound_lr: float = 1e-3
+    # language
+    lm_steps: int = 500
+    lm_batch: int = 48
+    lm_lr: float = 2e-3
+    s1_steps: int = 400
+    s1_batch: int = 48
+    s1_lr: float = 2e-3
+    s2_steps: int = 600
+    s2_batch: int = 48
+    s2_lr: float = 1e-3
+    text_only_fraction: float = 0.2
+    feature_noise: float = 0.0  # per-dimension std of Gaussian noise on image features in stages 1-2 (0: none)
+    eval_n: int | None = None  # held-out scenes to evaluate (None: all)
+    eval_max_new_tokens: int = 40
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, RunConfig] = {
+    "full": RunConfig(),
+    "smoke": RunConfig(
+        n_train=8, n_heldout=3, n_extra=4, workers=1, it_steps=4, it_batch=8,
+        bound_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2}, bound_batch=8,
+        lm_steps=10, lm_batch=8, lm_lr=3e-3, s1_steps=3, s1_batch=8, s2_steps=3, s2_batch=8,
+        eval_n=2, eval_max_new_tokens=4,
+    ),
+}
+
+
+def _ckpt(out: Path, stage: str) -> Path:
+    return out / "ckpt" / f"{stage}.safetensors"
+
+
+def _emb(out: Path, name: str) -> Path:
+    return out / "emb" / f"{name}.safetensors"
+
+
+class Pipeline:
+    def __init__(self, out: str | Path, run: RunConfig | None = None, *, dist: Dist | None = None,
+                 show: bool = True, model_cfg: ModelConfig | None = None):
+        self.out = Path(out)
+        self.run = run or RunConfig()
+        self.dist = dist or common.init_dist()
+        self.show = show and self.dist.main
+        self.cfg = model_cfg or from_name(self.run.model)
+        self.data = self.out / "data"
+        self.model_dir = self.out / "model"
+        self.report: dict[str, Any] = {"run": self.run.to_dict(), "stages": {}}
+        self.net = None
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        if self.show:
+            print(msg, flush=True)
+
+    def _stage_done(self, stage: str, metrics: dict[str, Any], start: tuple[float, float], save: bool = True) -> None:
+        metrics = {**metrics, **elapsed(start)}
+        seconds = metrics["seconds"]
+        if self.dist.main:
+            if save:
+                common.save_official(self.net, _ckpt(self.out, stage))
+            common.write_json(self.out / "ckpt" / f"{stage}.json", metrics)
+        self.dist.barrier()
+        self.report["stages"][stage] = metrics
+        self.log(f"[{stage}] {seconds:.0f} s  " + "  ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+            if not isinstance(v, dict)))
+
+    def _build_net(self) -> None:
+        from ibllm.network import ImageBindLLMNet
+        from ibllm.train.language import init_llama
+
+        torch.manual_seed(self.run.seed)
+        self.net = ImageBindLLMNet(self.cfg)
+        init_llama(self.net, self.run.seed)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        latest = None
+        for stage in TRAINING_STAGES:
+            if _ckpt(self.out, stage).is_file():
+                latest = stage
+                report = self.out / "ckpt" / f"{stage}.json"
+                if report.is_file():
+                    self.report["stages"][stage] = {**common.read_json(report), "resumed": True}
+        if latest is not None:
+            from ibllm.checkpoint import read_state_dict
+
+            self.net.load_official(read_state_dict(_ckpt(self.out, latest)), what=str(_ckpt(self.out, latest)))
+            self.log(f"resuming after stage {latest}")
+        self.net.to(self.dist.device)
+        self.done = set(TRAINING_STAGES[:TRAINING_STAGES.index(latest) + 1]) if latest else set()
+
+    def _gen(self, stage: str) -> torch.Generator:
+        return common.seed_everything(self.run.seed * 1000 + TRAINING_STAGES.index(stage) + 1)
+
+    # -- stages -------------------------------------------------------------------------------------------------
+
+    def stage_data(self) -> None:
+        from ibllm.train.data import build_data
+
+        t0 = clock()
+        if self.dist.main:
+            sizes = build_data(self.data, self.run.n_train, self.run.n_heldout, self.run.seed, self.cfg.imagebind,
+                               n_extra=self.run.n_extra, workers=self.run.workers, progress=self.show)
+        self.dist.barrier()
+        if not self.dist.main:
+            sizes = {"train": self.run.n_train, "heldout": self.run.n_heldout, "extra": self.run.n_extra}
+        self.report["stages"]["data"] = {**sizes, **elapsed(t0)}
+
+    def stage_tokenizer(self) -> Path:
+        from ibllm.train.tokenizer import train_tokenizer
+
+        path = self.model_dir / "tokenizer.model"
+        if not path.is_file() and self.dist.main:
+            t0 = clock()
+            train_tokenizer(path, vocab_size=self.cfg.llama.vocab_size)
+            self.report["stages"]["tokenizer"] = {**elapsed(t0)}
+        self.dist.barrier()
+        return path
+
+    def stage_align(self) -> None:
+        from ibllm.train import align
+        from ibllm.train.data import load_tensor
+
+        ib = self.net.image_bind
+        dev = self.dist.device
+        if "align_image_text" not in self.done:
+            t0 = clock()
+            recs = self.image_records()
+            metrics = align.train_image_text(
+                ib, self.image_text_tensor("image", half=True), self.image_text_tensor("text"),
+                [r["scene"] for r in recs], steps=self.run.it_steps, batch=self.run.it_batch, lr=self.run.it_lr,
+                weight_decay=self.run.weight_decay, gen=self._gen("align_image_text"), dist=self.dist,
+                show=self.show)
+            metrics["retrieval"] = self._retrieval(("text",))
+            metrics["probe"] = self._probe(("image", "text"))
+            self._stage_done("align_image_text", metrics, t0)
+        image_emb = None
+        for m in align.BOUND_TO_IMAGE:
+            stage = f"align_{m}"
+            if stage in self.done:
+                continue
+            t0 = clock()
+            if image_emb is None:  # the paired scenes only: the extra ones have no other modality
+                image_emb = align.embed(ib, "image", load_tensor(self.data, "train", "image"), device=dev)
+            metrics = align.train_bound_to_image(
+                ib, m, load_tensor(self.data, "train", m), image_emb, steps=self.run.bound_steps[m],
+                batch=self.run.bound_batch, lr=self.run.bound_lr, weight_decay=self.run.weight_decay,
+                gen=self._gen(stage), dist=self.dist, show=self.show)
+            metrics["retrieval"] = self._retrieval((m,))
+            metrics["probe"] = self._probe((m,))
+            self._stage_done(stage, metrics, t0)
+
+    def image_records(self) -> list[dict[str, Any]]:
+        """Every training scene with an image and a caption: the paired set, then the extra one."""
+        from ibllm.train.data import EXTRA, records
+
+        recs = records(self.data, "train")
+        if self.run.n_extra:
+            recs += records(self.data / EXTRA, "train")
+        return recs
+
+    def image_text_tensor(self, modality: str, half: bool = False) -> torch.Tensor:
+        from ibllm.train.data import EXTRA, load_tensor
+
+        x = load_tensor(self.data, "train", modality, half=half)
+        if self.run.n_extra:
+            x = torch.cat([x, load_tensor(self.data / EXTRA, "train", modality, half=half)])
+        return x
+
+    def _probe(self, modalities: tuple[str, ...]) -> dict[str, Any]:
+        """Linear probes fit on the paired training images, read on held-out inputs (align.latent_probe)."""
+        from ibllm.train import align
+        from ibllm.train.data import load_tensor, records
+
+        ib = self.net.image_bind
+        train = [r["scene"] for r in records(self.data, "train")]
+        heldout = [r["scene"] for r in records(self.data, "heldout")]
+        bank = align.embed(ib, "image", load_tensor(self.data, "train", "image"), device=self.dist.device)
+        out = {}
+        for m in modalities:
+            q = align.embed(ib, m, load_tensor(self.data, "heldout", m), device=self.dist.device)
+            out[m] = align.latent_probe(bank, train, q, heldout, m)
+            self.log(f"  probe {m} (held-out): " + ", ".join(f"{k} {v:.2f}" for k, v in out[m].items()))
+        return out
+
+    def _retrieval(self, modalities: tuple[str, ...]) -> dict[str, Any]:
+        from ibllm.train import align
+        from ibllm.train.data import load_tensor, records
+
+        ib = self.net.image_bind
+        scenes = [r["scene"] for r in records(self.data, "heldout")]
+        image_emb = align.embed(ib, "image", load_tensor(self.data, "heldout", "image"), device=self.dist.device)
+        out = {}
+        for m in modalities:
+            q = align.embed(ib, m, load_tensor(self.data, "heldout", m), device=self.dist.device)
+            out[m] = align.retrieval_accuracy(q, image_emb, scenes, m)
+            self.log(f"  retrieval {m}->image (held-out): top-1 {out[m]['top1']:.3f} (chance {out[m]['chance']:.3f})")
+        return out
+
+    def stage_embed(self) -> torch.Tensor:
+        from ibllm.train import align
+
+        path = _emb(self.out, "train_image")
+        if path.is_file():
+            return align.load_embeddings(path)
+        t0 = clock()
+        emb = align.embed(self.net.image_bind, "image", self.image_text_tensor("image", half=True),
+                          device=self.dist.device)
+        retrieval = self._retrieval(("text", "video", "audio", "depth", "thermal", "imu", "point"))
+        if self.dist.main:
+            align.save_embeddings(path, emb)
+            common.write_json(self.out / "emb" / "retrieval.json", retrieval)
+        self.dist.barrier()
+        self.report["stages"]["embed"] = {"retrieval": retrieval, **elapsed(t0)}
+        return emb
+
+    def stage_language(self, image_emb: torch.Tensor, tokenizer_path: Path) -> None:
+        from ibllm.llm.tokenizer import Tokenizer
+        from ibllm.train import language
+
+        tok = Tokenizer(tokenizer_path)
+        recs = self.image_records()  # rows match the image-embedding table
+        r = self.run
+        common_kw = {"weight_decay": r.weight_decay, "dist": self.dist, "show": self.show}
+        if "lm" not in self.done:
+            t0 = clock()
+            metrics = language.pretrain_lm(self.net, tok, recs, steps=r.lm_steps, batch=r.lm_batch, lr=r.lm_lr,
+                                           seed=r.seed, **common_kw)
+            self._stage_done("lm", metrics, t0)
+        if "stage1" not in self.done:
+            t0 = clock()
+            metrics = language.stage1(self.net, tok, recs, image_emb, steps=r.s1_steps, batch=r.s1_batch,
+                                      lr=r.s1_lr, seed=r.seed, feature_noise=r.feature_noise, **common_kw)
+            self._stage_done("stage1", metrics, t0)
+        if "stage2" not in self.done:
+            t0 = clock()
+            metrics = language.stage2(self.net, tok, recs, image_emb, steps=r.s2_steps, batch=r.s2_batch,
+                                      lr=r.s2_lr, seed=r.seed, text_only_fraction=r.text_only_fraction,
+                                      feature_noise=r.feature_noise, **common_kw)
+            self._stage_done("stage2", metrics, t0)
+
+    def stage_export(self, image_emb: torch.Tensor) -> Path:
+        """OUT/model: config.json, model.safetensors (fp16, official layout), tokenizer.model, cache/."""
+        weights = self.model_dir / "model.safetensors"
+        if weights.is_file() or not self.dist.main:
+            self.dist.barrier()
+            return self.model_dir
+        t0 = clock()
+        build_cache(self.model_dir / "cache", image_emb, self.image_records())
+        self.cfg.save(self.model_dir / "config.json")
+        common.save_official(self.net, weights, dtype=torch.float16)
+        self.report["stages"]["export"] = {**elapsed(t0),
+                                           "bytes": asset_bytes(self.model_dir)}
+        self.dist.barrier()
+        return self.model_dir
+
+    def stage_eval(self) -> dict[str, Any]:
+        from ibllm.loader import load_default
+        from ibllm.train.evaluate import evaluate, markdown
+
+        path = self.out / "eval.json"
+        if path.is_file():
+            return common.read_json(path)
+        t0 = clock()
+        engine = load_default(self.model_dir)
+        results = evaluate(engine, self.data, n=self.run.eval_n, max_new_tokens=self.run.eval_max_new_tokens,
+                           show=self.show)
+        results.update(elapsed(t0))
+        table = markdown(results)
+        common.write_json(path, results)
+        (self.out / "eval.md").write_text(table)
+        self.report["stages"]["eval"] = {"seconds": results["seconds"], "cpu_seconds": results["cpu_seconds"]}
+        self.log(table)
+        return results
+
+    # -- all ----------------------------------------------------------------------------------------------------
+
+    def run_all(self, evaluate: bool = True) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.stage_data()
+        tokenizer_path = self.stage_tokenizer()
+        self._build_net()
+        self.stage_align()
+        image_emb = self.stage_embed()
+        self.stage_language(image_emb, tokenizer_path)
+        self.stage_export(image_emb)
+        if evaluate and self.dist.main:
+            self.stage_eval()
+        self.report["total_seconds_this_invocation"] = round(time.perf_counter() - start, 1)
+        if self.dist.main:
+            common.write_json(self.out / "report.json", self.report)
+            self.log(timing_table(self.report))
+        return self.report
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished children (data workers)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), cpu_seconds()
+
+
+def elapsed(start: tuple[float, float]) -> dict[str, float]:
+    """Wall-clock and CPU seconds since ``clock()``: on a shared machine the CPU time is the honest cost."""
+    return {"seconds": round(time.perf_counter() - start[0], 1), "cpu_seconds": round(cpu_seconds() - start[1], 1)}
+
+
+def build_cache(directory: Path, image_emb: torch.Tensor, recs: list[dict[str, Any]], thumb: int = 40) -> None:
+    """The visual cache: the training images' embeddings, their captions and small JPEG thumbnails."""
+    from PIL import Image
+
+    from ibllm.cache import VisualCache
+
+    thumbs_dir = directory / "thumbs"
+    thumbs_dir.mkdir(parents=True, exist_ok=True)
+    thumbs = []
+    for i, r in enumerate(recs):
+        name = f"{i:05d}.jpg"
+        with Image.open(r["files"]["image"]) as im:
+            im.convert("RGB").resize((thumb, thumb), Image.BICUBIC).save(thumbs_dir / name, quality=75)
+        thumbs.append(f"thumbs/{name}")
+    cache = VisualCache.build(image_emb, ids=[r["id"] for r in recs], captions=[r["caption"] for r in recs],
+                              thumbnails=thumbs)
+    cache.save(directory)
+
+
+def asset_bytes(directory: Path) -> dict[str, int]:
+    sizes = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+    cache = directory / "cache"
+    if cache.is_dir():
+        sizes["cache/"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def timing_table(report: dict[str, Any]) -> str:
+    lines = ["| stage | wall s | CPU s | notes |", "|---|---|---|---|"]
+    for stage, m in report["stages"].items():
+        note = "resumed (time of the original run)" if m.get("resumed") else ""
+        if "loss_first" in m:
+            note = f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}" + (f"; {note}" if note else "")
+        lines.append(f"| {stage} | {m.get('seconds', 0):.0f} | {m.get('cpu_seconds', 0):.0f} | {note} |")
+    total = sum(m.get("seconds", 0) for m in report["stages"].values())
+    cpu = sum(m.get("cpu_seconds", 0) for m in report["stages"].values())
+    lines.append(f"| **total** | {total:.0f} ({total / 60:.1f} min) | {cpu:.0f} ({cpu / 60:.1f} min) | |")
+    return "\n".join(lines)
+
+
+def ship(model_dir: str | Path, to: str | Path) -> dict[str, int]:
+    """Copy a run's ``model/`` (config.json, model.safetensors, tokenizer.model, cache/) into ``to``."""
+    src, dst = Path(model_dir), Path(to)
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"{src / name} is missing: run the pipeline to the end first")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        shutil.copy2(src / name, dst / name)
+    if (dst / "cache").exists():
+        shutil.rmtree(dst / "cache")
+    if (src / "cache").is_dir():
+        shutil.copytree(src / "cache", dst / "cache")
+    return asset_bytes(dst)

@@ -1,0 +1,82 @@
+"""The shipped default (``assets/toy``, trained by ``python -m ibllm.train run``) answers its own gallery.
+
+One example per kind of input, including zero-shot ones (audio, point cloud, IMU, video never met the language
+side in training) and a mix. Greedy decoding, so the answers are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+ASSETS = REPO / "assets" / "toy"
+GALLERY = REPO / "examples" / "toy" / "gallery.json"
+
+# Gallery entries the shipped model must answer correctly (every input kind but depth/thermal, which have no
+# accuracy target; see README's evaluation table for how often each modality is right on held-out scenes).
+CHECKED = ("red_cube", "green_spheres", "cone_moving_left", "pyramid", "bell_torus", "going_up", "green_cylinder",
+           "purple_sphere")
+
+pytestmark = pytest.mark.skipif(
+    not (ASSETS / "model.safetensors").is_file(),
+    reason=f"no trained default model in {ASSETS} (train and ship it: python -m ibllm.train run --out runs/toy "
+           "--ship assets/toy)")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    from ibllm.loader import load_default
+
+    return load_default(ASSETS)
+
+
+@pytest.fixture(scope="module")
+def gallery() -> dict[str, dict[str, Any]]:
+    if not GALLERY.is_file():
+        pytest.skip(f"{GALLERY} is missing (python examples/make_examples.py)")
+    return {e["name"]: e for e in json.loads(GALLERY.read_text())["examples"]}
+
+
+def _ask(engine: Any, entry: dict[str, Any], cache: bool = True) -> str:
+    from ibllm.types import Attachment, CacheOptions, GenerationOptions
+
+    files = [Attachment(str(GALLERY.parent / f["path"]), f["modality"], f["weight"]) for f in entry["files"]]
+    return engine.answer(entry["question"], attachments=files, cache=CacheOptions(enabled=cache),
+                         generation=GenerationOptions(temperature=0.0, max_new_tokens=32))
+
+
+def test_default_is_the_trained_toy_model(engine: Any) -> None:
+    assert engine.info.trained and engine.info.is_default
+    assert engine.info.cache_entries > 0
+    assert sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) <= 50 * 2**20
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_gallery_answer_names_the_right_thing(engine: Any, gallery: dict[str, dict[str, Any]], name: str) -> None:
+    if name not in gallery:
+        pytest.skip(f"{name} is not in {GALLERY.name}")
+    entry = gallery[name]
+    answer = _ask(engine, entry)
+    low = answer.lower()
+    assert all(word.lower() in low for word in entry["expect"]), f"{name}: {entry['question']!r} -> {answer!r}"
+
+
+def test_text_only_question_gets_an_answer(engine: Any) -> None:
+    from ibllm.types import GenerationOptions
+
+    answer = engine.answer("What colour is it?", generation=GenerationOptions(temperature=0.0, max_new_tokens=16))
+    assert answer.strip()
+
+
+def test_assets_are_small_and_fp16() -> None:
+    from ibllm.checkpoint import read_state_dict
+
+    state = read_state_dict(ASSETS / "model.safetensors")
+    assert {str(v.dtype) for v in state.values() if v.is_floating_point()} == {"torch.float16"}
+    assert Path(ASSETS / "config.json").is_file() and Path(ASSETS / "tokenizer.model").is_file()
+    assert (ASSETS / "cache" / "index.faiss").is_file()

@@ -1,0 +1,101 @@
+"""The whole training pipeline on a handful of scenes for a few steps per stage: every stage runs, losses are
+finite (and the language model's falls), checkpoints round-trip strictly through ``ImageBindLLMNet.load_official``,
+the exported model loads with ``load_default`` and answers, and a rerun resumes instead of retraining."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ibllm.checkpoint import read_state_dict
+from ibllm.network import ImageBindLLMNet
+from ibllm.train.pipeline import PRESETS, TRAINING_STAGES, Pipeline
+
+pytestmark = pytest.mark.slow
+
+SMOKE = PRESETS["smoke"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pipeline, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("toyrun")
+    pipe = Pipeline(out, SMOKE, show=False)
+    report = pipe.run_all(evaluate=True)
+    return out, pipe, report
+
+
+def test_every_stage_ran_with_finite_losses(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:
+    out, _, report = run
+    stages = report["stages"]
+    for stage in ("data", "tokenizer", *TRAINING_STAGES, "embed", "export", "eval"):
+        assert stage in stages, stage
+    for stage in TRAINING_STAGES:
+        assert math.isfinite(stages[stage]["loss_first"]) and math.isfinite(stages[stage]["loss_last"]), stage
+        assert stages[stage]["trainable"] > 0
+        assert (out / "ckpt" / f"{stage}.safetensors").is_file()
+    # The one stage where a few steps must already help: a language model learning a tiny corpus.
+    assert stages["lm"]["loss_last"] < 0.8 * stages["lm"]["loss_first"]
+    assert set(stages["embed"]["retrieval"]) == {"text", "video", "audio", "depth", "thermal", "imu", "point"}
+
+
+def test_trainable_sets_follow_the_reference(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:
+    out, pipe, _ = run
+    before = read_state_dict(out / "ckpt" / "lm.safetensors")
+    after1 = read_state_dict(out / "ckpt" / "stage1.safetensors")
+    after2 = read_state_dict(out / "ckpt" / "stage2.safetensors")
+
+    def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
+        return {k for k in a if not torch.equal(a[k], b[k])}
+
+    stage1 = changed(before, after1)
+    assert stage1 and all(k.startswith(("image_bind_", "prefix_query")) or k.endswith(".attention.gate")
+                          for k in stage1), sorted(stage1)[:5]
+    stage2 = changed(after1, after2)
+    assert stage2 and all(k.startswith("llama.") and (".lora_" in k or k.endswith((".bias", "norm.weight")))
+                          for k in stage2), sorted(stage2)[:5]
+    assert not any(k.startswith("image_bind.") for k in stage1 | stage2)  # encoders stay frozen
+
+
+def test_checkpoints_round_trip_through_load_official(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:
+    out, pipe, _ = run
+    for stage in TRAINING_STAGES:
+        state = read_state_dict(out / "ckpt" / f"{stage}.safetensors")
+        net = ImageBindLLMNet(pipe.cfg)
+        assert net.load_official(state, what=stage) == []  # strict: nothing missing, nothing unexpected
+        again = net.to_official()
+        assert again.keys() == state.keys()
+        assert all(torch.equal(again[k], state[k]) for k in state), stage
+    final = read_state_dict(out / "ckpt" / "stage2.safetensors")
+    live = pipe.net.to_official()
+    assert all(torch.equal(live[k].cpu(), final[k]) for k in final)
+
+
+def test_exported_model_loads_and_answers(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:
+    from ibllm.loader import load_default
+    from ibllm.types import Attachment, GenerationOptions
+
+    out, _, _ = run
+    model = out / "model"
+    weights = read_state_dict(model / "model.safetensors")
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    engine = load_default(model)
+    assert engine.info.trained and engine.info.cache_entries == SMOKE.n_train + SMOKE.n_extra
+    image = next((out / "data" / "heldout").rglob("image.png"))
+    answer = engine.answer("What colour is it?", attachments=[Attachment(str(image), "image")],
+                           generation=GenerationOptions(temperature=0.0, max_new_tokens=8))
+    assert isinstance(answer, str)
+    thumbs = [n.thumbnail for n in engine.neighbours([Attachment(str(image), "image")])]
+    assert thumbs and all(Path(t).is_file() for t in thumbs)
+    assert (out / "eval.md").read_text().count("| image |") == 2
+
+
+def test_rerun_resumes_without_retraining(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:
+    out, _, _ = run
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "ckpt").glob("*.safetensors")}
+    report = Pipeline(out, SMOKE, show=False).run_all(evaluate=True)
+    assert all(report["stages"][s].get("resumed") for s in TRAINING_STAGES)
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "ckpt").glob("*.safetensors")}
