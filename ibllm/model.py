@@ -190,7 +190,7 @@ class ImageBindLLM:
             tokens = generate_tokens(
                 self.net.llama, prompt.ids, injection, max_new_tokens=max_new,
                 temperature=generation.temperature, top_p=generation.top_p, seed=generation.seed,
-                eos_id=self.tokenizer.eos_id, should_stop=should_stop)
+                eos_id=self.tokenizer.eos_id, vocab_limit=self.tokenizer.vocab_size, should_stop=should_stop)
             t0 = time.perf_counter()
             first = True
             try:

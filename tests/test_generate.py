@@ -162,3 +162,11 @@ def test_flush_releases_an_unfinished_character(tokenizer):
     body = "".join(streamer.put(i) for i in ids)
     assert "\ufffd" not in body
     assert (body + streamer.flush()) == tokenizer.decode(ids)
+
+
+def test_vocab_limit_masks_padded_ids():
+    # The counting model's best next id after 8 is 9; with the limit at 9 it must pick something below it instead.
+    out = list(generate_tokens(CountingModel(), [1, 7], max_new_tokens=3, temperature=0.0, vocab_limit=9))
+    assert out[0] == 8 and all(t < 9 for t in out)
+    sampled = list(generate_tokens(CountingModel(), [1, 8], max_new_tokens=5, temperature=1.0, seed=0, vocab_limit=9))
+    assert all(t < 9 for t in sampled)

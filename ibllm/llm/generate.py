@@ -61,14 +61,15 @@ def _ensure_cache(model: Callable, batch: int) -> None:
 @torch.no_grad()
 def generate_tokens(model: Callable, prompt_ids: Sequence[int], injection: torch.Tensor | None = None, *,
                     max_new_tokens: int = 128, temperature: float = 0.1, top_p: float = 0.75,
-                    seed: int | None = None, eos_id: int = 2,
+                    seed: int | None = None, eos_id: int = 2, vocab_limit: int | None = None,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield new token ids for one prompt: one prefill, then one cached decode step per token.
 
     ``injection``: the per-layer visual term from ``Transformer.visual_injection`` (batch 1), or None for text only.
     Stops at ``eos_id`` (not yielded), after ``max_new_tokens``, at the model's ``max_seq_len``, or as soon as
     ``should_stop()`` is true: it is checked before every model call, so cancelling costs at most the token in
-    flight. Closing the iterator stops it as well.
+    flight. Closing the iterator stops it as well. ``vocab_limit``: ids at or past it are never produced (a model
+    whose vocabulary is padded past its tokenizer's pieces could otherwise emit ids that decode to nothing).
     """
     if not prompt_ids:
         raise ValueError("empty prompt (encode it with bos)")
@@ -87,6 +88,8 @@ def generate_tokens(model: Callable, prompt_ids: Sequence[int], injection: torch
             return
         logits = model(tokens, pos, injection, last_only=True)
         pos += tokens.shape[1]
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[..., vocab_limit:] = float("-inf")
         next_token = sample(logits, temperature, top_p, gen)
         token = int(next_token[0])
         if token == eos_id:

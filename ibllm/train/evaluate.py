@@ -32,8 +32,9 @@ COLUMNS = (*tw.LATENTS, "describe")
 
 @torch.no_grad()
 def greedy_batch(llama: Any, prompt: list[int], injection: torch.Tensor, max_new_tokens: int,
-                 eos_id: int) -> list[list[int]]:
-    """Greedy continuations of one prompt under B injections (query_layer, B, H, 1, hd)."""
+                 eos_id: int, vocab_limit: int | None = None) -> list[list[int]]:
+    """Greedy continuations of one prompt under B injections (query_layer, B, H, 1, hd); ids at or past
+    ``vocab_limit`` are never picked, as in the engine."""
     b = injection.shape[1]
     total = min(len(prompt) + max_new_tokens, 2 * llama.cfg.max_seq_len)
     llama.setup_cache(b, total)
@@ -43,7 +44,7 @@ def greedy_batch(llama: Any, prompt: list[int], injection: torch.Tensor, max_new
     out = torch.zeros(b, 0, dtype=torch.long, device=injection.device)
     done = torch.zeros(b, dtype=torch.bool, device=injection.device)
     while pos < total:
-        nxt = logits.argmax(dim=-1)
+        nxt = logits[..., :vocab_limit].argmax(dim=-1)
         out = torch.cat([out, nxt[:, None]], dim=1)
         done |= nxt == eos_id
         if bool(done.all()):
@@ -98,7 +99,7 @@ def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: i
             for q_index, item0 in enumerate(items_per_scene[0]):
                 prompt = tok.encode(format_prompt(item0["question"]), bos=True, eos=False)
                 answers = [tok.decode(ids) for ids in greedy_batch(net.llama, prompt, injection, max_new_tokens,
-                                                                       tok.eos_id)]
+                                                                       tok.eos_id, tok.vocab_size)]
                 for s, items, answer in zip(scenes, items_per_scene, answers, strict=True):
                     item = items[q_index]
                     ok = tw.answer_is_correct(answer, item["expected"])
