@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import gradio as gr
 from ibllm.types import ModelInfo
 from ibllm.ui.chat import NEIGHBOUR_HEADERS, ChatHandler
 from ibllm.ui.engine import ChatEngine
-from ibllm.ui.gallery import DEFAULT_GALLERY, REPO, Example, load_gallery
+from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
 from ibllm.ui.history import message_parts
 from ibllm.ui.inputs import collect_items, render_panel
 from ibllm.ui.settings import cache_controls, generation_controls
@@ -115,11 +116,24 @@ def _join_model_group(demo: gr.Blocks, fns: Sequence[Any]) -> int:
     return joined
 
 
-def build_demo(engine: ChatEngine, *, gallery: str | Path | None = DEFAULT_GALLERY) -> gr.Blocks:
+class _Choose(Enum):
+    BY_MODEL = "by model"
+
+
+# build_demo's default gallery: picked from the loaded weights (a sentinel, since ``gallery=None`` means none).
+BY_MODEL = _Choose.BY_MODEL
+
+
+def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_MODEL) -> gr.Blocks:
     """The Gradio app for ``engine``: chat, inputs panel with weights and previews, cache/generation controls,
-    cache inspector, model panel and example gallery. The ``/chat`` endpoint is the API (see README)."""
+    cache inspector, model panel and example gallery. The ``/chat`` endpoint is the API (see README).
+
+    ``gallery``: a gallery.json path, None for no examples, or by default the gallery that fits the weights
+    (``gallery.gallery_for``: toy examples for the embedded model, real-world ones for real weights)."""
     handler = ChatHandler(engine)
     info = engine.info
+    if gallery is BY_MODEL:
+        gallery = gallery_for(info)
     examples = load_gallery(gallery) if gallery else []
     for example in examples:  # the gallery says what its files are (detection cannot tell a thermal PNG)
         for path, modality in zip(example.files, example.modalities, strict=True):

@@ -1,4 +1,4 @@
-"""The example gallery: ``examples/toy/gallery.json`` → clickable chat examples (never cached: see NOTES.md)."""
+"""The example gallery: ``examples/<toy|real>/gallery.json`` → clickable chat examples (never cached: see NOTES.md)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ibllm.types import ModelInfo
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_GALLERY = REPO / "examples" / "toy" / "gallery.json"
+DEFAULT_GALLERY = REPO / "examples" / "toy" / "gallery.json"  # for the default (embedded toy) model
+REAL_GALLERY = REPO / "examples" / "real" / "gallery.json"  # for real ImageBind-LLM weights
+
+
+def gallery_for(info: ModelInfo) -> Path:
+    """The gallery that fits the loaded weights: the toy one for the default model, the real-world one otherwise.
+
+    Never both. The toy model knows nothing outside its world of coloured shapes, and to the real model the toy
+    examples are meaningless: low-resolution renders of shapes with quiz questions whose expected words were
+    made for the toy model, which would misrepresent what the real one does with ordinary inputs.
+    """
+    return DEFAULT_GALLERY if info.is_default else REAL_GALLERY
 
 
 @dataclass(frozen=True)
