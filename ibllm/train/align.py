@@ -110,6 +110,11 @@ def minimally_different(scene: tw.Scene, gen: torch.Generator, among: tuple[str,
 CAPTION_KINDS = {"text": 0.5, "point": 0.125, "audio": 0.125, "imu": 0.125, "depth": 0.125}
 
 
+# Latents whose every value is also contrasted as a caption of its own, and the caption kind that names only it.
+CLASS_LATENTS = ("shape", "motion")
+CLASS_CAPTION_KIND = {"shape": "point", "motion": "imu"}
+
+
 def _latent_codes(scenes: list[tw.Scene]) -> torch.Tensor:
     return torch.tensor([[_VALUES[n].index(getattr(s, n)) for n in tw.LATENTS] for s in scenes])
 
@@ -150,7 +155,8 @@ class CaptionIds:
 def train_image_text(ib: ImageBind, images: torch.Tensor, text_ids: torch.Tensor, scenes: list[tw.Scene], *,
                      steps: int, batch: int, lr: float, weight_decay: float, gen: torch.Generator,
                      hard_negatives: bool = True, partial_captions: bool = True, max_shift: int = 4,
-                     dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
+                     class_latents: tuple[str, ...] = (), dist: Dist = SINGLE,
+                     show: bool = True) -> dict[str, float]:
     """Image and text towers from scratch with symmetric InfoNCE; returns loss figures.
 
     ``images`` (N, 3, S, S) and ``text_ids`` (N, L) are the loaders' outputs of each scene's ``image.png`` and
@@ -163,6 +169,11 @@ def train_image_text(ib: ImageBind, images: torch.Tensor, text_ids: torch.Tensor
     - hard negatives (``hard_negatives``, NegCLIP): every image is also contrasted with its caption with one latent
       changed; a random batch rarely holds two scenes that differ only in shape or motion.
     - small random translations of the images (``max_shift`` pixels; far below the gap between positions).
+    - optionally (``class_latents``; the pipeline's second image-text stage) every value of the subtle latents as
+      a caption of its own ("A cube.", "A sphere.", ...; "An object, moving left.", ...): each image is also
+      contrasted with all of them, CLIP's zero-shot classification used as a training signal. Full captions let
+      the towers get far on colour, size and layout before shape and motion pull their weight: after 2000 plain
+      steps an MLP probe read held-out shape 0.70 and motion 0.35 off the image embeddings.
     """
     named = set_trainable(ib, ("vision", "text"))
     inflate_vision_stem(ib)
@@ -203,7 +214,16 @@ def train_image_text(ib: ImageBind, images: torch.Tensor, text_ids: torch.Tensor
         image_to_text = -(F.log_softmax(logits, dim=1) * (match.t() / match.t().sum(1, keepdim=True))).sum(1)
         text_to_image = -(F.log_softmax(logits[:, :n].t(), dim=1) * (match[:n] / match[:n].sum(1, keepdim=True))
                           ).sum(1)
-        return 0.5 * (image_to_text.mean() + text_to_image.mean())
+        loss = 0.5 * (image_to_text.mean() + text_to_image.mean())
+        template = pick[0]
+        for latent in class_latents:
+            values = _VALUES[latent]
+            kind = CLASS_CAPTION_KIND[latent]
+            names = torch.stack([captions(tw.caption_for(dataclasses.replace(scenes[0], **{latent: v}), kind,
+                                                         template)) for v in values])
+            truth = torch.tensor([values.index(getattr(sc, latent)) for sc in batch_scenes], device=device)
+            loss = loss + F.cross_entropy(img @ ib("text", names.to(device)).t(), truth) / len(class_latents)
+        return loss
 
     log = train_loop("align image<->text", steps, named, loss_fn, lr=lr, weight_decay=weight_decay, dist=dist,
                      show=show)

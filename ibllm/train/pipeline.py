@@ -6,6 +6,7 @@ Stages (each writes its output under OUT and is skipped when that output is pres
 data                  toy-world scenes (train: all but video; held-out: all) + loader tensors  -> OUT/data/
 tokenizer             the toy SentencePiece vocabulary                                     -> OUT/model/
 align_image_text      image and text towers, symmetric InfoNCE                             -> OUT/ckpt/
+align_image_classes   the same, warm restart, plus every shape / motion as a caption of its own
 align_<m>             m in audio, depth, thermal, imu, point: tower m <-> frozen image tower
 embed                 image embeddings of the training scenes (+ held-out retrieval report) -> OUT/emb/
 lm                    tiny LLaMA pre-trained as a language model of the toy world's text
@@ -35,7 +36,8 @@ from ibllm.config import ModelConfig, from_name
 from ibllm.train import common
 from ibllm.train.common import Dist
 
-ENCODER_STAGES = ("align_image_text", "align_audio", "align_depth", "align_thermal", "align_imu", "align_point")
+ENCODER_STAGES = ("align_image_text", "align_image_classes", "align_audio", "align_depth", "align_thermal",
+                  "align_imu", "align_point")
 LANGUAGE_STAGES = ("lm", "stage1", "stage2")
 TRAINING_STAGES = (*ENCODER_STAGES, *LANGUAGE_STAGES)
 
@@ -55,6 +57,7 @@ class RunConfig:
     it_steps: int = 2000
     it_batch: int = 64
     it_lr: float = 1e-3
+    it_class_steps: int = 1500  # second image-text stage: warm restart with the shape / motion class captions
     # every other modality <-> frozen image tower
     bound_steps: dict[str, int] = field(default_factory=lambda: {
         "audio": 300, "depth": 200, "thermal": 200, "imu": 250, "point": 100})
@@ -82,7 +85,7 @@ class RunConfig:
 PRESETS: dict[str, RunConfig] = {
     "full": RunConfig(),
     "smoke": RunConfig(
-        n_train=8, n_heldout=3, n_extra=4, workers=1, it_steps=4, it_batch=8,
+        n_train=8, n_heldout=3, n_extra=4, workers=1, it_steps=4, it_class_steps=2, it_batch=8,
         bound_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2}, bound_batch=8,
         lm_steps=10, lm_batch=8, lm_lr=3e-3, s1_steps=3, s1_batch=8, s2_steps=3, s2_batch=8,
         eval_n=2, eval_max_new_tokens=4,
@@ -188,17 +191,21 @@ class Pipeline:
 
         ib = self.net.image_bind
         dev = self.dist.device
-        if "align_image_text" not in self.done:
+        # Image <-> text, then a warm restart that also contrasts every shape / motion as a caption of its own.
+        for stage, steps, classes in (("align_image_text", self.run.it_steps, ()),
+                                      ("align_image_classes", self.run.it_class_steps, align.CLASS_LATENTS)):
+            if stage in self.done or not steps:
+                continue
             t0 = clock()
             recs = self.image_records()
             metrics = align.train_image_text(
                 ib, self.image_text_tensor("image", half=True), self.image_text_tensor("text"),
-                [r["scene"] for r in recs], steps=self.run.it_steps, batch=self.run.it_batch, lr=self.run.it_lr,
-                weight_decay=self.run.weight_decay, gen=self._gen("align_image_text"), dist=self.dist,
+                [r["scene"] for r in recs], steps=steps, batch=self.run.it_batch, lr=self.run.it_lr,
+                weight_decay=self.run.weight_decay, gen=self._gen(stage), class_latents=classes, dist=self.dist,
                 show=self.show)
             metrics["retrieval"] = self._retrieval(("text",))
             metrics["probe"] = self._probe(("image", "text"))
-            self._stage_done("align_image_text", metrics, t0)
+            self._stage_done(stage, metrics, t0)
         image_emb = None
         for m in align.BOUND_TO_IMAGE:
             stage = f"align_{m}"
