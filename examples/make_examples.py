@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,20 +84,24 @@ def make_gallery(out: Path) -> dict:
     for path in out.iterdir():
         if path.is_file() and path.name != "gallery.json" and path.name not in written:
             path.unlink()
-    gallery = {
-        "about": "Toy-world examples for the embedded default model; made by examples/make_examples.py. "
-                 "A correct answer contains every word in 'expect' (case-insensitive).",
-        "examples": entries,
-    }
+    return write_gallery(out, "Toy-world examples for the embedded default model; made by examples/make_examples.py. "
+                              "A correct answer contains every word in 'expect' (case-insensitive).", entries)
+
+
+def write_gallery(out: Path, about: str, entries: list[dict]) -> dict:
+    """``out/gallery.json``: the format ``ibllm.ui.gallery.load_gallery`` reads (also used by make_real_examples)."""
+    gallery = {"about": about, "examples": entries}
     (out / "gallery.json").write_text(json.dumps(gallery, indent=1) + "\n")
     return gallery
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "examples" / "toy")
+def main(make: Callable[[Path], dict] | None = None, default_out: Path = REPO / "examples" / "toy",
+         description: str | None = None) -> int:
+    """Command line of a gallery script: write the gallery into --out and say what was written."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
-    gallery = make_gallery(args.out)
+    gallery = (make or make_gallery)(args.out)
     total = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
     print(f"{len(gallery['examples'])} examples, {total / 1e6:.2f} MB in {args.out}")
     return 0

@@ -14,8 +14,6 @@ check what the 7B model answers, so the questions are open ones.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +26,8 @@ if str(REPO) not in sys.path:  # run as a script from a checkout, without instal
     sys.path.insert(0, str(REPO))
 
 # The toy world's writers: the same mp4 / ply / wav encodings the media loaders are tested on.
+from make_examples import main, write_gallery  # noqa: E402  (this folder: sys.path[0] of a script)
+
 from ibllm.train.toyworld import write_mp4, write_ply, write_wav  # noqa: E402
 
 SEED = 20240601
@@ -275,24 +275,10 @@ def make_gallery(out: Path) -> dict:
             "files": [{"path": file, "modality": modality, "weight": 1.0}],
             "question": question,
         })
-    gallery = {
-        "about": "Real-world subjects for the real ImageBind-LLM weights, all synthesised (no photos or "
-                 "recordings) by examples/make_real_examples.py; CC0. Open questions: no expected answers.",
-        "examples": entries,
-    }
-    (out / "gallery.json").write_text(json.dumps(gallery, indent=1) + "\n")
-    return gallery
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "examples" / "real")
-    args = parser.parse_args()
-    gallery = make_gallery(args.out)
-    total = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
-    print(f"{len(gallery['examples'])} examples, {total / 1e6:.2f} MB in {args.out}")
-    return 0
+    return write_gallery(out, "Real-world subjects for the real ImageBind-LLM weights, all synthesised (no photos or "
+                              "recordings) by examples/make_real_examples.py; CC0. Open questions: no expected "
+                              "answers.", entries)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(make_gallery, REPO / "examples" / "real", __doc__.split("\n")[0]))

@@ -173,7 +173,8 @@ def train_image_text(ib: ImageBind, images: torch.Tensor, text_ids: torch.Tensor
       a caption of its own ("A cube.", "A sphere.", ...; "An object, moving left.", ...): each image is also
       contrasted with all of them, CLIP's zero-shot classification used as a training signal. Full captions let
       the towers get far on colour, size and layout before shape and motion pull their weight: after 2000 plain
-      steps an MLP probe read held-out shape 0.70 and motion 0.35 off the image embeddings.
+      steps a linear probe read held-out shape 0.68 and motion 0.18 (chance) off the image embeddings, after
+      1500 more with the class captions 0.85 and 0.93.
     """
     named = set_trainable(ib, ("vision", "text"))
     inflate_vision_stem(ib)
