@@ -96,7 +96,7 @@ def toy_examples() -> list[dict[str, Any]]:
 
 def example_for(modalities: tuple[str, ...]) -> dict[str, Any]:
     """The gallery example with exactly these inputs; one the shipped model is checked on first (the answers are
-    judged when trained weights are loaded, and two gallery examples are ones it gets wrong: see README)."""
+    judged when trained weights are loaded, and one gallery example is one it gets wrong: see README)."""
     matching = [ex for ex in toy_examples() if tuple(f["modality"] for f in ex["files"]) == modalities]
     if not matching:
         pytest.skip(f"no gallery example with exactly {modalities}")

@@ -67,7 +67,7 @@ class RunConfig:
     lm_steps: int = 500
     lm_batch: int = 48
     lm_lr: float = 2e-3
-    s1_steps: int = 400
+    s1_steps: int = 800
     s1_batch: int = 48
     s1_lr: float = 2e-3
     s2_steps: int = 600
