@@ -131,6 +131,15 @@ def _features(examples: list[Example], image_emb: torch.Tensor, blank: torch.Ten
     return feats
 
 
+def _visual_answer_loss(net: ImageBindLLMNet, examples: list[Example], pad_id: int, image_emb: torch.Tensor,
+                        blank: torch.Tensor, sigma: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Stages 1 and 2: next-token loss on the answers, with each example's visual feature injected."""
+    tokens, targets = collate(examples, pad_id)
+    feats = _features(examples, image_emb, blank, sigma, gen).to(device)
+    logits = net.llama(tokens.to(device), 0, net.injection(feats), use_cache=False)
+    return lm_loss(logits, targets.to(device))
+
+
 def init_llama(net: ImageBindLLMNet, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     init_weights(net.llama, gen)
@@ -189,10 +198,7 @@ def stage1(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], 
 
     def loss_fn(step: int) -> torch.Tensor:
         examples = [maker.caption(i, i) for i in (maker._pick(n) for _ in range(batch))][dist.rank::dist.world]
-        tokens, targets = collate(examples, tok.eos_id)
-        feats = _features(examples, image_emb, blank, feature_noise, gen).to(dist.device)
-        logits = net.llama(tokens.to(dist.device), 0, net.injection(feats), use_cache=False)
-        return lm_loss(logits, targets.to(dist.device))
+        return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, feature_noise, gen, dist.device)
 
     log = train_loop("stage 1 (image-caption)", steps, named, loss_fn, lr=lr, weight_decay=weight_decay,
                      dist=dist, show=show)
@@ -227,10 +233,7 @@ def stage2(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], 
             reading = float(torch.rand(1, generator=maker.gen)) < text_only_fraction
             examples.append(maker.qa(i, -1 if reading else i, reading=reading))
         examples = examples[dist.rank::dist.world]
-        tokens, targets = collate(examples, tok.eos_id)
-        feats = _features(examples, image_emb, blank, feature_noise, gen).to(dist.device)
-        logits = net.llama(tokens.to(dist.device), 0, net.injection(feats), use_cache=False)
-        return lm_loss(logits, targets.to(dist.device))
+        return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, feature_noise, gen, dist.device)
 
     log = train_loop("stage 2 (instructions, LoRA)", steps, named, loss_fn, lr=lr, weight_decay=weight_decay,
                      dist=dist, show=show)
