@@ -13,6 +13,7 @@ import torch
 
 from ibllm.checkpoint import read_state_dict
 from ibllm.network import ImageBindLLMNet
+from ibllm.train.data import load_tensor
 from ibllm.train.pipeline import PRESETS, TRAINING_STAGES, Pipeline
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pipeline, dict[
 
 
 def test_every_stage_ran_with_finite_losses(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:
-    out, _, report = run
+    out, pipe, report = run
     stages = report["stages"]
     for stage in ("data", "tokenizer", *TRAINING_STAGES, "embed", "export", "eval"):
         assert stage in stages, stage
@@ -40,6 +41,8 @@ def test_every_stage_ran_with_finite_losses(run: tuple[Path, Pipeline, dict[str,
     # The one stage where a few steps must already help: a language model learning a tiny corpus.
     assert stages["lm"]["loss_last"] < 0.8 * stages["lm"]["loss_first"]
     assert set(stages["embed"]["retrieval"]) == {"text", "video", "audio", "depth", "thermal", "imu", "point"}
+    size = pipe.cfg.imagebind.image_size  # training scenes carry one video clip each for the image-text stage
+    assert load_tensor(out / "data", "train", "video", half=True).shape == (SMOKE.n_train, 1, 3, 2, size, size)
 
 
 def test_trainable_sets_follow_the_reference(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:

@@ -136,6 +136,12 @@ def shift_images(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
     return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
+def trim_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids cut after the batch's last end-of-text token (the highest id in each row, where the text tower
+    reads its output). The tower's attention is causal, so this changes no embedding; it saves the padding."""
+    return ids[:, :int(ids.argmax(dim=1).max()) + 1]
+
+
 class CaptionIds:
     """CLIP ids of toy-world captions, tokenised once per distinct string (the text loader's tokenizer)."""
 
@@ -155,8 +161,8 @@ class CaptionIds:
 def train_image_text(ib: ImageBind, images: torch.Tensor, text_ids: torch.Tensor, scenes: list[tw.Scene], *,
                      steps: int, batch: int, lr: float, weight_decay: float, gen: torch.Generator,
                      hard_negatives: bool = True, partial_captions: bool = True, max_shift: int = 4,
-                     class_latents: tuple[str, ...] = (), dist: Dist = SINGLE,
-                     show: bool = True) -> dict[str, float]:
+                     class_latents: tuple[str, ...] = (), videos: torch.Tensor | None = None,
+                     dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
     """Image and text towers from scratch with symmetric InfoNCE; returns loss figures.
 
     ``images`` (N, 3, S, S) and ``text_ids`` (N, L) are the loaders' outputs of each scene's ``image.png`` and
@@ -175,6 +181,12 @@ def train_image_text(ib: ImageBind, images: torch.Tensor, text_ids: torch.Tensor
       the towers get far on colour, size and layout before shape and motion pull their weight: after 2000 plain
       steps a linear probe read held-out shape 0.68 and motion 0.18 (chance) off the image embeddings, after
       1500 more with the class captions 0.85 and 0.93.
+    - optionally (``videos``: (V, 1, 3, 2, S, S) video-loader clips of the first V scenes) the clip of every
+      batch scene that has one joins the batch as one more picture of its scene (same captions, same class
+      captions), and is pulled onto its scene's image embedding (cosine distance to the detached image
+      embedding). The stem's two temporal slices then part, and a clip of a moving object (two faint copies of
+      it, one per frame) stops reading as a different shape: the language side, which only ever sees images,
+      gets video embeddings where it expects them.
     """
     named = set_trainable(ib, ("vision", "text"))
     inflate_vision_stem(ib)
@@ -205,23 +217,29 @@ def train_image_text(ib: ImageBind, images: torch.Tensor, text_ids: torch.Tensor
                 rows.append(captions(tw.caption_for(other, kind, pick[j])))
                 caption_scenes.append(other)
                 caption_kinds.append(kind)
-        ids = torch.stack(rows)
-        match = consistency(caption_scenes, caption_kinds, batch_scenes).float().to(device)  # (C, B)
+        ids = trim_ids(torch.stack(rows))
         x = shift_images(images[idx].float(), max_shift, gen)
         img = ib("vision", x.to(device))
-        txt = ib("text", ids.to(device))  # unit vectors times the learnt exp(log_logit_scale)
-        logits = img @ txt.t()  # (B, C): the hard negatives only add columns
         n = len(idx)
+        loss = img.new_zeros(())
+        if videos is not None and bool((has_clip := idx < len(videos)).any()):
+            clip = ib("vision", videos[idx[has_clip]].float().to(device))
+            loss = loss + (1 - (clip * img[has_clip.to(device)].detach()).sum(-1)).mean()
+            img = torch.cat([img, clip])
+            batch_scenes += [batch_scenes[j] for j in has_clip.nonzero().flatten().tolist()]
+        match = consistency(caption_scenes, caption_kinds, batch_scenes).float().to(device)  # (C, B + clips)
+        txt = ib("text", ids.to(device))  # unit vectors times the learnt exp(log_logit_scale)
+        logits = img @ txt.t()  # (B + clips, C): the hard negatives only add columns
         image_to_text = -(F.log_softmax(logits, dim=1) * (match.t() / match.t().sum(1, keepdim=True))).sum(1)
         text_to_image = -(F.log_softmax(logits[:, :n].t(), dim=1) * (match[:n] / match[:n].sum(1, keepdim=True))
                           ).sum(1)
-        loss = 0.5 * (image_to_text.mean() + text_to_image.mean())
+        loss = loss + 0.5 * (image_to_text.mean() + text_to_image.mean())
         template = pick[0]
         for latent in class_latents:
             values = _VALUES[latent]
             kind = CLASS_CAPTION_KIND[latent]
-            names = torch.stack([captions(tw.caption_for(dataclasses.replace(scenes[0], **{latent: v}), kind,
-                                                         template)) for v in values])
+            names = trim_ids(torch.stack([captions(tw.caption_for(dataclasses.replace(scenes[0], **{latent: v}),
+                                                                  kind, template)) for v in values]))
             truth = torch.tensor([values.index(getattr(sc, latent)) for sc in batch_scenes], device=device)
             loss = loss + F.cross_entropy(img @ ib("text", names.to(device)).t(), truth) / len(class_latents)
         return loss

@@ -1,12 +1,13 @@
 """Stage 0: the toy world's files, and the tensors the media loaders make of them, cached on disk.
 
-Training scenes get every modality but video (video goes through the frozen vision tower, so it needs no
-training; REFERENCE.md section 1); held-out scenes get all eight, video included, for evaluation. Every file is
-read once through ``ibllm.media.load_media`` (the loaders the chat uses) and the stacked results are stored as
-one safetensors file per split and modality (``tensors/{split}_{modality}.safetensors``, key ``x``), so epochs
-never decode a PNG or a WAV again. Floating-point inputs are stored in float16 (they are normalised images,
-spectrograms and sensor traces; half precision is far below their noise), point clouds in float32 (the
-encoder's grouping is done in float32), token ids as int64.
+Training and held-out scenes get all eight modalities (video has no tower of its own: it goes through the
+vision tower, which sees training clips next to images in its second stage, ``align.train_image_text``). Every
+file is read once through ``ibllm.media.load_media`` (the loaders the chat uses) and the stacked results are
+stored as one safetensors file per split and modality (``tensors/{split}_{modality}.safetensors``, key ``x``), so
+epochs never decode a PNG or a WAV again. A video keeps its first clip only, (1, 3, 2, S, S): the toy world's
+videos are 2 s and square, so the loader's 5 clips x 3 crops are 15 copies of one. Floating-point inputs are
+stored in float16 (they are normalised images, spectrograms and sensor traces; half precision is far below their
+noise), point clouds in float32 (the encoder's grouping is done in float32), token ids as int64.
 """
 
 from __future__ import annotations
@@ -20,20 +21,19 @@ import torch
 from ibllm.train import toyworld as tw
 
 SPLITS = ("train", "heldout")
-TRAIN_MODALITIES = tuple(m for m in tw.MODALITIES if m != "video")
-HELDOUT_MODALITIES = tw.MODALITIES
-
-
-def modalities_of(split: str) -> tuple[str, ...]:
-    return TRAIN_MODALITIES if split == "train" else HELDOUT_MODALITIES
+SPLIT_MODALITIES = tw.MODALITIES
 
 
 def tensor_path(root: Path, split: str, modality: str) -> Path:
     return Path(root) / "tensors" / f"{split}_{modality}.safetensors"
 
 
-def _manifest_ok(path: Path, n: int) -> bool:
-    return path.is_file() and sum(1 for _ in path.open()) == n
+def _manifest_ok(path: Path, n: int, modalities: tuple[str, ...]) -> bool:
+    """``n`` scenes, each with a file of every wanted modality (an older data set may lack some)."""
+    if not path.is_file():
+        return False
+    recs = tw.read_manifest(path)
+    return len(recs) == n and all(m in recs[0]["files"] for m in modalities)
 
 
 def _load_scene(files: dict[str, str], modalities: tuple[str, ...], cfg: Any) -> dict[str, Any]:
@@ -45,6 +45,8 @@ def _load_scene(files: dict[str, str], modalities: tuple[str, ...], cfg: Any) ->
     out = {}
     for m in modalities:
         x = load_media(files[m], m, cfg)
+        if m == "video":
+            x = x[:1]
         if x.is_floating_point():
             x = x.float() if m == "point" else x.half()
         out[m] = x.numpy()
@@ -104,13 +106,13 @@ def build_data(root: str | Path, n_train: int, n_heldout: int, seed: int, image_
     """
     root = Path(root)
     sizes = {}
-    for where, split, n, s, mods in ((root, "train", n_train, seed, modalities_of("train")),
-                                     (root, "heldout", n_heldout, seed, modalities_of("heldout")),
+    for where, split, n, s, mods in ((root, "train", n_train, seed, SPLIT_MODALITIES),
+                                     (root, "heldout", n_heldout, seed, SPLIT_MODALITIES),
                                      (root / EXTRA, "train", n_extra, seed + 1, EXTRA_MODALITIES)):
         if n == 0:
             continue
         manifest = where / f"{split}.jsonl"
-        if not _manifest_ok(manifest, n):
+        if not _manifest_ok(manifest, n, mods):
             for m in mods:  # stale tensors of a different data set
                 tensor_path(where, split, m).unlink(missing_ok=True)
             tw.make_dataset(where, n, s, split, mods, workers=workers, progress=progress)

@@ -3,10 +3,10 @@
 Stages (each writes its output under OUT and is skipped when that output is present):
 
 ====================  ==========================================================================================
-data                  toy-world scenes (train: all but video; held-out: all) + loader tensors  -> OUT/data/
+data                  toy-world scenes, every modality, + the media loaders' tensors       -> OUT/data/
 tokenizer             the toy SentencePiece vocabulary                                     -> OUT/model/
 align_image_text      image and text towers, symmetric InfoNCE                             -> OUT/ckpt/
-align_image_classes   the same, warm restart, plus every shape / motion as a caption of its own
+align_image_classes   the same, warm restart, plus every shape / motion as a caption of its own and video clips
 align_<m>             m in audio, depth, thermal, imu, point: tower m <-> frozen image tower
 embed                 image embeddings of the training scenes (+ held-out retrieval report) -> OUT/emb/
 lm                    tiny LLaMA pre-trained as a language model of the toy world's text
@@ -48,7 +48,7 @@ class RunConfig:
 
     model: str = "toy"
     seed: int = 0
-    n_train: int = 2000  # scenes with every modality but video (the other towers align on these)
+    n_train: int = 2000  # scenes with every modality (the other towers align on these)
     n_heldout: int = 120  # evaluation scenes, every modality; latent combinations never used for training
     n_extra: int = 14000  # more image + caption scenes: image<->text alignment, language stages, visual cache
     workers: int = 2  # data generation / loading processes
@@ -76,6 +76,7 @@ class RunConfig:
     text_only_fraction: float = 0.2
     cache_size: int = 8000  # visual-cache entries shipped (training images)
     feature_noise: float = 0.0  # per-dimension std of Gaussian noise on image features in stages 1-2 (0: none)
+    centroid_fraction: float = 0.25  # stage-2 visual examples that are centroid views (language.Centroids)
     eval_n: int | None = None  # held-out scenes to evaluate (None: all)
     eval_max_new_tokens: int = 40
 
@@ -192,7 +193,8 @@ class Pipeline:
 
         ib = self.net.image_bind
         dev = self.dist.device
-        # Image <-> text, then a warm restart that also contrasts every shape / motion as a caption of its own.
+        # Image <-> text, then a warm restart that also contrasts every shape / motion as a caption of its own
+        # and trains on the paired scenes' video clips.
         for stage, steps, classes in (("align_image_text", self.run.it_steps, ()),
                                       ("align_image_classes", self.run.it_class_steps, align.CLASS_LATENTS)):
             if stage in self.done or not steps:
@@ -202,7 +204,8 @@ class Pipeline:
             metrics = align.train_image_text(
                 ib, self.image_text_tensor("image", half=True), self.image_text_tensor("text"),
                 [r["scene"] for r in recs], steps=steps, batch=self.run.it_batch, lr=self.run.it_lr,
-                weight_decay=self.run.weight_decay, gen=self._gen(stage), class_latents=classes, dist=self.dist,
+                weight_decay=self.run.weight_decay, gen=self._gen(stage), class_latents=classes,
+                videos=load_tensor(self.data, "train", "video", half=True) if classes else None, dist=self.dist,
                 show=self.show)
             metrics["retrieval"] = self._retrieval(("text",))
             metrics["probe"] = self._probe(("image", "text"))
@@ -309,7 +312,8 @@ class Pipeline:
             t0 = clock()
             metrics = language.stage2(self.net, tok, recs, image_emb, steps=r.s2_steps, batch=r.s2_batch,
                                       lr=r.s2_lr, seed=r.seed, text_only_fraction=r.text_only_fraction,
-                                      feature_noise=r.feature_noise, **common_kw)
+                                      feature_noise=r.feature_noise, centroid_fraction=r.centroid_fraction,
+                                      **common_kw)
             self._stage_done("stage2", metrics, t0)
 
     def stage_export(self, image_emb: torch.Tensor) -> Path:
