@@ -60,7 +60,7 @@ class RunConfig:
     it_class_steps: int = 1500  # second image-text stage: warm restart with the shape / motion class captions
     # every other modality <-> frozen image tower
     bound_steps: dict[str, int] = field(default_factory=lambda: {
-        "audio": 300, "depth": 200, "thermal": 200, "imu": 250, "point": 100})
+        "audio": 300, "depth": 200, "thermal": 200, "imu": 750, "point": 100})
     bound_batch: int = 64
     bound_lr: float = 1e-3
     # language
