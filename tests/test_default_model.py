@@ -1,7 +1,7 @@
 """The shipped default (``assets/toy``, trained by ``python -m ibllm.train run``) answers its own gallery.
 
-One example per kind of input, including zero-shot ones (audio, point cloud, IMU, video never met the language
-side in training) and a mix. Greedy decoding, so the answers are deterministic.
+Every gallery example, including zero-shot ones (audio, point cloud, IMU, video never met the language side in
+training) and the mixes. Greedy decoding, so the answers are deterministic.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from tests.conftest import REPO
 ASSETS = REPO / "assets" / "toy"
 GALLERY = REPO / "examples" / "toy" / "gallery.json"
 
-# Gallery entries the shipped model must answer correctly: one or more per input kind with an accuracy target,
-# and the mixes (see README's evaluation table for how often each modality is right on held-out scenes). The
-# shipped model gets 15 of the 16 gallery examples right; README names the one it gets wrong ("going_up", IMU:
-# it says "moving down").
-CHECKED = ("red_cube", "green_spheres", "cone_moving_left", "spinning_torus", "pyramid", "bell_torus",
-           "spinning_sensor", "green_cylinder", "purple_sphere", "yellow_torus", "orange_cube")
+# Gallery entries the shipped model must answer correctly: all 16, one or more per input kind and the three mixes
+# (README's evaluation table says how often each modality is right on held-out scenes).
+CHECKED = ("red_cube", "green_spheres", "cone_moving_left", "spinning_torus", "bell_torus", "knocking_cube",
+           "pyramid", "cylinder", "blue_cube", "white_cone", "going_up", "spinning_sensor", "green_cylinder",
+           "purple_sphere", "yellow_torus", "orange_cube")
 
 pytestmark = pytest.mark.skipif(
     not (ASSETS / "model.safetensors").is_file(),
@@ -82,3 +81,7 @@ def test_assets_are_small_and_fp16() -> None:
     assert {str(v.dtype) for v in state.values() if v.is_floating_point()} == {"torch.float16"}
     assert Path(ASSETS / "config.json").is_file() and Path(ASSETS / "tokenizer.model").is_file()
     assert (ASSETS / "cache" / "index.faiss").is_file()
+
+
+def test_every_gallery_example_is_checked(gallery: dict[str, dict[str, Any]]) -> None:
+    assert set(gallery) == set(CHECKED)
