@@ -280,7 +280,8 @@ def train_bound_to_image(ib: ImageBind, modality: str, x: torch.Tensor, image_em
     ib.eval()
     for p in ib.parameters():
         p.requires_grad_(False)
-    return {**log.summary(), "trainable": count(named), "temperature": float(1 / log_scale.exp().clamp(max=100))}
+    temperature = float(1 / log_scale.detach().exp().clamp(max=100))
+    return {**log.summary(), "trainable": count(named), "temperature": temperature}
 
 
 def retrieval_accuracy(query: torch.Tensor, image_emb: torch.Tensor, scenes: list[tw.Scene],
