@@ -89,7 +89,8 @@ class TextMaker:
         return Example(list(self._prompt(question, context)), list(self._answer(answer)), feature, view)
 
     def view(self, centroid_fraction: float) -> str:
-        """"image", or (with probability ``centroid_fraction``) one of the CENTROID_VIEWS at random."""
+        """The view of one visual example: a centroid view (one of CENTROID_VIEWS at random) with probability
+        ``centroid_fraction``, else the image itself."""
         if centroid_fraction <= 0 or float(torch.rand(1, generator=self.gen)) >= centroid_fraction:
             return "image"
         return CENTROID_VIEWS[self._pick(len(CENTROID_VIEWS))]
