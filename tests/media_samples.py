@@ -136,3 +136,35 @@ def png_with_declared_size(path: Path, width: int, height: int) -> Path:
     iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + chunk2 + iend)
     return path
+
+
+def encode_mono(path: Path, samples: np.ndarray, rate: int, codec: str, fmt: str | None = None) -> Path:
+    """Mono float samples encoded with PyAV (FFmpeg's encoders) into ``path``: the same recording as a WAV of them."""
+    import av
+
+    with av.open(str(path), "w", format=fmt) as c:
+        stream = c.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        n = stream.codec_context.frame_size or 1024
+        afmt = stream.codec_context.format.name
+        for s in range(0, len(samples), n):
+            chunk = np.pad(samples[s : s + n], (0, max(0, n - len(samples[s : s + n])))).astype(np.float32)
+            arr = chunk[None]
+            if afmt.startswith("s16"):
+                arr = (arr * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format=afmt, layout="mono")
+            frame.sample_rate, frame.pts = rate, s
+            for p in stream.encode(frame):
+                c.mux(p)
+        for p in stream.encode():
+            c.mux(p)
+    return path
+
+
+def xcorr_lag(x: np.ndarray, reference: np.ndarray, max_lag: int = 600) -> int:
+    """The shift (in samples) by which ``x`` trails ``reference``: the argmax of their cross-correlation."""
+    n = min(len(x), len(reference)) - max_lag
+    x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
+    span = n - max_lag
+    scores = [np.dot(x[max_lag + k : max_lag + k + span], reference[max_lag:n]) for k in range(-max_lag, max_lag + 1)]
+    return int(np.argmax(scores)) - max_lag

@@ -12,9 +12,9 @@ import torch
 
 from ibllm.config import ImageBindConfig
 from ibllm.media import DEFAULT_LIMITS, MediaError
-from ibllm.media.audio import clip_ranges, load_audio
+from ibllm.media.audio import clip_ranges, load_audio, load_waveform_16k
 from ibllm.media.probe import adts_duration, declared_duration, matroska_duration
-from tests.media_samples import write_av, write_image, write_sound
+from tests.media_samples import encode_mono, write_av, write_image, write_sound, xcorr_lag
 
 SHAPE = (3, 1, 128, 204)
 
@@ -56,8 +56,51 @@ def test_silence_and_very_short_audio(tmp_path):
 
 
 def test_clip_positions_follow_the_reference():
-    assert clip_ranges(56000) == [(0, 32000), (8000, 40000), (16000, 48000)]  # 3.5 s, as the fixture README
-    assert clip_ranges(16000) == [(0, 32000)] * 3
+    # The pinned pytorchvideo's sampler: starts i * (d - 2) / (clips - 1): 3.5 s -> 0, 0.75, 1.5 s.
+    assert clip_ranges(56000) == [(0, 32000), (12000, 44000), (24000, 56000)]
+    assert clip_ranges(30 * 16000) == [(0, 32000), (224000, 256000), (448000, 480000)]  # 0-2, 14-16, 28-30 s
+    assert clip_ranges(16000) == [(0, 32000)] * 3  # shorter than a clip: every clip starts at 0
+    assert clip_ranges(56000, clips=1) == [(0, 32000)]
+
+
+@pytest.mark.parametrize("seconds", [2.0, 2.7, 5.0, 11.3, 30.0, 95.5])
+def test_first_clip_starts_at_zero_and_last_ends_at_the_end(seconds):
+    n = int(seconds * 16000)
+    for clips in (2, 3, 5):
+        ranges = clip_ranges(n, clips=clips)
+        assert ranges[0][0] == 0 and len(ranges) == clips
+        assert abs(ranges[-1][1] - n) <= 1  # int() of exact fractions: at most one sample short
+        starts = [a for a, _ in ranges]
+        assert all(b - a == 32000 for a, b in ranges) and starts == sorted(starts)
+
+
+def test_the_last_clip_hears_the_end_of_a_long_file(tmp_path):
+    # 70 s of silence with a tone only in the last two seconds (the windowed path of long files): only the
+    # last clip hears it.
+    rate = 16000
+    x = np.zeros(70 * rate, np.float32)
+    x[-2 * rate:] = 0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)
+    sf.write(tmp_path / "late.wav", x, rate)
+    clips = load_audio(tmp_path / "late.wav")
+    assert torch.equal(clips[0], clips[1])  # silence, twice
+    assert (clips[2] - clips[0]).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("codec,rate,fmt,name", [
+    ("aac", 44100, "mp4", "speech.m4a"), ("aac", 48000, "mp4", "speech.mp4"),
+    ("libopus", 48000, "webm", "speech.webm"), ("libopus", 48000, "matroska", "speech.mkv"),
+    ("libopus", 48000, "ogg", "speech.opus"),
+])
+def test_ffmpeg_decoded_audio_is_aligned_with_the_same_samples_as_wav(tmp_path, codec, rate, fmt, name):
+    rng = np.random.default_rng(5)
+    # Band-limited noise with a few bursts: a cross-correlation with one clear peak.
+    samples = np.convolve(rng.standard_normal(rate * 3), np.ones(6) / 6, mode="same").astype(np.float32) * 0.3
+    samples[rate // 2 : rate] *= 3
+    sf.write(tmp_path / "speech.wav", samples, rate, subtype="FLOAT")
+    reference = load_waveform_16k(tmp_path / "speech.wav")[0].numpy()
+    decoded = load_waveform_16k(encode_mono(tmp_path / name, samples, rate, codec, fmt))[0].numpy()
+    assert xcorr_lag(decoded, reference) == 0
+    assert abs(len(decoded) - len(reference)) < 0.05 * len(reference)
 
 
 def test_long_file_windows_equal_whole_file(tmp_path):

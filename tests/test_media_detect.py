@@ -1,4 +1,4 @@
-"""detect_modality / load_media: extension + content sniffing, dispatch, refusals; preprocessing parity."""
+"""detect_modality / load_media: extension + content sniffing, dispatch, refusals"""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from ibllm import parity
 from ibllm.media import ACCEPTED_EXTENSIONS, MEDIA_KINDS, MediaError, accepted_table, detect_modality, load_media
 from ibllm.media.sniff import sniff_bytes
 from tests.media_samples import write_av, write_image, write_ply, write_sound
@@ -93,9 +92,3 @@ def test_accepted_table_covers_every_kind():
     assert set(ACCEPTED_EXTENSIONS) == set(MEDIA_KINDS)
     table = accepted_table()
     assert all(f"| {kind} |" in table for kind in MEDIA_KINDS)
-
-
-def test_preprocessing_parity(parity_dir):
-    results = list(parity.run(parity_dir, only="preprocessing"))
-    assert len(results) == 9
-    assert all(r.ok for r in results), parity.report(results)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ibllm.config import ImageBindConfig
-from ibllm.media import MediaError
+from ibllm.media import MediaError, detect_modality
 from ibllm.media.depth import load_depth
 from ibllm.media.imu import load_imu
 from ibllm.media.thermal import THERMAL_MEAN, THERMAL_STD, load_thermal
@@ -82,6 +82,37 @@ def test_imu_layouts_agree(tmp_path):
     torch.testing.assert_close(load_imu(tmp_path / "tc.npy", SMALL), x)
     torch.testing.assert_close(load_imu(tmp_path / "a.csv", SMALL), x, atol=1e-5, rtol=0)
     assert load_imu(tmp_path / "ct.npy").shape == (6, 2000)
+
+
+@pytest.mark.parametrize("steps", [40, 2000])
+@pytest.mark.parametrize("ext", ["csv", "txt"])
+def test_imu_tables_in_both_orientations_equal_the_npy(tmp_path, steps, ext):
+    rng = np.random.default_rng(steps)
+    data = np.cumsum(rng.standard_normal((6, steps)), axis=1)  # (6, T)
+    clock = np.arange(steps) / 200.0
+    np.save(tmp_path / "ref.npy", data)
+    sep = "," if ext == "csv" else " "
+    tables = {"rows": data, "rows_clock": np.vstack([clock, data]), "cols": data.T,
+              "cols_clock": np.vstack([clock, data]).T}
+    expected = load_imu(tmp_path / "ref.npy", SMALL)
+    for name, table in tables.items():
+        path = tmp_path / f"{name}.{ext}"
+        np.savetxt(path, table, delimiter=sep, fmt="%.10g")
+        torch.testing.assert_close(load_imu(path, SMALL), expected, atol=1e-6, rtol=0, msg=name)
+    # One row per channel is unmistakable, so detection names it IMU (one row per step stays a point cloud
+    # unless its header says acc/gyr: a 6-column table is also xyz + normals).
+    if steps > 16:
+        assert detect_modality(tmp_path / f"rows.{ext}") == "imu"
+        assert detect_modality(tmp_path / f"rows_clock.{ext}") == "imu"
+
+
+def test_imu_tables_of_other_shapes_are_refused(tmp_path):
+    np.savetxt(tmp_path / "nine.csv", np.ones((9, 40)), delimiter=",")
+    with pytest.raises(MediaError, match="9 rows of 40 values"):
+        load_imu(tmp_path / "nine.csv", SMALL)
+    np.savetxt(tmp_path / "wide.csv", np.ones((100, 9)), delimiter=",")
+    with pytest.raises(MediaError, match="100 rows of 9 values"):
+        load_imu(tmp_path / "wide.csv", SMALL)
 
 
 def test_imu_errors(tmp_path):

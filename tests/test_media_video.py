@@ -10,7 +10,7 @@ import torch
 
 from ibllm.config import ImageBindConfig
 from ibllm.media import DEFAULT_LIMITS, MediaError
-from ibllm.media.video import decode_clip_frames, load_video, select_frames
+from ibllm.media.video import clip_windows, decode_clip_frames, load_video, select_frames
 from tests.media_samples import write_av
 
 SMALL = ImageBindConfig(image_size=32)
@@ -30,10 +30,28 @@ def test_default_size_and_clip_count(tmp_path):
 
 
 def test_frame_choice_matches_the_reference():
-    # 25 fps, 3 s, 2 clips: [0, 2) -> frames 0..49, [0.5, 2.5) -> frames 13..62 (first and last of each).
+    # 25 fps, 3 s, 2 clips: [0, 2) -> frames 0..49, [1, 3) -> frames 25..74 (first and last of each).
     starts = np.arange(75) * 0.04
-    assert select_frames(starts, 3.0, 2, clips=2) == [[0, 49], [13, 62]]
+    assert select_frames(starts, 3.0, 2, clips=2) == [[0, 49], [25, 74]]
     assert select_frames(np.array([0.0]), 0.04, 2) == [[0, 0]] * 5  # a single frame serves every clip
+
+
+@pytest.mark.parametrize("seconds,fps", [(1.5, 10), (2.0, 25), (7.3, 30), (20.0, 25), (61.0, 24)])
+def test_first_clip_starts_at_zero_and_last_ends_with_the_last_frame(seconds, fps):
+    n = int(round(seconds * fps))
+    starts = np.arange(n) / fps
+    windows = clip_windows(seconds)
+    assert windows[0][0] == 0 and windows[-1][1] == pytest.approx(max(seconds, 2.0))
+    chosen = select_frames(starts, seconds, 2)
+    assert chosen[0][0] == 0 and chosen[-1][-1] == n - 1  # the very last frame is seen (20 s: not 16.4 s)
+
+
+def test_the_last_clip_of_a_real_file_is_its_end(tmp_path):
+    frames = decode_clip_frames(write_av(tmp_path / "a.mp4", fps=10, seconds=6.0))
+    # The sample's red bar grows by 7 px per frame: the last clip's last frame is the file's last (frame 59).
+    last = frames[-1][-1]
+    red = (last[..., 0] > 150) & (last[..., 1] < 100)
+    assert red.any(axis=0).sum() == pytest.approx((59 * 7) % 96, abs=2)
 
 
 def test_short_videos(tmp_path):

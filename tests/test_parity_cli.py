@@ -28,6 +28,13 @@ def test_parity_a_passes_every_group(parity_dir):
         assert name in result.stdout
 
 
+def test_preprocessing_parity(parity_dir):
+    # Not marked slow: the loaders' rows alone take seconds. The command pins MKL's numerical path first.
+    result = run_parity(parity_dir, "--only", "preprocessing")
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "9 of 9 tensors within tolerance"
+
+
 def test_a_wrong_expected_tensor_fails(parity_dir, tmp_path):
     for item in parity_dir.iterdir():
         (tmp_path / item.name).symlink_to(item)

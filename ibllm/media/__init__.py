@@ -31,6 +31,7 @@ Content is sniffed before any decoder runs; pickles are never opened.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,16 +124,25 @@ def _npy_kind(path: Path) -> str:
 
 
 def _table_kind(path: Path) -> str:
-    head = path.read_bytes()[:4096].lower()
-    if b"acc" in head or b"gyr" in head:
-        return "imu"
-    return "point"
+    """A numeric table is a point cloud unless its header names IMU channels or it is a few very long rows
+    (an IMU recording with one row per channel: 6 or 7 rows of T values)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lower()
+        if b"acc" in head or b"gyr" in head:
+            return "imu"
+        fh.seek(0)
+        lines, widest = 0, 0
+        for line in fh:  # stops after a few lines: a point cloud has thousands
+            fields = len(re.split(rb"[,;\s]+", line.strip()))
+            if line.strip():
+                lines, widest = lines + 1, max(widest, fields)
+            if lines > 7:
+                return "point"
+    return "imu" if 6 <= lines <= 7 and widest > 16 else "point"
 
 
 def _txt_kind(path: Path) -> str:
-    """A .txt holds either prose (text) or a numeric table (point cloud, or IMU if its header says so)."""
-    import re
-
+    """A .txt holds either prose (text) or a numeric table (point cloud, or IMU: see ``_table_kind``)."""
     lines = [ln for ln in path.read_bytes()[:8192].splitlines() if ln.strip()][:20]
     numeric = sum(bool(re.fullmatch(rb"[\s,;]*([-+0-9.eE]+[\s,;]+){2,}[-+0-9.eE]+[\s,;]*", ln)) for ln in lines)
     if lines and numeric >= max(1, len(lines) // 2):

@@ -5,22 +5,28 @@ Sizes come from the config: ``cfg.audio_mel_bins`` mel bins, ``cfg.audio_target_
 Pipeline (REFERENCE.md section 2; ``load_and_transform_audio_data`` of the reference):
 1. decode to float32, channels first; resample the whole waveform to 16 kHz with
    ``torchaudio.functional.resample`` (its defaults: windowed sinc, Hann, 6 zero crossings, roll-off 0.99);
-2. duration ``d = samples / 16000``; clip ``i`` of ``clips`` starts at ``i * max(d - 2, 0) / clips`` seconds
-   (exact fractions of the float duration) and covers ``[int(start * 16000), int((start + 2) * 16000))``;
+2. duration ``d = samples / 16000``; clip ``i`` of ``clips`` starts at ``i * max(d - 2, 0) / max(clips - 1, 1)``
+   seconds (exact fractions of the float duration: the first clip starts at 0 and the last one ends at the end
+   of the file, as the constant-clips sampler of the pytorchvideo commit the reference pins, 28fe037) and covers
+   ``[int(start * 16000), int((start + 2) * 16000))``;
 3. per clip, in order, subtract the clip's mean (over all channels) **in place on a view of the shared
-   waveform**: when clips overlap (audio shorter than 8 s) later clips see samples already shifted by earlier
+   waveform**: when clips overlap (audio shorter than 6 s) later clips see samples already shifted by earlier
    clips' means. The released weights' demo did this and the parity fixture depends on it;
 4. Kaldi fbank of channel 0 (htk_compat, 16 kHz, no energy, Hanning, dither 0, 25 ms / 10 ms), transposed to
    (mel, frames), zero-padded on the right or cut to the target length, then ``(x + 4.268) / 9.138``.
    Clips shorter than 2 s (short files) are padded this way, as in the reference; a clip shorter than one
    25 ms frame is first zero-padded to one frame.
 
-Decoders: wav/flac/ogg/mp3 through soundfile (libsndfile); m4a/mp4/mov, aac (ADTS), webm/mkv and avi
-soundtracks through ``decord.AudioReader`` (FFmpeg). Differences on the FFmpeg path, both measured: decord's
-multi-channel output contains uninitialised samples (garbage values that change from run to run), so it is
-asked for FFmpeg's mono downmix (``(L + R) / sqrt(2)`` for stereo, i.e. +3 dB over channel 0 of a centred
-source: +0.076 after normalisation) resampled to 16 kHz by FFmpeg's swresample; and it decodes the whole file
-when opened, so the duration is read from the container header first (``probe.py``).
+Decoders: wav/flac/ogg/opus/mp3 through soundfile (libsndfile); m4a/mp4/mov, aac (ADTS), webm/mkv and avi
+soundtracks through ``decord.AudioReader`` (FFmpeg), at the file's own sample rate and then resampled by the same
+``torchaudio`` resampler as every other format (decord's own resampler delays the signal by its filter: 17 samples
+for 44.1 kHz AAC). Differences on the FFmpeg path, measured: decord's multi-channel output contains uninitialised
+samples (garbage values that change from run to run), so it is asked for FFmpeg's mono downmix
+(``(L + R) / sqrt(2)`` for stereo, i.e. +3 dB over channel 0 of a centred source: +0.076 after normalisation);
+it keeps Opus's pre-skip (312 samples from libopus), which is dropped here (the rate and the pre-skip are read
+from the container header, ``probe.py``); and it decodes the whole file when opened, so the duration is read
+from the header first. A raw ADTS ``.aac`` stream does not say how many priming samples its encoder put first
+(1024 for FFmpeg's), so they stay, as with any FFmpeg-based decoder; M4A's edit list removes them.
 
 Long files: up to ``FULL_DECODE_SECONDS`` the whole file is decoded (the reference path, bit for bit). Longer
 soundfile-decoded files are never decoded whole: only the three 2-s windows plus a filter margin are read
@@ -32,7 +38,6 @@ rounding; clips of such files never overlap, so step 3 is unaffected). Files ove
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +46,11 @@ import torch
 import torchaudio
 
 from ibllm.config import ImageBindConfig
+from ibllm.media.clips import clip_starts
 from ibllm.media.errors import MediaError
 from ibllm.media.image import normalize_
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
-from ibllm.media.probe import declared_duration
+from ibllm.media.probe import audio_stream_info, declared_duration
 from ibllm.media.validate import (
     AUDIO_FORMATS,
     SOUNDFILE_FORMATS,
@@ -68,13 +74,8 @@ _LOWPASS_WIDTH, _ROLLOFF = 6, 0.99
 def clip_ranges(num_samples: int, clips: int = CLIPS, clip_seconds: int = CLIP_SECONDS,
                 sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:
     """Sample ranges [a, b) of the clips, computed exactly as the reference's constant-clips sampler."""
-    duration = num_samples / sample_rate
-    step = Fraction(max(duration - clip_seconds, 0)) / clips
-    ranges = []
-    for i in range(clips):
-        start = step * i
-        ranges.append((int(start * sample_rate), int((start + clip_seconds) * sample_rate)))
-    return ranges
+    return [(int(start * sample_rate), int((start + clip_seconds) * sample_rate))
+            for start in clip_starts(num_samples / sample_rate, clips, clip_seconds)]
 
 
 def _fbank(clip: torch.Tensor, mel_bins: int, target_len: int) -> torch.Tensor:
@@ -181,6 +182,7 @@ def _soundfile_windows(path: str | Path, info: sf._SoundFileInfo, clips: int, cl
 
 
 def _decord_audio(path: str | Path, fmt: str, limits: Limits) -> torch.Tensor:
+    """Mono samples at 16 kHz: decoded at the file's own rate, then the resampler of every other format."""
     name = Path(path).name
     seconds = declared_duration(path, fmt, stop_after=limits.max_audio_seconds)
     if seconds is None and fmt == "avi":
@@ -194,10 +196,13 @@ def _decord_audio(path: str | Path, fmt: str, limits: Limits) -> torch.Tensor:
             f"to decode safely (limit for such files: {human_bytes(limits.max_undeclared_audio_bytes)}). "
             "Convert it to WAV, FLAC, MP3 or M4A and upload it again."
         )
+    rate, pre_skip = audio_stream_info(path, fmt)
     import decord  # imported here: it loads FFmpeg, which the other modalities never need
 
     try:
-        reader = decord.AudioReader(str(path), ctx=decord.cpu(0), sample_rate=SAMPLE_RATE, mono=True)
+        # sample_rate=-1: the file's own rate. decord's resampler (FFmpeg's swresample) would delay the signal
+        # by its filter length (17 samples for 44.1 kHz AAC) against the same recording decoded by soundfile.
+        reader = decord.AudioReader(str(path), ctx=decord.cpu(0), sample_rate=-1, mono=True)
         samples = reader[:]
     except Exception as exc:
         msg = str(exc)
@@ -205,13 +210,32 @@ def _decord_audio(path: str | Path, fmt: str, limits: Limits) -> torch.Tensor:
             raise MediaError(f"{name} has no audio track") from None
         raise MediaError(f"{name} could not be decoded as audio (damaged or truncated?)") from None
     arr = samples.asnumpy() if hasattr(samples, "asnumpy") else np.asarray(samples)
-    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(1, -1)
+    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(1, -1)[:, pre_skip:]  # decord keeps Opus's pre-skip
     if arr.shape[1] == 0:
         raise MediaError(f"{name} contains no audio samples")
-    if arr.shape[1] / SAMPLE_RATE > limits.max_audio_seconds + 1:  # the header understated it
-        _check_duration(name, arr.shape[1] / SAMPLE_RATE, limits)
+    rate = _output_rate(rate, arr.shape[1], seconds)
+    if rate is None:
+        raise MediaError(f"{name}: its container does not state the audio sample rate. Convert it to WAV, FLAC, "
+                         "MP3 or M4A and upload it again.")
+    if arr.shape[1] / rate > limits.max_audio_seconds + 1:  # the header understated it
+        _check_duration(name, arr.shape[1] / rate, limits)
     check_finite(arr, name, "the decoded audio")
-    return torch.from_numpy(arr)
+    return resample(torch.from_numpy(arr), rate)
+
+
+_COMMON_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+
+
+def _output_rate(declared: int | None, samples: int, seconds: float | None) -> int | None:
+    """The rate the decoder produced. AAC with implicit SBR (HE-AAC) decodes at twice the rate its header names,
+    which the sample count over the declared duration shows; without a declared rate the count and duration
+    give the nearest common rate."""
+    if seconds is None or seconds <= 0.5:
+        return declared
+    measured = samples / seconds
+    if declared is None:
+        return min(_COMMON_RATES, key=lambda r: abs(r - measured))
+    return 2 * declared if abs(measured - 2 * declared) < abs(measured - declared) else declared
 
 
 def _video_duration(path: str | Path) -> float | None:
@@ -272,9 +296,12 @@ def _load_audio(path: str | Path, cfg: ImageBindConfig, limits: Limits, clips: i
 
 
 def load_waveform_16k(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
-    """(C, n) 16 kHz float32 waveform of a soundfile-readable file (whole file; diagnostics and parity)."""
+    """(C, n) 16 kHz float32 waveform of a whole file, any accepted format (FFmpeg-decoded ones are mono):
+    what the clips are cut from (diagnostics, parity, alignment checks)."""
     check_file(path, limits)
-    require_format(path, SOUNDFILE_FORMATS, "audio readable by libsndfile")
+    fmt = require_format(path, AUDIO_FORMATS, "audio")
+    if fmt not in SOUNDFILE_FORMATS:
+        return _decord_audio(path, fmt, limits)
     _sf_info(path, limits)
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     return resample(torch.from_numpy(np.ascontiguousarray(data.T)), sr)

@@ -4,8 +4,11 @@ The reference ships no IMU loader; ImageBind was trained on Ego4D IMU windows of
 200 Hz) with channels accelerometer x, y, z then gyroscope x, y, z. Accepted:
 
 - ``.npy`` of shape (6, T) or (T, 6) (a (6, 6) array is read as (6, T));
-- ``.csv`` / ``.txt``: one row per time step, 6 numeric columns (acc xyz, gyro xyz), or 7 when the first is a
-  timestamp (recognised by being strictly increasing; it is dropped); header lines are skipped.
+- ``.csv`` / ``.txt`` in either orientation, as ``.npy``: one row per time step with 6 numeric columns (acc xyz,
+  gyro xyz), or 7 when the first is a timestamp; or one row per channel (6 rows of T values, or 7 when the first
+  row is a timestamp). A timestamp column/row is recognised by being strictly increasing and dropped; header
+  lines are skipped; a table of 6 (or 7) rows *and* 6 (or 7) columns is read as one row per time step. Any other
+  shape is refused.
 
 Processing: the whole recording is resampled linearly to L steps (so ~10 s recordings match training best;
 the sampling rate is not needed), then each channel is standardised to zero mean and unit variance (units
@@ -42,14 +45,34 @@ def read_imu(path: str | Path, channels: int = 6, limits: Limits = DEFAULT_LIMIT
         arr = read_npy(p, limits, "IMU recording").astype(np.float64)
         data = arr if shape[0] == channels else arr.T
     else:
-        table = read_table(p, limits, min_columns=channels, max_columns=channels + 1, max_rows=limits.max_imu_samples)
-        if table.shape[1] == channels + 1:
-            steps = np.diff(table[:, 0])
-            table = table[:, 1:] if table.shape[0] > 1 and (steps > 0).all() else table[:, :channels]
-        data = table.T
+        data = _imu_table(p, channels, limits)
     if data.shape[1] > limits.max_imu_samples:
         raise MediaError(f"{p.name} has {data.shape[1]:,} time steps; the limit is {limits.max_imu_samples:,}")
     return data
+
+
+def _drop_timestamps(table: np.ndarray, channels: int) -> np.ndarray:
+    """(channels + 1, T) -> (channels, T): the first row is dropped when it is strictly increasing (a clock);
+    otherwise the first ``channels`` rows are the channels."""
+    if table.shape[0] == channels:
+        return table
+    if table.shape[1] > 1 and (np.diff(table[0]) > 0).all():
+        return table[1:]
+    return table[:channels]
+
+
+def _imu_table(path: Path, channels: int, limits: Limits) -> np.ndarray:
+    """A text table in either orientation -> (channels, T)."""
+    table = read_table(path, limits, min_columns=channels, max_columns=limits.max_imu_samples + 1,
+                       max_rows=limits.max_imu_samples + 1)
+    rows, cols = table.shape
+    if cols in (channels, channels + 1):  # one row per time step (also the reading of a small square table)
+        return _drop_timestamps(table.T, channels)
+    if rows in (channels, channels + 1):  # one row per channel
+        return _drop_timestamps(table, channels)
+    raise MediaError(f"{path.name}: an IMU table needs {channels} values per time step (acc xyz, gyro xyz; a "
+                     f"timestamp may come first), one row per time step or one row per channel; this one has "
+                     f"{rows:,} rows of {cols:,} values")
 
 
 def imu_to_tensor(data: np.ndarray, length: int, name: str = "IMU data") -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Durations read from container headers, without decoding anything.
+"""Durations, sample rates and Opus pre-skips read from container headers, without decoding anything.
 
 decord's AudioReader decodes a whole file into memory when it is opened, so the audio loader must know how
-long an MP4/M4A, Matroska/WebM or ADTS file is *before* handing it over. These readers look only at structure
+long an MP4/M4A, Matroska/WebM or ADTS file is *before* handing it over. It is asked for the file's own sample
+rate (so the one resampler of every format does the resampling), and that rate and Opus's pre-skip (which decord
+does not drop) come from here too. These readers look only at structure
 (box and element headers, ADTS frame headers); every read is bounded, and anything unexpected returns None
 ("unknown") rather than raising, so the caller can fall back on a file-size cap.
 """
@@ -178,6 +180,121 @@ def adts_duration(path: str | Path, stop_after: float | None = None) -> float | 
     return seconds if seconds > 0 else None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Audio stream facts: the rate the decoder outputs and the samples it should have skipped.
+
+_TRACKS, _TRACK_ENTRY, _AUDIO = 0x1654AE6B, 0xAE, 0xE1
+_CODEC_ID, _CODEC_PRIVATE, _SAMPLING, _OUTPUT_SAMPLING = 0x86, 0x63A2, 0xB5, 0x78B5
+OPUS_RATE = 48_000  # an Opus decoder always outputs 48 kHz, whatever rate the container or the header names
+
+
+def _opus_pre_skip(head: bytes, big_endian: bool = False) -> int:
+    """Pre-skip of an ``OpusHead`` (Ogg, Matroska: little endian at byte 10) or an MP4 ``dOps`` body (big endian
+    at byte 2)."""
+    if big_endian:
+        return struct.unpack(">H", head[2:4])[0] if len(head) >= 4 else 0
+    return struct.unpack("<H", head[10:12])[0] if head[:8] == b"OpusHead" and len(head) >= 12 else 0
+
+
+def _matroska_audio(path: str | Path) -> tuple[int | None, int]:
+    """(output sample rate, Opus pre-skip) of the first audio track of a Matroska/WebM file."""
+    with open(path, "rb") as fh:
+        file_end = fh.seek(0, 2)
+        fh.seek(0)
+        codec, rate, private = b"", None, b""
+        for _ in range(100_000):
+            if fh.tell() >= file_end:
+                break
+            ident, size = _vint(fh, keep_marker=True), _vint(fh, keep_marker=False)
+            if ident is None or size is None:
+                break
+            eid, length = ident[0], size[0]
+            if eid in (_SEGMENT, _TRACKS, _TRACK_ENTRY, _AUDIO):
+                if eid == _TRACK_ENTRY and (codec.startswith(b"A_") or rate):
+                    break  # the first audio track is complete
+                if eid == _TRACK_ENTRY:
+                    codec, rate, private = b"", None, b""
+                continue  # descend
+            if eid == _CLUSTER or length < 0:
+                break  # the media data: every header is behind us
+            if eid in (_CODEC_ID, _CODEC_PRIVATE, _SAMPLING, _OUTPUT_SAMPLING) and length <= 4096:
+                raw = _read_exact(fh, length) or b""
+                if eid == _CODEC_ID:
+                    codec = raw.rstrip(b"\0")
+                elif eid == _CODEC_PRIVATE:
+                    private = raw
+                elif len(raw) in (4, 8):  # SamplingFrequency; OutputSamplingFrequency (SBR) comes later and wins
+                    rate = round(struct.unpack(">f" if len(raw) == 4 else ">d", raw)[0])
+                continue
+            fh.seek(fh.tell() + length)
+    if codec == b"A_OPUS":
+        return OPUS_RATE, _opus_pre_skip(private)
+    return (rate if codec.startswith(b"A_") and rate and rate > 0 else None), 0
+
+
+def _mp4_audio(path: str | Path) -> tuple[int | None, int]:
+    """(sample rate, Opus pre-skip) of the first sound track of an MP4/M4A: the ``mdhd`` time scale, which
+    muxers set to the output rate of a sound track; ``dOps`` for Opus."""
+    with open(path, "rb") as fh:
+        end = fh.seek(0, 2)
+        for kind, body, body_end in _boxes(fh, 0, end):
+            if kind != b"moov":
+                continue
+            for trak, tbody, tend in _boxes(fh, body, body_end):
+                if trak != b"trak":
+                    continue
+                for mdia, mbody, mend in _boxes(fh, tbody, tend):
+                    if mdia != b"mdia":
+                        continue
+                    rate, sound, pre_skip = None, False, 0
+                    for sub, sbody, send in _boxes(fh, mbody, mend):
+                        fh.seek(sbody)
+                        raw = fh.read(min(send - sbody, 64))
+                        if sub == b"hdlr" and raw[8:12] == b"soun":
+                            sound = True
+                        elif sub == b"mdhd" and len(raw) >= 24:
+                            rate = struct.unpack(">I", raw[20:24] if raw[0] == 1 else raw[12:16])[0]
+                        elif sub == b"minf":
+                            fh.seek(sbody)
+                            blob = fh.read(min(send - sbody, 1 << 16))
+                            at = blob.find(b"dOps")
+                            if at >= 0:
+                                rate, pre_skip = OPUS_RATE, _opus_pre_skip(blob[at + 4:at + 8], big_endian=True)
+                    if sound:
+                        return (rate if rate else None), pre_skip
+    return None, 0
+
+
+def _adts_rate(path: str | Path) -> int | None:
+    with open(path, "rb") as fh:
+        head = fh.read(10)
+        start = 0
+        if head[:3] == b"ID3" and len(head) == 10:
+            start = 10 + ((head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F))
+        fh.seek(start)
+        h = fh.read(7)
+    if len(h) < 7 or h[0] != 0xFF or (h[1] & 0xF6) != 0xF0:
+        return None
+    index = (h[2] >> 2) & 0xF
+    return _ADTS_RATES[index] if index < len(_ADTS_RATES) else None
+
+
+def audio_stream_info(path: str | Path, fmt: str) -> tuple[int | None, int]:
+    """(sample rate the decoder outputs, samples at that rate to drop from the start) of an FFmpeg-decoded audio
+    stream in a container of family ``fmt``. The rate is None when the header does not say (the caller then
+    estimates it); the drop is Opus's pre-skip, 0 for every other codec."""
+    try:
+        if fmt == "mp4":
+            return _mp4_audio(path)
+        if fmt == "matroska":
+            return _matroska_audio(path)
+        if fmt == "adts":
+            return _adts_rate(path), 0
+    except (OSError, struct.error, ValueError, OverflowError):
+        return None, 0
+    return None, 0
+
+
 def declared_duration(path: str | Path, fmt: str, stop_after: float | None = None) -> float | None:
     """Seconds of media in a container of family ``fmt`` ("mp4", "matroska", "adts"), or None if unknown."""
     try:
@@ -192,4 +309,4 @@ def declared_duration(path: str | Path, fmt: str, stop_after: float | None = Non
     return None
 
 
-__all__ = ["declared_duration", "mp4_duration", "matroska_duration", "adts_duration"]
+__all__ = ["declared_duration", "audio_stream_info", "OPUS_RATE", "mp4_duration", "matroska_duration", "adts_duration"]

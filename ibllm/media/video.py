@@ -3,7 +3,8 @@
 Pipeline (REFERENCE.md section 2; the reference's ``load_and_transform_video_data``, which decodes with PyAV
 through pytorchvideo; decoding here is decord's, whose FFmpeg gives the same RGB frames on the fixture):
 1. duration ``d`` = end time of the last frame (first frame's start time taken as 0); clip ``i`` of ``clips``
-   (default 5) covers ``[i * max(d - 2, 0) / clips, ... + 2)`` seconds;
+   (default 5) covers ``[i * max(d - 2, 0) / max(clips - 1, 1), ... + 2)`` seconds: the first clip starts at 0,
+   the last one ends at the end (the pinned pytorchvideo's sampler, ``clips.py``);
 2. the frames whose start timestamps fall in the clip (start inclusive, end exclusive) are sub-sampled
    uniformly to ``cfg.video_frames`` frames (``linspace(0, n - 1, 2)`` truncated: the first and the last);
    a clip containing no frame (a gap in a variable-frame-rate file) takes the frame nearest to its start;
@@ -18,13 +19,13 @@ landscape is encoded as stored).
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ibllm.config import ImageBindConfig
+from ibllm.media.clips import clip_starts
 from ibllm.media.errors import MediaError
 from ibllm.media.image import CLIP_MEAN, CLIP_STD, normalize_
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
@@ -37,8 +38,7 @@ _EPS = 1e-6  # decord reports timestamps as float seconds; compare with a tolera
 
 
 def clip_windows(duration: float, clips: int = CLIPS, clip_seconds: int = CLIP_SECONDS) -> list[tuple[float, float]]:
-    step = Fraction(max(duration - clip_seconds, 0)) / clips
-    return [(float(step * i), float(step * i + clip_seconds)) for i in range(clips)]
+    return [(float(start), float(start + clip_seconds)) for start in clip_starts(duration, clips, clip_seconds)]
 
 
 def select_frames(starts: np.ndarray, duration: float, num_frames: int, clips: int = CLIPS,
