@@ -39,16 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The weights flags that were given, as ``load_model`` keyword arguments."""
+    """The weights flags that were given, as ``create_engine`` keyword arguments."""
     return {name: getattr(args, name) for name in WEIGHT_FLAGS if getattr(args, name) is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ibllm.model import load_model
+    from ibllm.factory import create_engine
     from ibllm.ui import build_demo, launch_options
 
-    engine = load_model(**model_kwargs(args))
+    engine = create_engine(**model_kwargs(args))
     demo = build_demo(engine)
     demo.launch(server_name=args.host, server_port=args.port, **launch_options())
     return 0

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ibllm.cli import add_weights_arguments, weights_kwargs  # noqa: E402
-from ibllm.model import load_model  # noqa: E402
+from ibllm.factory import create_engine  # noqa: E402
 from ibllm.types import Attachment, GenerationOptions  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    model = load_model(**weights_kwargs(args))
+    model = create_engine(**weights_kwargs(args))
     print(f"model: {model.info.name} ({model.info.weights}); {model.info.device} {model.info.dtype}; "
           f"load {time.perf_counter() - t0:.2f} s")
     gallery = json.loads((REPO / "examples" / "toy" / "gallery.json").read_text())["examples"]

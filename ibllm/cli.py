@@ -46,8 +46,8 @@ def parse_weighted(value: str) -> tuple[str, float]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from ibllm.factory import create_engine
     from ibllm.media.errors import MediaError
-    from ibllm.model import load_model
     from ibllm.types import Attachment, CacheOptions, GenerationOptions
 
     attachments = []
@@ -55,7 +55,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for value in getattr(args, modality) or []:
             path, weight = parse_weighted(value)
             attachments.append(Attachment(path, modality, weight))
-    model = load_model(**weights_kwargs(args))
+    model = create_engine(**weights_kwargs(args))
     print(f"[{model.info.name}: {model.info.weights}; {model.info.device} {model.info.dtype}]", file=sys.stderr)
     defaults = model.cfg.generation
     generation = GenerationOptions(
@@ -120,10 +120,10 @@ def _cmd_build_cache(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        from ibllm.model import load_model
+        from ibllm.factory import create_engine
         from ibllm.types import Attachment
 
-        model = load_model(**weights_kwargs(args))
+        model = create_engine(**weights_kwargs(args))
         images = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png",
                                                                                           ".webp", ".bmp"})
         if not images:

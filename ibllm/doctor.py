@@ -36,9 +36,9 @@ def _shape_problems(expected: dict[str, torch.Size], found: dict[str, torch.Tens
 
 def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None, knn_index: str | None,
                tokenizer: str | None = None, imagebind_config: ImageBindConfig = IMAGEBIND_HUGE) -> Iterator[Check]:
+    from ibllm.factory import config_from_adapter
     from ibllm.llm.tokenizer import Tokenizer
-    from ibllm.loader import config_from_adapter
-    from ibllm.network import ImageBindLLMNet
+    from ibllm.model import ImageBindLLM
 
     meta = None
     if not llama_dir:
@@ -70,7 +70,7 @@ def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None
         try:
             cfg = config_from_adapter(adapter_state, base, imagebind_config)
             with torch.device("meta"):
-                net = ImageBindLLMNet(cfg)
+                net = ImageBindLLM(cfg)
             expected = {k: v.shape for k, v in net.to_official().items()}
             base_state = {f"llama.{k}": v for k, v in meta.state_dict().items()}
             unexpected = sorted(k for k in adapter_state if k not in expected)

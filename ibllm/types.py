@@ -1,4 +1,4 @@
-"""Plain data passed between the engine (ibllm.model), the CLI and the UI. No tensors, no Gradio."""
+"""Plain data passed between the engine (ibllm.engine), the CLI and the UI. No tensors, no Gradio."""
 
 from __future__ import annotations
 

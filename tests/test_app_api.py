@@ -1,6 +1,6 @@
 """The app as an API: launched on 127.0.0.1 in-process and driven with ``gradio_client``, as a user's script would.
 
-The engine is the real default model (``ibllm.model.load_model()``), loaded once for the module and wrapped in a
+The engine is the real default model (``ibllm.create_engine()``), loaded once for the module and wrapped in a
 spy that records what the UI asked of it and can slow it down (so a stop can land mid-answer).
 """
 
@@ -72,9 +72,9 @@ def free_port() -> int:
 
 
 def load_engine() -> Any:
-    from ibllm.model import load_model
+    from ibllm import create_engine
 
-    return load_model()
+    return create_engine()
 
 
 def launch(engine: Any) -> tuple[Any, str]:

@@ -185,13 +185,13 @@ def test_gallery_follows_the_weights():
     """Toy examples with the embedded model, real-world ones with real weights; an explicit gallery wins."""
     import gradio as gr
 
-    from ibllm.loader import load_default
-    from ibllm.model import ImageBindLLM
+    from ibllm.engine import ChatEngine
+    from ibllm.factory import load_default
     from ibllm.ui import build_demo
 
     toy = load_default()
     # The same network presented as real weights: the constructor takes the info the UI reads.
-    real = ImageBindLLM(toy.net, toy.tokenizer, cache=toy.cache,
+    real = ChatEngine(toy.net, toy.tokenizer, cache=toy.cache,
                         info=dataclasses.replace(toy.info, name="ImageBind-LLM 7B", is_default=False))
     assert gallery_for(toy.info) == DEFAULT_GALLERY and gallery_for(real.info) == REAL_GALLERY
 
@@ -218,11 +218,11 @@ def test_app_flags(monkeypatch):
 
 
 def test_blocks_are_offline_and_share_one_model_slot():
-    from ibllm.model import load_model
+    from ibllm import create_engine
     from ibllm.ui import build_demo, launch_options
     from ibllm.ui.blocks import MODEL_GROUP
 
-    demo = build_demo(load_model(), gallery=None)
+    demo = build_demo(create_engine(), gallery=None)
     assert demo.analytics_enabled is False
     opts = launch_options()
     assert opts["share"] is False and opts["ssr_mode"] is False

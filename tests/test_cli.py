@@ -8,7 +8,7 @@ import sys
 from ibllm.doctor import run_checks
 from ibllm.parity import Fixture
 from tests.conftest import REPO
-from tests.test_loader import write_official_files
+from tests.test_factory import write_official_files
 
 EXAMPLES = REPO / "examples" / "toy"
 

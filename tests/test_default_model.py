@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    from ibllm.loader import load_default
+    from ibllm.factory import load_default
 
     return load_default(ASSETS)
 

@@ -1,5 +1,5 @@
 """The whole training pipeline on a handful of scenes for a few steps per stage: every stage runs, losses are
-finite (and the language model's falls), checkpoints round-trip strictly through ``ImageBindLLMNet.load_official``,
+finite (and the language model's falls), checkpoints round-trip strictly through ``ImageBindLLM.load_official``,
 the exported model loads with ``load_default`` and answers, and a rerun resumes instead of retraining."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ibllm.checkpoint import read_state_dict
-from ibllm.network import ImageBindLLMNet
+from ibllm.model import ImageBindLLM
 from ibllm.train.data import load_tensor
 from ibllm.train.pipeline import PRESETS, TRAINING_STAGES, Pipeline
 
@@ -67,7 +67,7 @@ def test_checkpoints_round_trip_through_load_official(run: tuple[Path, Pipeline,
     out, pipe, _ = run
     for stage in TRAINING_STAGES:
         state = read_state_dict(out / "ckpt" / f"{stage}.safetensors")
-        net = ImageBindLLMNet(pipe.cfg)
+        net = ImageBindLLM(pipe.cfg)
         assert net.load_official(state, what=stage) == []  # strict: nothing missing, nothing unexpected
         again = net.to_official()
         assert again.keys() == state.keys()
@@ -78,7 +78,7 @@ def test_checkpoints_round_trip_through_load_official(run: tuple[Path, Pipeline,
 
 
 def test_exported_model_loads_and_answers(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:
-    from ibllm.loader import load_default
+    from ibllm.factory import load_default
     from ibllm.types import Attachment, GenerationOptions
 
     out, _, _ = run

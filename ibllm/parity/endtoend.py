@@ -2,7 +2,7 @@
 
 The other groups check each stage on the reference's own intermediate tensors. This one chains ours: the media
 loaders on the fixture's files -> our encoders (``e2e.*``), and the raw input tensors -> our encoders -> fuse ->
-visual cache -> bind network -> gated LLaMA -> greedy tokens (``mix*``, ``gen.*``), all through ``ImageBindLLMNet``
+visual cache -> bind network -> gated LLaMA -> greedy tokens (``mix*``, ``gen.*``), all through ``ImageBindLLM``
 loaded from the official-layout state dict.
 
 Not compared: ``e2e.text_strings_long``. The reference cuts an over-long text after appending the end token, so
@@ -23,7 +23,7 @@ from ibllm.cache import VisualCache
 from ibllm.llm.generate import generate_tokens
 from ibllm.media import load_media
 from ibllm.media.text import tokenize
-from ibllm.network import ImageBindLLMNet
+from ibllm.model import ImageBindLLM
 from ibllm.parity import Comparison, Fixture
 
 TOL = 1e-4
@@ -32,14 +32,14 @@ BRANCH = {"Image": "vision", "Video": "vision", "Audio": "audio", "Point": "poin
           "Depth": "depth", "Thermal": "thermal", "IMU": "imu"}
 
 
-def build_network(fx: Fixture) -> ImageBindLLMNet:
+def build_network(fx: Fixture) -> ImageBindLLM:
     with torch.device("meta"):
-        net = ImageBindLLMNet(fx.config)
+        net = ImageBindLLM(fx.config)
     net.load_official(fx.state_dict, what="parity fixture", assign=True)
     return net.eval()
 
 
-def _media_checks(fx: Fixture, net: ImageBindLLMNet) -> Iterator[Comparison]:
+def _media_checks(fx: Fixture, net: ImageBindLLM) -> Iterator[Comparison]:
     exp, cfg, media = fx.expected, fx.config.imagebind, fx.media_dir
     files = fx.raw_config["preprocessing"]
     image = load_media(media / files["image"], "image", cfg)[None]
@@ -63,7 +63,7 @@ def _media_checks(fx: Fixture, net: ImageBindLLMNet) -> Iterator[Comparison]:
                      note="our CLIP tokenizer + encoder")
 
 
-def _embeddings(fx: Fixture, net: ImageBindLLMNet, entries: list, fps_start: torch.Tensor | None,
+def _embeddings(fx: Fixture, net: ImageBindLLM, entries: list, fps_start: torch.Tensor | None,
                 rows: slice) -> list[torch.Tensor]:
     out = []
     for name, tensor, _ in entries:
@@ -73,7 +73,7 @@ def _embeddings(fx: Fixture, net: ImageBindLLMNet, entries: list, fps_start: tor
     return out
 
 
-def _chain_checks(fx: Fixture, net: ImageBindLLMNet) -> Iterator[Comparison]:
+def _chain_checks(fx: Fixture, net: ImageBindLLM) -> Iterator[Comparison]:
     exp, knn = fx.expected, fx.raw_config["knn"]
     cache = VisualCache.build(fx.knn_vectors, kind="flat")
     batch = fx.inputs["vision"].shape[0]

@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ibllm.loader import load_default
+    from ibllm.factory import load_default
     from ibllm.train.common import write_json
     from ibllm.train.evaluate import ensure_heldout, evaluate, markdown
 

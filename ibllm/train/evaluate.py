@@ -2,7 +2,7 @@
 training), how often the greedy answer names the right shape / colour / motion — only what that modality carries
 (``toyworld.CARRIES``) — with the visual cache on and off.
 
-Every answer goes through the engine's own path: the file through ``ImageBindLLM.embed`` (media loader ->
+Every answer goes through the engine's own path: the file through ``ChatEngine.embed`` (media loader ->
 encoder), ``fuse`` of the single input, the visual cache's ``mix`` (cache on, the UI's default settings), the
 bind network, then greedy decoding of the Alpaca prompt. Decoding is batched over scenes that share a question
 (same prompt, one injection per row), which gives the same tokens as one-by-one greedy decoding.
@@ -60,7 +60,7 @@ def greedy_batch(llama: Any, prompt: list[int], injection: torch.Tensor, max_new
 def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: int | None = None,
              modalities: tuple[str, ...] = tw.MODALITIES, cache_modes: tuple[bool, ...] = (False, True),
              max_new_tokens: int = 40, show: bool = True, keep_answers: int = 3) -> dict[str, Any]:
-    """Accuracy per modality, cache mode and latent. ``engine`` is an ``ImageBindLLM`` (e.g. ``load_default``)."""
+    """Accuracy per modality, cache mode and latent. ``engine`` is a ``ChatEngine`` (e.g. ``load_default``)."""
     from ibllm.train.common import progress
 
     records = tw.read_manifest(Path(data_root) / f"{split}.jsonl")[:n]

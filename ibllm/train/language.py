@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ibllm.llm.llama import init_weights
 from ibllm.llm.prompt import format_prompt
 from ibllm.llm.tokenizer import Tokenizer
-from ibllm.network import ImageBindLLMNet
+from ibllm.model import ImageBindLLM
 from ibllm.train import toyworld as tw
 from ibllm.train.common import SINGLE, Dist, count, train_loop
 
@@ -156,7 +156,7 @@ def noisy(feature: torch.Tensor, sigma: float, gen: torch.Generator | None = Non
 
 
 @torch.no_grad()
-def blank_feature(net: ImageBindLLMNet) -> torch.Tensor:
+def blank_feature(net: ImageBindLLM) -> torch.Tensor:
     """The embedding of an all-zero image tensor, as the engine uses for text-only turns (1, E)."""
     s = net.cfg.imagebind.image_size
     dev = next(net.parameters()).device
@@ -181,7 +181,7 @@ def _features(examples: list[Example], image_emb: torch.Tensor, blank: torch.Ten
     return feats
 
 
-def _visual_answer_loss(net: ImageBindLLMNet, examples: list[Example], pad_id: int, image_emb: torch.Tensor,
+def _visual_answer_loss(net: ImageBindLLM, examples: list[Example], pad_id: int, image_emb: torch.Tensor,
                         blank: torch.Tensor, sigma: float, gen: torch.Generator, device: torch.device,
                         centroids: Centroids | None = None) -> torch.Tensor:
     """Stages 1 and 2: next-token loss on the answers, with each example's visual feature injected."""
@@ -191,12 +191,12 @@ def _visual_answer_loss(net: ImageBindLLMNet, examples: list[Example], pad_id: i
     return lm_loss(logits, targets.to(device))
 
 
-def init_llama(net: ImageBindLLMNet, seed: int) -> None:
+def init_llama(net: ImageBindLLM, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     init_weights(net.llama, gen)
 
 
-def pretrain_lm(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], *, steps: int, batch: int,
+def pretrain_lm(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], *, steps: int, batch: int,
                 lr: float, weight_decay: float, seed: int, dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
     """The tiny LLaMA as a plain language model of the toy world's text (captions, Q&A, reading)."""
     llama = net.llama
@@ -229,7 +229,7 @@ def pretrain_lm(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, An
     return {**log.summary(), "trainable": count(named)}
 
 
-def stage1(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
+def stage1(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
            steps: int, batch: int, lr: float, weight_decay: float, seed: int, feature_noise: float = 0.0,
            dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
     """Image-caption training of the bind network, prefix queries and gates; everything else frozen."""
@@ -259,7 +259,7 @@ def stage1(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], 
     return {**log.summary(), "trainable": count(named), "mean_abs_tanh_gate": float(gates.abs().mean())}
 
 
-def stage2(net: ImageBindLLMNet, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
+def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
            steps: int, batch: int, lr: float, weight_decay: float, seed: int, text_only_fraction: float = 0.2,
            feature_noise: float = 0.0, centroid_fraction: float = 0.0, dist: Dist = SINGLE,
            show: bool = True) -> dict[str, float]:

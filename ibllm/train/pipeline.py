@@ -16,7 +16,7 @@ export                fp16 weights in the official layout, config, visual cache 
 eval                  per-modality accuracy on held-out scenes, cache off / on            -> OUT/eval.{json,md}
 ====================  ==========================================================================================
 
-Every training stage saves the whole network in the official key layout (``ImageBindLLMNet.to_official``,
+Every training stage saves the whole network in the official key layout (``ImageBindLLM.to_official``,
 safetensors, float32); a rerun loads the newest one strictly (``load_official``) and carries on from there.
 Stage metrics and wall-clock seconds go to ``OUT/ckpt/<stage>.json`` and, together, ``OUT/report.json``.
 """
@@ -136,11 +136,11 @@ class Pipeline:
             if not isinstance(v, dict)))
 
     def _build_net(self) -> None:
-        from ibllm.network import ImageBindLLMNet
+        from ibllm.model import ImageBindLLM
         from ibllm.train.language import init_llama
 
         torch.manual_seed(self.run.seed)
-        self.net = ImageBindLLMNet(self.cfg)
+        self.net = ImageBindLLM(self.cfg)
         init_llama(self.net, self.run.seed)
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -335,7 +335,7 @@ class Pipeline:
         return self.model_dir
 
     def stage_eval(self) -> dict[str, Any]:
-        from ibllm.loader import load_default
+        from ibllm.factory import load_default
         from ibllm.train.evaluate import evaluate, markdown
 
         path = self.out / "eval.json"

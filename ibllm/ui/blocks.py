@@ -9,9 +9,9 @@ from typing import Any
 
 import gradio as gr
 
+from ibllm.engine import ChatEngine
 from ibllm.types import ModelInfo
 from ibllm.ui.chat import NEIGHBOUR_HEADERS, ChatHandler
-from ibllm.ui.engine import ChatEngine
 from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
 from ibllm.ui.history import message_parts
 from ibllm.ui.inputs import collect_items, render_panel

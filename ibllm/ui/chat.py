@@ -10,9 +10,9 @@ from typing import Any
 
 import gradio as gr
 
+from ibllm.engine import ChatEngine
 from ibllm.media.errors import MediaError
 from ibllm.types import Attachment, CacheOptions, ChatEvent, GenerationOptions, Neighbour, Turn
-from ibllm.ui.engine import ChatEngine
 from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history, unique
 from ibllm.ui.inputs import (
     Detector,

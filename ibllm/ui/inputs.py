@@ -17,10 +17,10 @@ from typing import Any
 
 import gradio as gr
 
+from ibllm.engine import ChatEngine
 from ibllm.media.errors import MediaError
 from ibllm.types import Attachment
 from ibllm.ui import previews
-from ibllm.ui.engine import ChatEngine
 from ibllm.ui.history import normalise_history, unique
 
 ICONS = {"image": "🖼️", "video": "🎬", "audio": "🔊", "point": "🧊", "depth": "🌊", "thermal": "🌡️", "imu": "📈",

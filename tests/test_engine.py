@@ -1,4 +1,4 @@
-"""The engine (ImageBindLLM.chat) end to end at the toy size: streaming, fusion weights, the per-content embedding
+"""The engine (ChatEngine.chat) end to end at the toy size: streaming, fusion weights, the per-content embedding
 cache, cancellation, long conversations and unusable files."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
+from ibllm import create_engine
 from ibllm.media.errors import MediaError
-from ibllm.model import load_model
 from ibllm.types import Attachment, CacheOptions, GenerationOptions, Turn
 from tests.conftest import REPO
 
@@ -21,7 +21,7 @@ GREEDY = GenerationOptions(max_new_tokens=12, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model(device="cpu")
+    return create_engine(device="cpu")
 
 
 def test_streamed_deltas_add_up_to_the_answer(model):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ibllm.checkpoint import CheckpointError
+from ibllm.factory import load_official
 from ibllm.llm.generate import generate_tokens
-from ibllm.loader import load_official
 from ibllm.parity import Fixture
 from ibllm.types import CacheOptions
 from tests.conftest import REPO

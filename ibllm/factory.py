@@ -1,4 +1,4 @@
-"""``load_model``: the embedded default, or the official ImageBind-LLM weights.
+"""``create_engine``: the embedded default, or the official ImageBind-LLM weights.
 
 - No weights arguments: the toy model in ``assets/toy/`` (trained by ``python -m ibllm.train``). If its weights
   are absent, the same architecture with random weights (the UI says so).
@@ -20,9 +20,9 @@ from ibllm.cache import VisualCache
 from ibllm.checkpoint import CheckpointError, read_state_dict
 from ibllm.config import IMAGEBIND_HUGE, AdapterConfig, ImageBindConfig, LlamaConfig, ModelConfig, from_name
 from ibllm.encoders.loading import load_imagebind_weights
+from ibllm.engine import ChatEngine
 from ibllm.llm.tokenizer import Tokenizer
 from ibllm.model import ImageBindLLM
-from ibllm.network import ImageBindLLMNet
 from ibllm.types import ModelInfo
 from ibllm.weights import MetaLlama, WeightsError, resolve
 
@@ -53,7 +53,7 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _finish(net: ImageBindLLMNet, device: torch.device, dtype: torch.dtype, *, merge_lora: bool) -> ImageBindLLMNet:
+def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merge_lora: bool) -> ImageBindLLM:
     net = net.to(device=device, dtype=dtype).eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -64,7 +64,7 @@ def _finish(net: ImageBindLLMNet, device: torch.device, dtype: torch.dtype, *, m
 
 
 def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | None = None, dtype: str | None = None,
-                 merge_lora: bool = True, seed: int = 0) -> ImageBindLLM:
+                 merge_lora: bool = True, seed: int = 0) -> ChatEngine:
     """The embedded toy model (random weights of the same architecture when it has not been trained yet)."""
     assets = Path(assets)
     dev = pick_device(device)
@@ -78,7 +78,7 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | No
         raise WeightsError(f"tokenizer has {tokenizer.vocab_size} pieces, the model only {cfg.llama.vocab_size}")
     weights = assets / "model.safetensors"
     torch.manual_seed(seed)
-    net = ImageBindLLMNet(cfg)
+    net = ImageBindLLM(cfg)
     trained = weights.is_file()
     if trained:
         net.load_official(read_state_dict(weights), what=str(weights))
@@ -92,7 +92,7 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | No
     info = ModelInfo(name=f"toy ({cfg.name})", weights=description, device=str(dev), dtype=str(dt).split(".")[-1],
                      is_default=True, trained=trained, cache_entries=cache.index.ntotal if cache else 0,
                      how_to_load_real=HOW_TO_LOAD_REAL)
-    return ImageBindLLM(net, tokenizer, cache=cache, info=info)
+    return ChatEngine(net, tokenizer, cache=cache, info=info)
 
 
 def config_from_adapter(adapter_state: dict[str, torch.Tensor], llama: LlamaConfig,
@@ -122,7 +122,7 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
                   imagebind: str | os.PathLike | None = None, knn_index: str | os.PathLike | None = None,
                   tokenizer: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
                   max_seq_len: int = 512, merge_lora: bool = True, use_cache: bool = True,
-                  imagebind_config: ImageBindConfig = IMAGEBIND_HUGE) -> ImageBindLLM:
+                  imagebind_config: ImageBindConfig = IMAGEBIND_HUGE) -> ChatEngine:
     """The released ImageBind-LLM: Meta LLaMA + ``7B.pth`` + ``imagebind_w3D.pth`` (+ ``knn.index``).
 
     ``imagebind_config`` is ImageBind-Huge for the released files; tests pass the tiny sizes of their fixtures.
@@ -139,7 +139,7 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     cfg = config_from_adapter(adapter_state, replace(meta.config(vocab_size=tok.vocab_size), max_seq_len=max_seq_len,
                                                      max_batch_size=1), imagebind_config)
     with torch.device("meta"):
-        net = ImageBindLLMNet(cfg)
+        net = ImageBindLLM(cfg)
     # The adapter overrides the frozen base where both have a tensor (fine-tuned norms); the encoders come from
     # their own file (if an adapter carries encoder tensors too, the encoder file wins).
     state = {f"llama.{k}": v for k, v in meta.state_dict().items()}
@@ -158,13 +158,13 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
         name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
         f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=str(dt).split(".")[-1],
         is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0)
-    return ImageBindLLM(net, tok, cache=cache, info=info)
+    return ChatEngine(net, tok, cache=cache, info=info)
 
 
-def load_model(*, llama_dir: str | None = None, adapter: str | None = None, imagebind: str | None = None,
+def create_engine(*, llama_dir: str | None = None, adapter: str | None = None, imagebind: str | None = None,
                knn_index: str | None = None, tokenizer: str | None = None, assets: str | None = None,
                device: str | None = None, dtype: str | None = None, max_seq_len: int = 512,
-               merge_lora: bool = True) -> ImageBindLLM:
+               merge_lora: bool = True) -> ChatEngine:
     """The model the app and CLI serve: official weights when ``llama_dir`` is given, else the embedded default."""
     if llama_dir:
         return load_official(llama_dir, adapter=adapter, imagebind=imagebind, knn_index=knn_index,
@@ -176,4 +176,4 @@ def load_model(*, llama_dir: str | None = None, adapter: str | None = None, imag
     return load_default(assets or DEFAULT_ASSETS, device=device, dtype=dtype, merge_lora=merge_lora)
 
 
-__all__ = ["load_model", "load_default", "load_official", "CheckpointError", "WeightsError", "HOW_TO_LOAD_REAL"]
+__all__ = ["create_engine", "load_default", "load_official", "CheckpointError", "WeightsError", "HOW_TO_LOAD_REAL"]

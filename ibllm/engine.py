@@ -1,0 +1,221 @@
+"""ChatEngine: the engine behind the UI, the CLI and the API.
+
+One chat turn: files -> media loaders -> encoders (once per file content) -> fuse (weights) -> visual cache ->
+bind network -> gated LLaMA -> streamed text deltas. Nothing here knows about Gradio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from ibllm.bind import fuse
+from ibllm.cache import VisualCache
+from ibllm.config import ModelConfig
+from ibllm.llm.generate import generate_tokens
+from ibllm.llm.prompt import build_chat_prompt
+from ibllm.llm.stream import TextStreamer
+from ibllm.llm.tokenizer import Tokenizer
+from ibllm.media import ENCODER_BRANCH, detect_modality, load_media
+from ibllm.media.errors import MediaError
+from ibllm.model import ImageBindLLM
+from ibllm.types import (
+    Attachment,
+    CacheOptions,
+    ChatEvent,
+    GenerationOptions,
+    ModelInfo,
+    Neighbour,
+    Timings,
+    Turn,
+)
+
+# Leave at least this many positions for the answer when fitting a long conversation into the context.
+MIN_ANSWER_TOKENS = 16
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """(content hash, modality) -> embedding, least recently used dropped first. Shared by all sessions: the
+    key is the file's content, so one user's upload can only ever be reused for the very same bytes."""
+
+    def __init__(self, capacity: int = 512):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, str], value: torch.Tensor) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class ChatEngine:
+    """The loaded model plus everything a chat needs: tokenizer, visual cache, embedding cache, one lock."""
+
+    def __init__(self, net: ImageBindLLM, tokenizer: Tokenizer, *, cache: VisualCache | None = None,
+                 info: ModelInfo | None = None):
+        self.net = net.eval()
+        self.cfg: ModelConfig = net.cfg
+        self.tokenizer = tokenizer
+        self.cache = cache
+        param = next(net.llama.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.info = info or ModelInfo(name=self.cfg.name, weights="(unspecified)", device=str(self.device),
+                                      dtype=str(self.dtype).replace("torch.", ""), is_default=False, trained=True)
+        self.embeddings = EmbeddingCache()
+        self._generate_lock = threading.Lock()  # one KV cache: one generation at a time
+        self._blank: torch.Tensor | None = None
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+
+    def detect(self, path: str | Path) -> str:
+        """The modality of a file (MediaError for anything unusable)."""
+        return detect_modality(path)
+
+    @torch.no_grad()
+    def embed(self, attachment: Attachment) -> torch.Tensor:
+        """The encoder's embedding (E,) of one attachment, computed once per file content."""
+        modality = attachment.modality
+        if modality not in ENCODER_BRANCH:
+            raise MediaError(f"unknown modality {modality!r}; accepted: {', '.join(ENCODER_BRANCH)}")
+        if not Path(attachment.path).is_file():
+            raise MediaError(f"{Path(attachment.path).name}: file not found (was it removed or never uploaded?)")
+        key = (file_digest(attachment.path), modality)
+        cached = self.embeddings.get(key)
+        if cached is not None:
+            return cached
+        x = load_media(attachment.path, modality, self.cfg.imagebind)
+        x = x.unsqueeze(0).to(self.device)
+        if x.is_floating_point() and modality != "point":
+            x = x.to(self.dtype)
+        emb = self.net.image_bind(ENCODER_BRANCH[modality], x)[0].float().cpu()
+        self.embeddings.put(key, emb)
+        return emb
+
+    @torch.no_grad()
+    def _blank_feature(self) -> torch.Tensor:
+        # Text-only turns: the reference trains them with an all-zero image, so that is what the model expects.
+        if self._blank is None:
+            s = self.cfg.imagebind.image_size
+            zeros = torch.zeros(1, 3, s, s, device=self.device, dtype=self.dtype)
+            self._blank = torch.nn.functional.normalize(self.net.image_bind("vision", zeros).float().cpu(), dim=-1)
+        return self._blank
+
+    def fused_feature(self, attachments: Sequence[Attachment]) -> torch.Tensor | None:
+        """Weighted fusion of the attachments' embeddings (1, E); None when nothing has a positive weight."""
+        kept = [a for a in attachments if a.weight > 0]
+        if not kept:
+            return None
+        embeddings = [self.embed(a)[None] for a in kept]
+        return fuse(embeddings, [a.weight for a in kept])
+
+    def _retrieve(self, feature: torch.Tensor, options: CacheOptions) -> tuple[torch.Tensor, list[Neighbour]]:
+        if self.cache is None or not options.enabled or options.size <= 0 or options.weight <= 0:
+            return feature, []
+        k = min(int(options.size), self.cache.index.ntotal)
+        mixed, found = self.cache.mix_with_neighbours(feature, k, options.temperature, options.weight)
+        neighbours = [
+            Neighbour(index=int(found.rows[0, j]), similarity=float(found.sims[0, j]),
+                      caption=found.captions[0][j] if found.captions else None,
+                      thumbnail=found.thumbnails[0][j] if found.thumbnails else None)
+            for j in range(found.rows.shape[1])
+        ]
+        return mixed, neighbours
+
+    def neighbours(self, attachments: Sequence[Attachment], cache: CacheOptions | None = None) -> list[Neighbour]:
+        """What the visual cache retrieves for these inputs (for the UI's inspector)."""
+        feature = self.fused_feature(attachments)
+        if feature is None:
+            return []
+        return self._retrieve(feature, cache or CacheOptions(enabled=True))[1]
+
+    # -- chat -------------------------------------------------------------------------------------------------
+
+    def chat(self, message: str, *, history: Sequence[Turn] = (), attachments: Sequence[Attachment] = (),
+             cache: CacheOptions | None = None, generation: GenerationOptions | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Iterator[ChatEvent]:
+        """Stream the answer to ``message``: ChatEvents with text deltas, then a final one with ``done=True``."""
+        cache = cache or CacheOptions()
+        generation = generation or GenerationOptions()
+        timings = Timings()
+
+        t0 = time.perf_counter()
+        feature = self.fused_feature(attachments)
+        timings.encode = time.perf_counter() - t0
+        neighbours: list[Neighbour] = []
+        if feature is None:
+            feature = self._blank_feature()
+        else:
+            t0 = time.perf_counter()
+            feature, neighbours = self._retrieve(feature, cache)
+            timings.cache = time.perf_counter() - t0
+
+        max_new = max(1, min(int(generation.max_new_tokens), self.cfg.llama.max_seq_len - MIN_ANSWER_TOKENS))
+        prompt = build_chat_prompt(message, history, self.tokenizer,
+                                   max(self.cfg.llama.max_seq_len - max_new, MIN_ANSWER_TOKENS))
+        timings.prompt_tokens = len(prompt.ids)
+        notes = list(prompt.notes)
+
+        with self._generate_lock, torch.no_grad():
+            t0 = time.perf_counter()
+            injection = self.net.injection(feature.to(self.device))
+            timings.bind = time.perf_counter() - t0
+            streamer = TextStreamer(self.tokenizer.decode)
+            tokens = generate_tokens(
+                self.net.llama, prompt.ids, injection, max_new_tokens=max_new,
+                temperature=generation.temperature, top_p=generation.top_p, seed=generation.seed,
+                eos_id=self.tokenizer.eos_id, vocab_limit=self.tokenizer.vocab_size, should_stop=should_stop)
+            t0 = time.perf_counter()
+            first = True
+            try:
+                for token in tokens:
+                    now = time.perf_counter()
+                    if first:
+                        timings.prefill, first = now - t0, False
+                    else:
+                        timings.decode += now - t0
+                    t0 = now
+                    timings.new_tokens += 1
+                    delta = streamer.put(token)
+                    if delta:
+                        yield ChatEvent(delta=delta, text=streamer.text, timings=timings, neighbours=neighbours)
+            finally:
+                tokens.close()
+            if first:  # no token at all (immediate eos or stop): the time went into prefill
+                timings.prefill = time.perf_counter() - t0
+        tail = streamer.flush()
+        yield ChatEvent(delta=tail, text=streamer.text, done=True, timings=timings, neighbours=neighbours,
+                        notes=notes)
+
+    def answer(self, message: str, **kwargs) -> str:
+        """The whole answer at once (same as joining ``chat``'s deltas)."""
+        text = ""
+        for event in self.chat(message, **kwargs):
+            text = event.text
+        return text
