@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-MODALITY_FLAGS = ("image", "video", "audio", "point", "depth", "thermal", "imu", "text")
+from ibllm.kinds import KINDS, MEDIA_KINDS
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from ibllm.types import Attachment, CacheOptions, GenerationOptions
 
     attachments = []
-    for modality in MODALITY_FLAGS:
+    for modality in MEDIA_KINDS:
         for value in getattr(args, modality) or []:
             path, weight = parse_weighted(value)
             attachments.append(Attachment(path, modality, weight))
@@ -146,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="answer a question about files, streamed to stdout")
     p.add_argument("question")
-    for modality in MODALITY_FLAGS:
+    for modality in MEDIA_KINDS:
         p.add_argument(f"--{modality}", action="append", metavar="FILE[@WEIGHT]",
-                       help=f"a {modality} input (repeatable; @WEIGHT sets its mixing weight, default 1)")
+                       help=f"{KINDS[modality].label} input (repeatable; @WEIGHT sets its mixing weight, default 1)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
     p.add_argument("--top-p", type=float, default=0.75)

@@ -13,9 +13,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu", "point")
-"""Encoder branches. Images and videos both go through "vision" (a video is a batch of 2-frame clips)."""
-
 
 @dataclass(frozen=True)
 class TrunkConfig:
@@ -288,6 +285,6 @@ def from_reference_json(path: str | Path) -> ModelConfig:
 
 
 __all__ = [
-    "MODALITIES", "TrunkConfig", "PointConfig", "ImageBindConfig", "LlamaConfig", "AdapterConfig", "CacheConfig",
+    "TrunkConfig", "PointConfig", "ImageBindConfig", "LlamaConfig", "AdapterConfig", "CacheConfig",
     "GenerationConfig", "ModelConfig", "PRESETS", "from_name", "from_reference_json", "replace",
 ]

@@ -18,11 +18,12 @@ import torch
 from ibllm.bind import fuse
 from ibllm.cache import VisualCache
 from ibllm.config import ModelConfig
+from ibllm.kinds import KINDS
 from ibllm.llm.generate import generate_tokens
 from ibllm.llm.prompt import build_chat_prompt
 from ibllm.llm.stream import TextStreamer
 from ibllm.llm.tokenizer import Tokenizer
-from ibllm.media import ENCODER_BRANCH, detect_modality, load_media
+from ibllm.media import detect_modality, load_media
 from ibllm.media.errors import MediaError
 from ibllm.model import ImageBindLLM
 from ibllm.types import (
@@ -102,8 +103,8 @@ class ChatEngine:
     def embed(self, attachment: Attachment) -> torch.Tensor:
         """The encoder's embedding (E,) of one attachment, computed once per file content."""
         modality = attachment.modality
-        if modality not in ENCODER_BRANCH:
-            raise MediaError(f"unknown modality {modality!r}; accepted: {', '.join(ENCODER_BRANCH)}")
+        if modality not in KINDS:
+            raise MediaError(f"unknown modality {modality!r}; accepted: {', '.join(KINDS)}")
         if not Path(attachment.path).is_file():
             raise MediaError(f"{Path(attachment.path).name}: file not found (was it removed or never uploaded?)")
         key = (file_digest(attachment.path), modality)
@@ -114,7 +115,7 @@ class ChatEngine:
         x = x.unsqueeze(0).to(self.device)
         if x.is_floating_point() and modality != "point":
             x = x.to(self.dtype)
-        emb = self.net.image_bind(ENCODER_BRANCH[modality], x)[0].float().cpu()
+        emb = self.net.image_bind(KINDS[modality].branch, x)[0].float().cpu()
         self.embeddings.put(key, emb)
         return emb
 

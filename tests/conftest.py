@@ -3,6 +3,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The tests write media with PyAV. Its FFmpeg must be loaded before decord's bundled one (which ibllm.media loads
+# at import): the other way round PyAV cannot open libvpx (measured: avcodec_open2 returns EINVAL).
+import av  # noqa: F401  (imported for its side effect, first)
 import pytest
 import torch
 

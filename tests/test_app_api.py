@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from ibllm.kinds import MEDIA_KINDS
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -157,10 +158,9 @@ def test_chat_endpoint_is_documented(client):
     assert all(p["parameter_has_default"] for p in api["/chat"]["parameters"])
 
 
-MODALITIES = ["image", "video", "audio", "point", "depth", "thermal", "imu", "text"]
 
 
-@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("modality", MEDIA_KINDS)
 def test_each_modality_streams_an_answer(client, spy, modality):
     ex = example_for((modality,))
     path = TOY / ex["files"][0]["path"]

@@ -161,7 +161,8 @@ def test_gallery_loading(tmp_path):
 def test_real_gallery_files_load_with_the_7b_config():
     """examples/real is shown with the real weights: every file must load as the 7B model's ImageBind reads it."""
     from ibllm.config import from_name
-    from ibllm.media import MEDIA_KINDS, detect_modality, load_media
+    from ibllm.kinds import MEDIA_KINDS
+    from ibllm.media import detect_modality, load_media
 
     entries = json.loads(REAL_GALLERY.read_text())["examples"]
     examples = load_gallery(REAL_GALLERY)

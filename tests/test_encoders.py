@@ -21,6 +21,7 @@ from ibllm.encoders import (
     load_imagebind_weights,
     num_tokens,
 )
+from ibllm.kinds import ENCODER_BRANCHES
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "parity-a"
 
@@ -45,7 +46,6 @@ TINY_B = ImageBindConfig(
     audio_target_len=25, depth_kernel=14, thermal_kernel=7, imu_channels=3, imu_length=36, imu_window=6,
     text_vocab_size=30, text_context=9,
 )
-MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu", "point")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,7 +77,7 @@ def random_input(cfg: ImageBindConfig, modality: str, batch: int = 2, clips: int
 
 def embed_all(model: ImageBind, cfg: ImageBindConfig) -> dict[str, torch.Tensor]:
     start = torch.tensor([3, 7])
-    return {m: model(m, random_input(cfg, m), fps_start=start if m == "point" else None) for m in MODALITIES}
+    return {m: model(m, random_input(cfg, m), fps_start=start if m == "point" else None) for m in ENCODER_BRANCHES}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def embed_all(model: ImageBind, cfg: ImageBindConfig) -> dict[str, torch.Tensor]
 @pytest.mark.parametrize("cfg", [TINY_A, TINY_B], ids=["tiny_a", "tiny_b"])
 def test_every_modality_gives_one_embedding_per_sample(cfg: ImageBindConfig):
     model = make_model(cfg)
-    for modality in MODALITIES:
+    for modality in ENCODER_BRANCHES:
         out = model.encode(modality, random_input(cfg, modality, batch=3))
         assert out.embedding.shape == (3, cfg.out_embed_dim), modality
         assert out.prenorm.shape == (3, cfg.out_embed_dim), modality
@@ -250,7 +250,7 @@ def test_every_layout_loads_to_identical_outputs(tmp_path: Path):
         model = make_model(seed=2)
         assert load_imagebind_weights(model, src) == [], what
         got = embed_all(model, TINY_A)
-        for modality in MODALITIES:
+        for modality in ENCODER_BRANCHES:
             assert torch.equal(got[modality], expected[modality]), (what, modality)
 
 
@@ -264,7 +264,7 @@ def test_meta_device_model_is_assigned_from_the_mapped_file(tmp_path: Path):
     assert not any(t.is_meta for t in model.state_dict().values())
     model.eval()
     got, expected = embed_all(model, TINY_A), embed_all(source, TINY_A)
-    for modality in MODALITIES:
+    for modality in ENCODER_BRANCHES:
         assert torch.equal(got[modality], expected[modality]), modality
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ibllm.media import ACCEPTED_EXTENSIONS, MEDIA_KINDS, MediaError, accepted_table, detect_modality, load_media
+from ibllm.kinds import KINDS, MEDIA_KINDS
+from ibllm.media import MediaError, accepted_table, detect_modality, load_media
 from ibllm.media.sniff import sniff_bytes
 from tests.media_samples import write_av, write_image, write_ply, write_sound
 
@@ -89,6 +90,6 @@ def test_sniffing():
 
 
 def test_accepted_table_covers_every_kind():
-    assert set(ACCEPTED_EXTENSIONS) == set(MEDIA_KINDS)
+    assert set(KINDS) == set(MEDIA_KINDS) and all(k.extensions for k in KINDS.values())
     table = accepted_table()
     assert all(f"| {kind} |" in table for kind in MEDIA_KINDS)

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ibllm.config import MODALITIES, ImageBindConfig, TrunkConfig
+from ibllm.config import ImageBindConfig, TrunkConfig
 from ibllm.encoders.layers import DropPath, Mlp, MultiheadAttention, drop_path_rates, init_linear
 from ibllm.encoders.pointbind import PointBindTrunk
+from ibllm.kinds import ENCODER_BRANCHES
 
 _BLOCK_EPS = 1e-6  # trunk blocks, vision pre-trunk norm, every head
 _STEM_EPS = 1e-5  # audio / depth / thermal / imu stem norms (torch's default LayerNorm)
@@ -296,7 +297,7 @@ class ImageBind(nn.Module):
         self.cfg = cfg
         self.point_weights_loaded = True  # set False by the loader when a checkpoint had no point branch
         e = cfg.out_embed_dim
-        d = {m: cfg.trunk(m).embed_dim for m in MODALITIES if m != "point"}
+        d = {m: cfg.trunk(m).embed_dim for m in ENCODER_BRANCHES if m != "point"}
 
         pre = {
             "vision": ImagePreprocessor(
@@ -330,12 +331,12 @@ class ImageBind(nn.Module):
         heads: dict[str, nn.Module] = {m: _head(d[m], e, dropout=m == "imu") for m in d if m != "text"}
         heads["text"] = TextHead(d["text"], e)
         heads["point"] = nn.Sequential(nn.LayerNorm(p, eps=_BLOCK_EPS), nn.Dropout(0.5), nn.Linear(p, e, bias=False))
-        self.modality_heads = nn.ModuleDict({m: heads[m] for m in MODALITIES})
+        self.modality_heads = nn.ModuleDict({m: heads[m] for m in ENCODER_BRANCHES})
 
         post: dict[str, nn.Module] = {"vision": Normalize()}
         for m, scale in LOGIT_SCALES.items():
             post[m] = nn.Sequential(Normalize(), LogitScale(scale, learnable=m == "text"))
-        self.modality_postprocessors = nn.ModuleDict({m: post[m] for m in MODALITIES})
+        self.modality_postprocessors = nn.ModuleDict({m: post[m] for m in ENCODER_BRANCHES})
 
         self.point_trunk = PointBindTrunk(cfg.point)
         self.reset_parameters()
@@ -343,7 +344,7 @@ class ImageBind(nn.Module):
     # -- initialisation (random weights for training the toy model; official files overwrite all of it)
 
     def reset_parameters(self) -> None:
-        for name in MODALITIES:
+        for name in ENCODER_BRANCHES:
             self.reset_modality(name)
 
     def reset_modality(self, modality: str) -> None:

@@ -26,196 +26,45 @@ Choices where the reference has none, in short:
 - thermal: grayscale (16-bit stretched over its 1..99th percentiles), bicubic resize/crop, [0, 1], then
   mean 0.4489 / std 0.2686 (CLIP's channel averages);
 - imu: (6, T) or (T, 6), linear resampling of the whole recording to 2000 steps, per-channel standardisation.
-Content is sniffed before any decoder runs; pickles are never opened.
+Content is sniffed before any decoder runs (``detect.py`` says what a file is); pickles are never opened. The
+kinds, their encoder branches and extensions are ``ibllm.kinds``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ibllm.config import ImageBindConfig
+from ibllm.kinds import MEDIA_KINDS
+from ibllm.media.audio import load_audio
+from ibllm.media.depth import load_depth
+from ibllm.media.detect import accepted_table, detect_modality
 from ibllm.media.errors import MediaError
+from ibllm.media.image import load_image
+from ibllm.media.imu import load_imu
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
-from ibllm.media.sniff import describe, sniff
-from ibllm.media.validate import AUDIO_FORMATS, IMAGE_FORMATS, VIDEO_FORMATS, check_file
+from ibllm.media.point import load_point
+from ibllm.media.text import load_text
+from ibllm.media.thermal import load_thermal
+from ibllm.media.video import load_video
 
-MEDIA_KINDS = ("image", "video", "audio", "text", "point", "depth", "thermal", "imu")
-
-ENCODER_BRANCH = {
-    "image": "vision", "video": "vision", "audio": "audio", "text": "text", "point": "point",
-    "depth": "depth", "thermal": "thermal", "imu": "imu",
+LOADERS: dict[str, Callable[..., torch.Tensor]] = {
+    "image": load_image, "video": load_video, "audio": load_audio, "text": load_text, "point": load_point,
+    "depth": load_depth, "thermal": load_thermal, "imu": load_imu,
 }
-"""Media kind -> ImageBind encoder branch (config.MODALITIES)."""
-
-ACCEPTED_EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"),
-    "video": (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"),
-    "audio": (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".webm", ".mp4", ".mkv"),
-    "text": (".txt",),
-    "point": (".ply", ".pcd", ".xyz", ".pts", ".txt", ".csv", ".npy", ".obj"),
-    "depth": (".png", ".npy"),
-    "thermal": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"),
-    "imu": (".npy", ".csv", ".txt"),
-}
-"""Extensions each kind accepts (the UI shows this table). Several kinds share an extension: see
-``detect_modality`` for how the kind is chosen, or pass ``modality=`` explicitly."""
-
-ALL_EXTENSIONS: tuple[str, ...] = tuple(sorted({e for exts in ACCEPTED_EXTENSIONS.values() for e in exts}))
-"""Every accepted extension (e.g. for an upload widget's file-type filter)."""
-
-# Extension -> the kind it means when nothing in the content says otherwise.
-_DEFAULT_KIND = {
-    ".jpg": "image", ".jpeg": "image", ".png": "image", ".webp": "image", ".bmp": "image", ".gif": "image",
-    ".mp4": "video", ".m4v": "video", ".mov": "video", ".webm": "video", ".mkv": "video", ".avi": "video",
-    ".wav": "audio", ".flac": "audio", ".ogg": "audio", ".oga": "audio", ".opus": "audio", ".mp3": "audio",
-    ".m4a": "audio", ".aac": "audio",
-    ".ply": "point", ".pcd": "point", ".xyz": "point", ".pts": "point", ".obj": "point", ".csv": "point",
-    ".npy": "point", ".txt": "text",
-}
-# Content family -> kind, for files whose extension is missing or unknown.
-_KIND_OF_FORMAT = {
-    **{f: "image" for f in IMAGE_FORMATS}, "wav": "audio", "flac": "audio", "ogg": "audio", "mp3": "audio",
-    "adts": "audio", "mp4": "video", "matroska": "video", "avi": "video", "ply": "point", "pcd": "point",
-    "npy": "point", "text": "text",
-}
-# Content families that may sit behind each kind's extensions (a JPEG named .png is still an image).
-_FORMATS_OF_KIND = {
-    "image": IMAGE_FORMATS, "thermal": IMAGE_FORMATS, "video": VIDEO_FORMATS, "audio": AUDIO_FORMATS,
-    "text": ("text",), "point": ("ply", "pcd", "npy", "text"), "depth": IMAGE_FORMATS + ("npy",),
-    "imu": ("npy", "text"),
-}
-
-
-def accepted_table() -> str:
-    """The accepted-extensions table as Markdown (for the UI)."""
-    rows = ["| input | file types |", "|---|---|"]
-    rows += [f"| {kind} | {' '.join(exts)} |" for kind, exts in ACCEPTED_EXTENSIONS.items()]
-    return "\n".join(rows)
-
-
-def _lacks_video_stream(path: Path) -> bool:
-    """True only when the container opens and has no video track (a damaged file stays "video")."""
-    import decord
-
-    try:
-        decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    except Exception as exc:
-        return "video stream" in str(exc).lower()
-    return False
-
-
-def _npy_kind(path: Path) -> str:
-    from ibllm.media.pointio import npy_header
-
-    shape, _ = npy_header(path)
-    dims = [d for d in shape if d != 1]
-    if len(shape) == 2 and shape[0] == 6 and shape[1] > 6:
-        return "imu"
-    if len(shape) == 2 and 3 <= shape[1] <= 16:
-        return "point"
-    if len(dims) == 2 and len(shape) <= 3:
-        return "depth"
-    raise MediaError(f"{path.name}: cannot tell what a {shape} array is. Point clouds are (N, 3+), IMU (6, T), "
-                     "depth maps (H, W); choose the input type explicitly.")
-
-
-def _table_kind(path: Path) -> str:
-    """A numeric table is a point cloud unless its header names IMU channels or it is a few very long rows
-    (an IMU recording with one row per channel: 6 or 7 rows of T values)."""
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lower()
-        if b"acc" in head or b"gyr" in head:
-            return "imu"
-        fh.seek(0)
-        lines, widest = 0, 0
-        for line in fh:  # stops after a few lines: a point cloud has thousands
-            fields = len(re.split(rb"[,;\s]+", line.strip()))
-            if line.strip():
-                lines, widest = lines + 1, max(widest, fields)
-            if lines > 7:
-                return "point"
-    return "imu" if 6 <= lines <= 7 and widest > 16 else "point"
-
-
-def _txt_kind(path: Path) -> str:
-    """A .txt holds either prose (text) or a numeric table (point cloud, or IMU: see ``_table_kind``)."""
-    lines = [ln for ln in path.read_bytes()[:8192].splitlines() if ln.strip()][:20]
-    numeric = sum(bool(re.fullmatch(rb"[\s,;]*([-+0-9.eE]+[\s,;]+){2,}[-+0-9.eE]+[\s,;]*", ln)) for ln in lines)
-    if lines and numeric >= max(1, len(lines) // 2):
-        return _table_kind(path)
-    return "text"
-
-
-def detect_modality(path: str | Path) -> str:
-    """The media kind of a file (one of MEDIA_KINDS), from its extension checked against its content.
-
-    Rules where an extension is shared: an MP4/WebM/MKV without a video track is "audio"; a 16-bit grayscale
-    PNG is "depth"; ``.npy`` is "imu" for (6, T), "point" for (N, 3..16), "depth" for (H, W); ``.csv`` is
-    "imu" when its header mentions acc/gyr, else "point"; ``.txt`` is "text" unless it is a numeric table.
-    "thermal" is never guessed (a thermal image looks like any grayscale photo): choose it explicitly.
-    """
-    p = Path(path)
-    ext = p.suffix.lower()
-    check_file(p, Limits(max_file_bytes=1 << 62))  # existence, emptiness, pickle extensions; size is the loader's
-    fmt = sniff(p)
-    if fmt in ("pickle", "zip"):
-        raise MediaError(f"{p.name} is a {describe(fmt)}; pickled files can run arbitrary code when loaded, so "
-                         "they are never opened. Upload the data as .npy, .ply, .csv or a media file.")
-    kind = _DEFAULT_KIND.get(ext)
-    if kind is None:
-        kind = _KIND_OF_FORMAT.get(fmt)
-        if kind is None:
-            raise MediaError(f"{p.name}: unrecognised file type ({describe(fmt)}). "
-                             f"Accepted: {' '.join(ALL_EXTENSIONS)}")
-    if fmt not in _FORMATS_OF_KIND[kind] and not (kind == "video" and fmt in AUDIO_FORMATS):
-        raise MediaError(f"{p.name} is named like a {kind} file but its content looks like {describe(fmt)}. "
-                         f"Accepted for {kind}: {' '.join(ACCEPTED_EXTENSIONS[kind])}")
-    if kind == "video" and (fmt not in VIDEO_FORMATS or _lacks_video_stream(p)):
-        return "audio"
-    if kind == "image" and fmt == "png":
-        from PIL import Image
-
-        try:
-            with Image.open(p) as img:
-                if img.mode.startswith("I;16") or img.mode == "I":
-                    return "depth"
-        except Exception:
-            pass  # the image loader gives the proper error
-    if kind == "point" and fmt == "npy":
-        return _npy_kind(p)
-    if ext == ".csv":
-        return _table_kind(p)
-    if ext == ".txt":
-        return _txt_kind(p)
-    return kind
-
-
-def _loaders() -> dict[str, Callable[..., torch.Tensor]]:
-    from ibllm.media.audio import load_audio
-    from ibllm.media.depth import load_depth
-    from ibllm.media.image import load_image
-    from ibllm.media.imu import load_imu
-    from ibllm.media.point import load_point
-    from ibllm.media.text import load_text
-    from ibllm.media.thermal import load_thermal
-    from ibllm.media.video import load_video
-
-    return {"image": load_image, "video": load_video, "audio": load_audio, "text": load_text, "point": load_point,
-            "depth": load_depth, "thermal": load_thermal, "imu": load_imu}
+"""Media kind -> its loader ``(path, cfg, limits) -> tensor``."""
 
 
 def load_media(path: str | Path, modality: str | None = None, cfg: ImageBindConfig | None = None,
                limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
-    """File -> encoder-ready tensor without a batch axis. ``modality`` (a MEDIA_KINDS name) overrides detection."""
+    """File -> encoder-ready tensor without a batch axis. ``modality`` (a media kind) overrides detection."""
     kind = modality or detect_modality(path)
     if kind not in MEDIA_KINDS:
         raise MediaError(f"unknown input type {kind!r}; choose one of {', '.join(MEDIA_KINDS)}")
-    return _loaders()[kind](path, cfg or ImageBindConfig(), limits)
+    return LOADERS[kind](path, cfg or ImageBindConfig(), limits)
 
 
-__all__ = ["MediaError", "Limits", "DEFAULT_LIMITS", "MEDIA_KINDS", "ENCODER_BRANCH", "ACCEPTED_EXTENSIONS",
-           "ALL_EXTENSIONS", "accepted_table", "detect_modality", "load_media"]
+__all__ = ["MediaError", "Limits", "DEFAULT_LIMITS", "LOADERS", "accepted_table", "detect_modality", "load_media"]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import decord
 import numpy as np
 import soundfile as sf
 import torch
@@ -197,8 +198,6 @@ def _decord_audio(path: str | Path, fmt: str, limits: Limits) -> torch.Tensor:
             "Convert it to WAV, FLAC, MP3 or M4A and upload it again."
         )
     rate, pre_skip = audio_stream_info(path, fmt)
-    import decord  # imported here: it loads FFmpeg, which the other modalities never need
-
     try:
         # sample_rate=-1: the file's own rate. decord's resampler (FFmpeg's swresample) would delay the signal
         # by its filter length (17 samples for 44.1 kHz AAC) against the same recording decoded by soundfile.
@@ -239,8 +238,6 @@ def _output_rate(declared: int | None, samples: int, seconds: float | None) -> i
 
 
 def _video_duration(path: str | Path) -> float | None:
-    import decord
-
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         n = len(vr)

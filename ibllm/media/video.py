@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import decord
 import numpy as np
 import torch
 
@@ -86,8 +87,6 @@ def frames_to_clip(frames: np.ndarray, size: int) -> torch.Tensor:
 
 
 def _open(path: str | Path, limits: Limits):
-    import decord  # loads FFmpeg; only the video/audio paths need it
-
     name = Path(path).name
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)

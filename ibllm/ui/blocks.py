@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from ibllm.engine import ChatEngine
+from ibllm.kinds import ALL_EXTENSIONS
 from ibllm.types import ModelInfo
 from ibllm.ui.chat import NEIGHBOUR_HEADERS, ChatHandler
 from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
@@ -42,9 +43,8 @@ CSS = """
 
 def accepted_extensions() -> list[str]:
     """The upload filter: every extension the media loaders accept, plus the ones they refuse with a reason."""
-    from ibllm.media import ACCEPTED_EXTENSIONS
 
-    return sorted({e for exts in ACCEPTED_EXTENSIONS.values() for e in exts} | set(REFUSED_WITH_A_REASON))
+    return sorted(set(ALL_EXTENSIONS) | set(REFUSED_WITH_A_REASON))
 
 
 def accepted_markdown() -> str:

@@ -17,14 +17,13 @@ from typing import Any
 
 import gradio as gr
 
+import ibllm.ui.previews as previews
 from ibllm.engine import ChatEngine
+from ibllm.kinds import KINDS
 from ibllm.media.errors import MediaError
 from ibllm.types import Attachment
-from ibllm.ui import previews
 from ibllm.ui.history import normalise_history, unique
 
-ICONS = {"image": "🖼️", "video": "🎬", "audio": "🔊", "point": "🧊", "depth": "🌊", "thermal": "🌡️", "imu": "📈",
-         "text": "📝"}
 DEFAULT_WEIGHT = 1.0
 class RequestError(ValueError):
     """Malformed API weights or modalities: reported in the chat like a media problem, but no file is at fault."""
@@ -97,10 +96,9 @@ def display_name(path: str) -> str:
 def modality_choices(path: str, detected: str) -> list[str]:
     """The modalities a file could be read as: the detected one first, then the others its extension allows
     (a PNG can be a photo, a depth map or a thermal image; detection never guesses thermal)."""
-    from ibllm.media import ACCEPTED_EXTENSIONS
 
     ext = os.path.splitext(path)[1].lower()
-    others = [kind for kind, exts in ACCEPTED_EXTENSIONS.items() if ext in exts and kind != detected]
+    others = [k.name for k in KINDS.values() if ext in k.extensions and k.name != detected]
     return [detected, *others]
 
 
@@ -238,8 +236,8 @@ def render_panel(demo: gr.Blocks, items: gr.State, weights: gr.State, modalities
                     gr.Markdown(f"⚠️ **{row['name']}**: {row['error']}")
                     continue
                 status = " · *sent with your next message*" if row["pending"] else ""
-                gr.Markdown(f"{ICONS.get(row['modality'], '📎')} **{row['name']}** · {row['modality']}{status}",
-                            key=f"title-{path}")
+                icon = KINDS[row["modality"]].icon if row["modality"] in KINDS else "📎"
+                gr.Markdown(f"{icon} **{row['name']}** · {row['modality']}{status}", key=f"title-{path}")
                 _preview(row)
                 choices = modality_choices(path, row["modality"])
                 if len(choices) > 1:
