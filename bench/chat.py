@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ibllm.cli import add_weights_arguments, weights_kwargs  # noqa: E402
+from ibllm.config import GenerationConfig  # noqa: E402
 from ibllm.factory import create_engine  # noqa: E402
-from ibllm.types import Attachment, GenerationOptions  # noqa: E402
+from ibllm.types import Attachment  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     print(f"model: {model.info.name} ({model.info.weights}); {model.info.device} {model.info.dtype}; "
           f"load {time.perf_counter() - t0:.2f} s")
     gallery = json.loads((REPO / "examples" / "toy" / "gallery.json").read_text())["examples"]
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    options = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
     print(f"{'example':<20} {'inputs':<14} {'cold TTFT':>10} {'warm TTFT':>10} {'encode':>8} {'retrieve':>9} "
           f"{'bind':>6} {'prefill':>8} {'decode tok/s':>13}")
     for ex in gallery:

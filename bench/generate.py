@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ibllm.cache import VisualCache, configure_faiss  # noqa: E402
-from ibllm.config import LLAMA_7B, LLAMA_TOY, LlamaConfig, replace  # noqa: E402
+from ibllm.config import LLAMA_7B, LLAMA_TOY, GenerationConfig, LlamaConfig, replace  # noqa: E402
 from ibllm.llm.generate import generate_tokens  # noqa: E402
 from ibllm.llm.llama import Transformer, init_weights  # noqa: E402
 
@@ -76,14 +76,13 @@ def bench_llm(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, prompt
                 model(x, 0, injection, last_only=True)
             sync(device)
             prefill_s = (time.perf_counter() - t0) / repeats
-        list(generate_tokens(model, prompt, injection, max_new_tokens=4, temperature=0.0, eos_id=-1))  # warm-up
+        list(generate_tokens(model, prompt, injection, GenerationConfig.greedy(4), eos_id=-1))  # warm-up
         best = math.inf
         for _ in range(repeats):
             sync(device)
             t0 = time.perf_counter()
             # prefill + new_tokens decode steps; subtract the prefill to get the decode rate
-            n = len(list(generate_tokens(model, prompt, injection, max_new_tokens=new_tokens, temperature=0.0,
-                                         eos_id=-1)))
+            n = len(list(generate_tokens(model, prompt, injection, GenerationConfig.greedy(new_tokens), eos_id=-1)))
             sync(device)
             best = min(best, time.perf_counter() - t0 - prefill_s)
         decode_tps = (n - 1) / best  # the first token comes from the prefill

@@ -197,12 +197,12 @@ class VisualCache:
             out = self.index.reconstruct_batch(flat)
         return out.reshape(*np.shape(rows), self.dim)
 
-    def mix(self, v: torch.Tensor, k: int = 10, t: float = 20.0, weight: float = 0.5) -> torch.Tensor:
+    def mix(self, v: torch.Tensor, k: int, t: float, weight: float) -> torch.Tensor:
         """``normalise((1 - weight) v + weight normalise(softmax(t s) @ P))`` for fused features v (B, E)."""
         return self.mix_with_neighbours(v, k, t, weight)[0]
 
-    def mix_with_neighbours(self, v: torch.Tensor, k: int = 10, t: float = 20.0,
-                            weight: float = 0.5) -> tuple[torch.Tensor, SearchResult]:
+    def mix_with_neighbours(self, v: torch.Tensor, k: int, t: float,
+                            weight: float) -> tuple[torch.Tensor, SearchResult]:
         """``mix`` plus what was retrieved (for the UI's neighbour view)."""
         squeeze = v.ndim == 1
         v2 = v[None] if squeeze else v

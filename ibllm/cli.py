@@ -1,16 +1,28 @@
 """``python -m ibllm COMMAND``: generate, doctor, parity, merge-chinese, build-cache.
 
-Weights options are shared with ``app.py``: no weights options serve the embedded default model.
+The weights options (``add_weights_arguments``) are the ones ``app.py`` takes too: none serve the embedded
+default model. Generation and visual-cache options default to ``None``, meaning "the loaded model's own
+settings" (``ModelConfig.generation`` / ``visual_cache``), so every front end serves the same defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from ibllm.cache import VisualCache
+from ibllm.doctor import doctor
+from ibllm.factory import create_engine
 from ibllm.kinds import KINDS, MEDIA_KINDS
+from ibllm.media.errors import MediaError
+from ibllm.types import Attachment
+from ibllm.weights import merge_chinese_delta
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +40,18 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=int, default=512, help="context length of the official model")
 
 
-def weights_kwargs(args: argparse.Namespace) -> dict:
-    return {"llama_dir": args.llama_dir, "tokenizer": args.tokenizer, "adapter": args.adapter,
-            "imagebind": args.imagebind, "knn_index": args.knn_index, "assets": args.assets,
-            "device": args.device, "dtype": args.dtype, "max_seq_len": args.max_seq_len}
+WEIGHTS_OPTIONS = ("llama_dir", "tokenizer", "adapter", "imagebind", "knn_index", "assets", "device", "dtype",
+                   "max_seq_len")
+
+
+def weights_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The weights options as ``create_engine`` keyword arguments."""
+    return {name: getattr(args, name) for name in WEIGHTS_OPTIONS}
+
+
+def overridden(config: Any, **values: Any) -> Any:
+    """A copy of a frozen settings dataclass with the options that were given (not None) replaced."""
+    return dataclasses.replace(config, **{k: v for k, v in values.items() if v is not None})
 
 
 def parse_weighted(value: str) -> tuple[str, float]:
@@ -46,10 +66,6 @@ def parse_weighted(value: str) -> tuple[str, float]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from ibllm.factory import create_engine
-    from ibllm.media.errors import MediaError
-    from ibllm.types import Attachment, CacheOptions, GenerationOptions
-
     attachments = []
     for modality in MEDIA_KINDS:
         for value in getattr(args, modality) or []:
@@ -57,15 +73,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             attachments.append(Attachment(path, modality, weight))
     model = create_engine(**weights_kwargs(args))
     print(f"[{model.info.name}: {model.info.weights}; {model.info.device} {model.info.dtype}]", file=sys.stderr)
-    defaults = model.cfg.generation
-    generation = GenerationOptions(
-        max_new_tokens=args.max_new_tokens or defaults.max_new_tokens,
-        temperature=defaults.temperature if args.temperature is None else args.temperature,
-        top_p=args.top_p, seed=args.seed)
-    cache = CacheOptions(enabled=not args.no_cache, size=args.cache_size, temperature=args.cache_t,
-                         weight=args.cache_weight)
+    generation = overridden(model.cfg.generation, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    visual_cache = overridden(model.cfg.visual_cache, enabled=False if args.no_cache else None,
+                              top_k=args.cache_size, temperature=args.cache_t, weight=args.cache_weight)
     try:
-        for event in model.chat(args.question, attachments=attachments, cache=cache, generation=generation):
+        for event in model.chat(args.question, attachments=attachments, visual_cache=visual_cache,
+                                generation=generation):
             sys.stdout.write(event.delta)
             sys.stdout.flush()
     except MediaError as exc:
@@ -83,8 +97,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from ibllm.doctor import doctor
-
     return doctor(llama_dir=args.llama_dir, adapter=args.adapter, imagebind=args.imagebind,
                   knn_index=args.knn_index, tokenizer=args.tokenizer)
 
@@ -95,7 +107,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     # AMD EPYC; 1.8e-7 with the pinned path). Its conditional numerical reproducibility mode makes the comparison
     # independent of the CPU. It must be set before torch first calls MKL, so before ibllm.parity is imported.
     os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-    from ibllm import parity
+    from ibllm import parity  # imported after the line above; importing calls no MKL routine, running does
 
     results = parity.run(args.dir, only=args.only)
     print(parity.report(results))
@@ -103,29 +115,19 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_chinese(args: argparse.Namespace) -> int:
-    from ibllm.weights import merge_chinese_delta
-
     out = merge_chinese_delta(args.llama_dir, args.delta_dir, args.out)
     print(f"wrote 7B_chinese to {out}")
     return 0
 
 
 def _cmd_build_cache(args: argparse.Namespace) -> int:
-    from ibllm.cache import VisualCache
-
     if args.from_index:
         cache = VisualCache.load(args.from_index)
         print(f"read {len(cache)} vectors of {cache.dim}-d; building HNSW (once; this can take a while)")
         cache.to_hnsw().save(args.out)
     else:
-        import torch
-
-        from ibllm.factory import create_engine
-        from ibllm.types import Attachment
-
         model = create_engine(**weights_kwargs(args))
-        images = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png",
-                                                                                          ".webp", ".bmp"})
+        images = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in KINDS["image"].extensions)
         if not images:
             print(f"no images under {args.images}", file=sys.stderr)
             return 1
@@ -149,14 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     for modality in MEDIA_KINDS:
         p.add_argument(f"--{modality}", action="append", metavar="FILE[@WEIGHT]",
                        help=f"{KINDS[modality].label} input (repeatable; @WEIGHT sets its mixing weight, default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
-    p.add_argument("--top-p", type=float, default=0.75)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-cache", action="store_true", help="do not mix in the visual cache")
-    p.add_argument("--cache-size", type=int, default=10)
-    p.add_argument("--cache-t", type=float, default=20.0)
-    p.add_argument("--cache-weight", type=float, default=0.5)
+    g = p.add_argument_group("generation and visual cache (default: the loaded model's own settings)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--no-cache", action="store_true", help="do not mix in the visual cache")
+    g.add_argument("--cache-size", type=int, help="neighbours retrieved (top-k)")
+    g.add_argument("--cache-t", type=float, help="softmax temperature over the neighbours' similarities")
+    g.add_argument("--cache-weight", type=float, help="mix weight of the retrieved feature")
     add_weights_arguments(p)
     p.set_defaults(func=_cmd_generate)
 

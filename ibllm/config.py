@@ -111,22 +111,33 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    """Visual cache (Tip-Adapter-style retrieval) defaults of the reference demo."""
+class VisualCacheConfig:
+    """How the visual cache (Tip-Adapter-style retrieval, REFERENCE.md section 5) mixes neighbours into a feature.
 
-    cache_size: int = 10
-    cache_t: float = 20.0
-    cache_weight: float = 0.5
+    The defaults are the reference demo's; a model's config (``ModelConfig.visual_cache``) holds its own, which the
+    engine, the CLI, the UI's sliders and the API all start from. A request may pass another instance.
+    """
+
+    enabled: bool = True
+    top_k: int = 10  # neighbours retrieved
+    temperature: float = 20.0  # softmax temperature multiplier on their similarities
+    weight: float = 0.5  # mix weight of the retrieved feature (0: the input's own feature only)
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampling defaults of the reference demo (REFERENCE.md section 4)."""
+    """Sampling settings of one answer. Defaults: the reference demo's (REFERENCE.md section 4); a model's config
+    (``ModelConfig.generation``) holds its own, which every front end serves unless a request says otherwise."""
 
-    temperature: float = 0.1
-    top_p: float = 0.75
     max_new_tokens: int = 128
-    seed: int | None = None
+    temperature: float = 0.1  # 0 = greedy
+    top_p: float = 0.75
+    seed: int | None = None  # None: a fresh random seed per answer
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int) -> GenerationConfig:
+        """Argmax decoding of at most ``max_new_tokens`` (evaluation, parity, tests)."""
+        return cls(max_new_tokens=max_new_tokens, temperature=0.0)
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,7 @@ class ModelConfig:
     imagebind: ImageBindConfig = field(default_factory=ImageBindConfig)
     llama: LlamaConfig = field(default_factory=LlamaConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    visual_cache: VisualCacheConfig = field(default_factory=VisualCacheConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,7 +230,7 @@ PRESETS: dict[str, ModelConfig] = {
         imagebind=IMAGEBIND_TOY,
         llama=LLAMA_TOY,
         adapter=AdapterConfig(query_layer=LLAMA_TOY.n_layers, bridge_hidden=4 * LLAMA_TOY.dim),
-        cache=CacheConfig(cache_size=10, cache_t=20.0, cache_weight=0.5),
+        # Greedy, 48 tokens: what the evaluation measured the shipped toy model with (its answers are short).
         generation=GenerationConfig(temperature=0.0, max_new_tokens=48),
     ),
 }
@@ -278,13 +289,13 @@ def from_reference_json(path: str | Path) -> ModelConfig:
         bridge_hidden=ad.get("bridge_hidden", 4 * llama.dim),
     )
     kn = raw.get("knn", {})
-    cache = CacheConfig(cache_size=kn.get("cache_size", 10), cache_t=float(kn.get("cache_t", 20.0)),
-                        cache_weight=float(kn.get("cache_weight", 0.5)))
+    visual_cache = VisualCacheConfig(top_k=kn.get("cache_size", 10), temperature=float(kn.get("cache_t", 20.0)),
+                                     weight=float(kn.get("cache_weight", 0.5)))
     return ModelConfig(name=raw.get("fixture", "reference"), imagebind=imagebind, llama=llama, adapter=adapter,
-                       cache=cache)
+                       visual_cache=visual_cache)
 
 
 __all__ = [
-    "TrunkConfig", "PointConfig", "ImageBindConfig", "LlamaConfig", "AdapterConfig", "CacheConfig",
+    "TrunkConfig", "PointConfig", "ImageBindConfig", "LlamaConfig", "AdapterConfig", "VisualCacheConfig",
     "GenerationConfig", "ModelConfig", "PRESETS", "from_name", "from_reference_json", "replace",
 ]

@@ -11,13 +11,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ibllm.bind import fuse
 from ibllm.cache import VisualCache
-from ibllm.config import ModelConfig
+from ibllm.config import GenerationConfig, ModelConfig, VisualCacheConfig
 from ibllm.kinds import KINDS
 from ibllm.llm.generate import generate_tokens
 from ibllm.llm.prompt import build_chat_prompt
@@ -28,9 +29,7 @@ from ibllm.media.errors import MediaError
 from ibllm.model import ImageBindLLM
 from ibllm.types import (
     Attachment,
-    CacheOptions,
     ChatEvent,
-    GenerationOptions,
     ModelInfo,
     Neighbour,
     Timings,
@@ -49,7 +48,7 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-class EmbeddingCache:
+class EmbeddingMemo:
     """(content hash, modality) -> embedding, least recently used dropped first. Shared by all sessions: the
     key is the file's content, so one user's upload can only ever be reused for the very same bytes."""
 
@@ -77,19 +76,24 @@ class EmbeddingCache:
 
 
 class ChatEngine:
-    """The loaded model plus everything a chat needs: tokenizer, visual cache, embedding cache, one lock."""
+    """The loaded model plus everything a chat needs: tokenizer, visual cache, the memo of encoded inputs, one lock.
 
-    def __init__(self, net: ImageBindLLM, tokenizer: Tokenizer, *, cache: VisualCache | None = None,
+    Four things here have "cache" in their name, each one job: ``visual_cache`` (the paper's retrieval cache of
+    image features), ``embeddings`` (the memo of encoder outputs per file content), the KV cache inside the
+    language model, and ``VisualCacheConfig`` (how a request uses the visual cache).
+    """
+
+    def __init__(self, net: ImageBindLLM, tokenizer: Tokenizer, *, visual_cache: VisualCache | None = None,
                  info: ModelInfo | None = None):
         self.net = net.eval()
         self.cfg: ModelConfig = net.cfg
         self.tokenizer = tokenizer
-        self.cache = cache
+        self.visual_cache = visual_cache
         param = next(net.llama.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.info = info or ModelInfo(name=self.cfg.name, weights="(unspecified)", device=str(self.device),
                                       dtype=str(self.dtype).replace("torch.", ""), is_default=False, trained=True)
-        self.embeddings = EmbeddingCache()
+        self.embeddings = EmbeddingMemo()
         self._generate_lock = threading.Lock()  # one KV cache: one generation at a time
         self._blank: torch.Tensor | None = None
 
@@ -136,11 +140,11 @@ class ChatEngine:
         embeddings = [self.embed(a)[None] for a in kept]
         return fuse(embeddings, [a.weight for a in kept])
 
-    def _retrieve(self, feature: torch.Tensor, options: CacheOptions) -> tuple[torch.Tensor, list[Neighbour]]:
-        if self.cache is None or not options.enabled or options.size <= 0 or options.weight <= 0:
+    def _retrieve(self, feature: torch.Tensor, options: VisualCacheConfig) -> tuple[torch.Tensor, list[Neighbour]]:
+        if self.visual_cache is None or not options.enabled or options.top_k <= 0 or options.weight <= 0:
             return feature, []
-        k = min(int(options.size), self.cache.index.ntotal)
-        mixed, found = self.cache.mix_with_neighbours(feature, k, options.temperature, options.weight)
+        k = min(int(options.top_k), self.visual_cache.index.ntotal)
+        mixed, found = self.visual_cache.mix_with_neighbours(feature, k, options.temperature, options.weight)
         neighbours = [
             Neighbour(index=int(found.rows[0, j]), similarity=float(found.sims[0, j]),
                       caption=found.captions[0][j] if found.captions else None,
@@ -149,21 +153,24 @@ class ChatEngine:
         ]
         return mixed, neighbours
 
-    def neighbours(self, attachments: Sequence[Attachment], cache: CacheOptions | None = None) -> list[Neighbour]:
-        """What the visual cache retrieves for these inputs (for the UI's inspector)."""
+    def neighbours(self, attachments: Sequence[Attachment],
+                   visual_cache: VisualCacheConfig | None = None) -> list[Neighbour]:
+        """What the visual cache retrieves for these inputs (for the UI's inspector), even where it is switched off."""
         feature = self.fused_feature(attachments)
         if feature is None:
             return []
-        return self._retrieve(feature, cache or CacheOptions(enabled=True))[1]
+        return self._retrieve(feature, replace(visual_cache or self.cfg.visual_cache, enabled=True))[1]
 
     # -- chat -------------------------------------------------------------------------------------------------
 
     def chat(self, message: str, *, history: Sequence[Turn] = (), attachments: Sequence[Attachment] = (),
-             cache: CacheOptions | None = None, generation: GenerationOptions | None = None,
+             visual_cache: VisualCacheConfig | None = None, generation: GenerationConfig | None = None,
              should_stop: Callable[[], bool] | None = None) -> Iterator[ChatEvent]:
-        """Stream the answer to ``message``: ChatEvents with text deltas, then a final one with ``done=True``."""
-        cache = cache or CacheOptions()
-        generation = generation or GenerationOptions()
+        """Stream the answer to ``message``: ChatEvents with text deltas, then a final one with ``done=True``.
+
+        ``visual_cache`` / ``generation`` default to the model's own settings (``self.cfg``)."""
+        visual_cache = visual_cache or self.cfg.visual_cache
+        generation = generation or self.cfg.generation
         timings = Timings()
 
         t0 = time.perf_counter()
@@ -174,7 +181,7 @@ class ChatEngine:
             feature = self._blank_feature()
         else:
             t0 = time.perf_counter()
-            feature, neighbours = self._retrieve(feature, cache)
+            feature, neighbours = self._retrieve(feature, visual_cache)
             timings.cache = time.perf_counter() - t0
 
         max_new = max(1, min(int(generation.max_new_tokens), self.cfg.llama.max_seq_len - MIN_ANSWER_TOKENS))
@@ -189,8 +196,7 @@ class ChatEngine:
             timings.bind = time.perf_counter() - t0
             streamer = TextStreamer(self.tokenizer.decode)
             tokens = generate_tokens(
-                self.net.llama, prompt.ids, injection, max_new_tokens=max_new,
-                temperature=generation.temperature, top_p=generation.top_p, seed=generation.seed,
+                self.net.llama, prompt.ids, injection, replace(generation, max_new_tokens=max_new),
                 eos_id=self.tokenizer.eos_id, vocab_limit=self.tokenizer.vocab_size, should_stop=should_stop)
             t0 = time.perf_counter()
             first = True

@@ -92,7 +92,7 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | No
     info = ModelInfo(name=f"toy ({cfg.name})", weights=description, device=str(dev), dtype=str(dt).split(".")[-1],
                      is_default=True, trained=trained, cache_entries=cache.index.ntotal if cache else 0,
                      how_to_load_real=HOW_TO_LOAD_REAL)
-    return ChatEngine(net, tokenizer, cache=cache, info=info)
+    return ChatEngine(net, tokenizer, visual_cache=cache, info=info)
 
 
 def config_from_adapter(adapter_state: dict[str, torch.Tensor], llama: LlamaConfig,
@@ -158,7 +158,7 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
         name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
         f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=str(dt).split(".")[-1],
         is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0)
-    return ChatEngine(net, tok, cache=cache, info=info)
+    return ChatEngine(net, tok, visual_cache=cache, info=info)
 
 
 def create_engine(*, llama_dir: str | None = None, adapter: str | None = None, imagebind: str | None = None,

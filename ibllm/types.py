@@ -23,24 +23,6 @@ class Turn:
 
 
 @dataclass(frozen=True)
-class CacheOptions:
-    """Visual cache (retrieval) settings; defaults are the reference demo's."""
-
-    enabled: bool = True
-    size: int = 10  # top-k neighbours
-    temperature: float = 20.0  # softmax temperature multiplier on similarities
-    weight: float = 0.5  # mix weight of the retrieved feature
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    max_new_tokens: int = 128
-    temperature: float = 0.1  # 0 = greedy
-    top_p: float = 0.75
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
 class Neighbour:
     """A visual-cache entry retrieved for the fused feature (shown by the UI's inspector)."""
 

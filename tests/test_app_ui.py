@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
@@ -104,10 +105,28 @@ def test_modality_choice():
 
 def test_options_conversion():
     c = to_cache_options(False, 7.0, 15.0, 1.5)
-    assert (c.enabled, c.size, c.temperature, c.weight) == (False, 7, 15.0, 1.0)
+    assert (c.enabled, c.top_k, c.temperature, c.weight) == (False, 7, 15.0, 1.0)
     g = to_generation_options(32.0, 0.0, 0.9, -1)
     assert (g.max_new_tokens, g.temperature, g.top_p, g.seed) == (32, 0.0, 0.9, None)
     assert to_generation_options(32, 0.5, 0.9, 42.0).seed == 42
+
+
+def test_the_ui_serves_the_models_own_defaults():
+    from dataclasses import replace
+
+    from ibllm import create_engine
+    from ibllm.ui import build_demo
+
+    engine = create_engine()
+    # The shipped model's own settings (greedy, 48 tokens), not the reference demo's (0.1, 128).
+    engine.cfg = replace(engine.cfg, generation=replace(engine.cfg.generation, max_new_tokens=37, top_p=0.6),
+                         visual_cache=replace(engine.cfg.visual_cache, top_k=4, weight=0.3))
+    sliders = {b.label: b.value for b in build_demo(engine, gallery=None).blocks.values()
+               if isinstance(b, gr.Slider | gr.Checkbox)}
+    assert sliders["Max new tokens"] == 37 and sliders["Top-p"] == 0.6
+    assert sliders["Temperature"] == engine.cfg.generation.temperature
+    assert sliders["Cache size (top-k neighbours)"] == 4 and sliders["Cache weight"] == 0.3
+    assert sliders["Use the visual cache"] is engine.cfg.visual_cache.enabled
 
 
 def test_point_cloud_preview_is_point_only_ply(tmp_path):
@@ -192,7 +211,7 @@ def test_gallery_follows_the_weights():
 
     toy = load_default()
     # The same network presented as real weights: the constructor takes the info the UI reads.
-    real = ChatEngine(toy.net, toy.tokenizer, cache=toy.cache,
+    real = ChatEngine(toy.net, toy.tokenizer, visual_cache=toy.visual_cache,
                         info=dataclasses.replace(toy.info, name="ImageBind-LLM 7B", is_default=False))
     assert gallery_for(toy.info) == DEFAULT_GALLERY and gallery_for(real.info) == REAL_GALLERY
 
@@ -213,9 +232,16 @@ def test_app_flags(monkeypatch):
     import app
 
     monkeypatch.setenv("GRADIO_SERVER_PORT", "8123")
-    args = app.build_parser().parse_args(["--adapter", "7B.pth", "--device", "cpu"])
+    args = app.build_parser().parse_args(["--adapter", "7B.pth", "--device", "cpu", "--max-seq-len", "256"])
     assert (args.host, args.port) == ("127.0.0.1", 8123)
-    assert app.model_kwargs(args) == {"adapter": "7B.pth", "device": "cpu"}
+    given = {k: v for k, v in app.weights_kwargs(args).items() if v is not None}
+    assert given == {"adapter": "7B.pth", "device": "cpu", "max_seq_len": 256}
+    # Every weights option of the CLI is an option of the app (one definition).
+    from ibllm.cli import build_parser
+
+    generate = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                    if a.dest == "llama_dir")
+    assert generate.help == next(a for a in app.build_parser()._actions if a.dest == "llama_dir").help
 
 
 def test_blocks_are_offline_and_share_one_model_slot():

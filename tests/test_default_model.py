@@ -44,11 +44,12 @@ def gallery() -> dict[str, dict[str, Any]]:
 
 
 def _ask(engine: Any, entry: dict[str, Any], cache: bool = True) -> str:
-    from ibllm.types import Attachment, CacheOptions, GenerationOptions
+    from ibllm.config import GenerationConfig, VisualCacheConfig
+    from ibllm.types import Attachment
 
     files = [Attachment(str(GALLERY.parent / f["path"]), f["modality"], f["weight"]) for f in entry["files"]]
-    return engine.answer(entry["question"], attachments=files, cache=CacheOptions(enabled=cache),
-                         generation=GenerationOptions(temperature=0.0, max_new_tokens=32))
+    return engine.answer(entry["question"], attachments=files, visual_cache=VisualCacheConfig(enabled=cache),
+                         generation=GenerationConfig(temperature=0.0, max_new_tokens=32))
 
 
 def test_default_is_the_trained_toy_model(engine: Any) -> None:
@@ -68,9 +69,9 @@ def test_gallery_answer_names_the_right_thing(engine: Any, gallery: dict[str, di
 
 
 def test_text_only_question_gets_an_answer(engine: Any) -> None:
-    from ibllm.types import GenerationOptions
+    from ibllm.config import GenerationConfig
 
-    answer = engine.answer("What colour is it?", generation=GenerationOptions(temperature=0.0, max_new_tokens=16))
+    answer = engine.answer("What colour is it?", generation=GenerationConfig(temperature=0.0, max_new_tokens=16))
     assert answer.strip()
 
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from ibllm import create_engine
+from ibllm.config import GenerationConfig, VisualCacheConfig
 from ibllm.media.errors import MediaError
-from ibllm.types import Attachment, CacheOptions, GenerationOptions, Turn
+from ibllm.types import Attachment, Turn
 from tests.conftest import REPO
 
 EXAMPLES = REPO / "examples" / "toy"
 IMAGE = Attachment(str(EXAMPLES / "red_cube_image.png"), "image")
 AUDIO = Attachment(str(EXAMPLES / "bell_torus_audio.wav"), "audio")
-GREEDY = GenerationOptions(max_new_tokens=12, temperature=0.0)
+GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_streamed_deltas_add_up_to_the_answer(model):
 
 
 def test_sampling_is_reproducible_with_a_seed(model):
-    opts = GenerationOptions(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    opts = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
     first = model.answer("Describe it.", attachments=[AUDIO], generation=opts)
     assert model.answer("Describe it.", attachments=[AUDIO], generation=opts) == first
 
@@ -64,20 +65,21 @@ def test_cache_off_and_on_give_the_engine_different_features(model):
 
     dim = model.cfg.imagebind.out_embed_dim
     vectors = torch.nn.functional.normalize(torch.randn(64, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
-    saved, model.cache = model.cache, VisualCache.build(vectors, captions=[f"entry {i}" for i in range(64)])
+    cache = VisualCache.build(vectors, captions=[f"entry {i}" for i in range(64)])
+    saved, model.visual_cache = model.visual_cache, cache
     try:
         feature = model.fused_feature([AUDIO])
-        mixed, neighbours = model._retrieve(feature, CacheOptions(enabled=True, size=5))
+        mixed, neighbours = model._retrieve(feature, VisualCacheConfig(enabled=True, top_k=5))
         assert len(neighbours) == 5 and not torch.allclose(mixed, feature)
         sims = [n.similarity for n in neighbours]
         assert sims == sorted(sims, reverse=True) and neighbours[0].caption == f"entry {neighbours[0].index}"
-        same, none = model._retrieve(feature, CacheOptions(enabled=False))
+        same, none = model._retrieve(feature, VisualCacheConfig(enabled=False))
         assert none == [] and same is feature
-        events = list(model.chat("What is it?", attachments=[AUDIO], cache=CacheOptions(size=3),
+        events = list(model.chat("What is it?", attachments=[AUDIO], visual_cache=VisualCacheConfig(top_k=3),
                                  generation=GREEDY))
         assert [n.index for n in events[-1].neighbours] == [n.index for n in neighbours[:3]]
     finally:
-        model.cache = saved
+        model.visual_cache = saved
 
 
 def test_stop_flag_ends_the_answer_within_one_token(model):
@@ -87,7 +89,7 @@ def test_stop_flag_ends_the_answer_within_one_token(model):
         return len(produced) >= 3
 
     for event in model.chat("Describe it.", attachments=[IMAGE], should_stop=should_stop,
-                            generation=GenerationOptions(max_new_tokens=40, temperature=1.0, seed=1)):
+                            generation=GenerationConfig(max_new_tokens=40, temperature=1.0, seed=1)):
         if event.delta:
             produced.append(event.delta)
     assert event.done and event.timings.new_tokens <= 4

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from ibllm.checkpoint import CheckpointError
+from ibllm.config import GenerationConfig
 from ibllm.factory import load_official
 from ibllm.llm.generate import generate_tokens
 from ibllm.parity import Fixture
-from ibllm.types import CacheOptions
 from tests.conftest import REPO
 
 TOY_TOKENIZER = REPO / "assets" / "toy" / "tokenizer.model"
@@ -70,14 +70,12 @@ def test_official_layout_reproduces_reference(fixture, tmp_path, merge_lora):
         emb = model.net.image_bind("vision", fixture.inputs["vision"])
         torch.testing.assert_close(emb, exp["emb.vision"], atol=1e-4, rtol=0)
         # The cache mix on the reference's fused feature (sample 0), then greedy generation as generate() did.
-        mixed, neighbours = model._retrieve(exp["mix1.knn.fused_before_knn"][:1], CacheOptions(
-            enabled=True, size=fixture.config.cache.cache_size, temperature=fixture.config.cache.cache_t,
-            weight=fixture.config.cache.cache_weight))
+        mixed, neighbours = model._retrieve(exp["mix1.knn.fused_before_knn"][:1], fixture.config.visual_cache)
         torch.testing.assert_close(mixed, exp["mix1.knn.fused_after_knn"][:1], atol=1e-5, rtol=0)
         assert [n.index for n in neighbours] == exp["mix1.knn.idx"][0].tolist()
         prompt = fixture.raw_config["generation"]["single_knn"]["prompts"][0]
-        tokens = list(generate_tokens(model.net.llama, prompt, model.net.injection(mixed), max_new_tokens=10,
-                                      temperature=0.0, eos_id=2))
+        tokens = list(generate_tokens(model.net.llama, prompt, model.net.injection(mixed), GenerationConfig.greedy(10),
+                                      eos_id=2))
     expected_ids = json.loads((fixture.root / "run_info.json").read_text())["generation_decoded_token_ids"]
     assert tokens == expected_ids["single_knn"][0]
     assert model.info.cache_entries == fixture.knn_vectors.shape[0]

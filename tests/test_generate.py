@@ -1,9 +1,11 @@
 import random
+from dataclasses import replace
 
 import pytest
 import sentencepiece as spm
 import torch
 
+from ibllm.config import GenerationConfig
 from ibllm.llm.generate import generate_batch, generate_tokens, sample, sample_top_p
 from ibllm.llm.stream import TextStreamer, stream_text
 from ibllm.llm.tokenizer import Tokenizer
@@ -25,24 +27,25 @@ class CountingModel:
 
 def test_engine_prefills_once_then_one_token_per_step():
     model = CountingModel()
-    out = list(generate_tokens(model, [1, 5, 6], max_new_tokens=4, temperature=0.0, eos_id=2))
+    out = list(generate_tokens(model, [1, 5, 6], None, GenerationConfig.greedy(4), eos_id=2))
     assert out == [7, 8, 9, 10]
     assert model.calls == [(0, 3), (3, 1), (4, 1), (5, 1)]
 
 
 def test_engine_stops_at_eos_and_at_max_seq_len():
-    assert list(generate_tokens(CountingModel(), [1, 48], max_new_tokens=10, temperature=0.0, eos_id=2)) == [49, 0, 1]
-    capped = list(generate_tokens(CountingModel(max_seq_len=6), [1, 10, 11], max_new_tokens=10, temperature=0.0))
+    assert list(generate_tokens(CountingModel(), [1, 48], None, GenerationConfig.greedy(10), eos_id=2)) == [49, 0, 1]
+    capped = list(generate_tokens(CountingModel(max_seq_len=6), [1, 10, 11], None, GenerationConfig.greedy(10),
+                                  eos_id=2))
     assert capped == [12, 13, 14]  # 3 prompt + 3 new = max_seq_len
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
-        list(generate_tokens(CountingModel(max_seq_len=2), [1, 3, 4], temperature=0.0))
+        list(generate_tokens(CountingModel(max_seq_len=2), [1, 3, 4], None, GenerationConfig.greedy(128), eos_id=2))
 
 
 @pytest.mark.parametrize("stop_after", [0, 1, 3])
 def test_cancellation_stops_within_one_token(stop_after):
     model = CountingModel()
     produced: list[int] = []
-    tokens = generate_tokens(model, [1, 3], max_new_tokens=20, temperature=0.0,
+    tokens = generate_tokens(model, [1, 3], None, GenerationConfig.greedy(20), eos_id=2,
                              should_stop=lambda: len(produced) >= stop_after)
     for t in tokens:
         produced.append(t)
@@ -69,10 +72,10 @@ def test_sampling_is_seeded_and_greedy_at_temperature_zero():
 def test_seeded_generation_repeats_on_a_real_model():
     model = tiny()
     inj = injection_for(model, 1)
-    kwargs = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, eos_id=-1)
-    a = list(generate_tokens(model, [1, 4, 9], inj, seed=7, **kwargs))
-    b = list(generate_tokens(model, [1, 4, 9], inj, seed=7, **kwargs))
-    c = list(generate_tokens(model, [1, 4, 9], inj, seed=8, **kwargs))
+    sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9)
+    a = list(generate_tokens(model, [1, 4, 9], inj, replace(sampled, seed=7), eos_id=-1))
+    b = list(generate_tokens(model, [1, 4, 9], inj, replace(sampled, seed=7), eos_id=-1))
+    c = list(generate_tokens(model, [1, 4, 9], inj, replace(sampled, seed=8), eos_id=-1))
     assert a == b and a != c and len(a) == 12
 
 
@@ -80,7 +83,7 @@ def test_greedy_engine_matches_recomputing_everything():
     model = tiny()
     inj = injection_for(model, 1)
     prompt = [1, 17, 33, 4]
-    got = list(generate_tokens(model, prompt, inj, max_new_tokens=10, temperature=0.0, eos_id=-1))
+    got = list(generate_tokens(model, prompt, inj, GenerationConfig.greedy(10), eos_id=-1))
     seq = list(prompt)
     for _ in range(10):  # no cache: the whole sequence each time
         logits = model(torch.tensor([seq]), 0, inj, use_cache=False)[0, -1]
@@ -98,8 +101,7 @@ def test_batch_generate_ragged_rows_equal_single_runs():
     assert batch.call_num_tokens == [3] + [1] * 8
     assert batch.tokens[1, :6].tolist() == prompts[1]  # prompt positions are forced, never sampled
     for row, prompt in enumerate(prompts):
-        alone = list(generate_tokens(model, prompt, inj[:, row:row + 1], max_new_tokens=6, temperature=0.0,
-                                     eos_id=-1))
+        alone = list(generate_tokens(model, prompt, inj[:, row:row + 1], GenerationConfig.greedy(6), eos_id=-1))
         assert batch.generated[row] == alone
 
 
@@ -149,7 +151,7 @@ def test_streaming_the_engine_output(tokenizer):
             nxt = target[step] if step < len(target) else 2
             return torch.nn.functional.one_hot(torch.tensor([nxt]), tokenizer.vocab_size).float()
 
-    ids = list(generate_tokens(Scripted(), [1], max_new_tokens=50, temperature=0.0, eos_id=2))
+    ids = list(generate_tokens(Scripted(), [1], None, GenerationConfig.greedy(50), eos_id=2))
     assert ids == target
     streamer = TextStreamer(tokenizer.decode)
     text = "".join(streamer.put(i) for i in ids) + streamer.flush()
@@ -166,7 +168,8 @@ def test_flush_releases_an_unfinished_character(tokenizer):
 
 def test_vocab_limit_masks_padded_ids():
     # The counting model's best next id after 8 is 9; with the limit at 9 it must pick something below it instead.
-    out = list(generate_tokens(CountingModel(), [1, 7], max_new_tokens=3, temperature=0.0, vocab_limit=9))
+    out = list(generate_tokens(CountingModel(), [1, 7], None, GenerationConfig.greedy(3), vocab_limit=9, eos_id=2))
     assert out[0] == 8 and all(t < 9 for t in out)
-    sampled = list(generate_tokens(CountingModel(), [1, 8], max_new_tokens=5, temperature=1.0, seed=0, vocab_limit=9))
+    options = GenerationConfig(max_new_tokens=5, temperature=1.0, seed=0)
+    sampled = list(generate_tokens(CountingModel(), [1, 8], None, options, vocab_limit=9, eos_id=2))
     assert all(t < 9 for t in sampled)

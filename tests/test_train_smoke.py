@@ -78,8 +78,9 @@ def test_checkpoints_round_trip_through_load_official(run: tuple[Path, Pipeline,
 
 
 def test_exported_model_loads_and_answers(run: tuple[Path, Pipeline, dict[str, Any]]) -> None:
+    from ibllm.config import GenerationConfig
     from ibllm.factory import load_default
-    from ibllm.types import Attachment, GenerationOptions
+    from ibllm.types import Attachment
 
     out, _, _ = run
     model = out / "model"
@@ -89,7 +90,7 @@ def test_exported_model_loads_and_answers(run: tuple[Path, Pipeline, dict[str, A
     assert engine.info.trained and engine.info.cache_entries == SMOKE.n_train + SMOKE.n_extra
     image = next((out / "data" / "heldout").rglob("image.png"))
     answer = engine.answer("What colour is it?", attachments=[Attachment(str(image), "image")],
-                           generation=GenerationOptions(temperature=0.0, max_new_tokens=8))
+                           generation=GenerationConfig(temperature=0.0, max_new_tokens=8))
     assert isinstance(answer, str)
     thumbs = [n.thumbnail for n in engine.neighbours([Attachment(str(image), "image")])]
     assert thumbs and all(Path(t).is_file() for t in thumbs)

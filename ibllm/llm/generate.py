@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ibllm.config import GenerationConfig
+
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) probabilities -> (B,) token ids from the smallest top set whose mass reaches p."""
@@ -59,11 +61,13 @@ def _ensure_cache(model: Callable, batch: int) -> None:
 
 
 @torch.no_grad()
-def generate_tokens(model: Callable, prompt_ids: Sequence[int], injection: torch.Tensor | None = None, *,
-                    max_new_tokens: int = 128, temperature: float = 0.1, top_p: float = 0.75,
-                    seed: int | None = None, eos_id: int = 2, vocab_limit: int | None = None,
+def generate_tokens(model: Callable, prompt_ids: Sequence[int], injection: torch.Tensor | None,
+                    options: GenerationConfig, *, eos_id: int, vocab_limit: int | None = None,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield new token ids for one prompt: one prefill, then one cached decode step per token.
+
+    ``options``: max new tokens, temperature (0 = greedy), top-p and seed, all from the caller (the engine passes
+    its model's ``cfg.generation`` unless a request says otherwise): no defaults live here.
 
     ``injection``: the per-layer visual term from ``Transformer.visual_injection`` (batch 1), or None for text only.
     Stops at ``eos_id`` (not yielded), after ``max_new_tokens``, at the model's ``max_seq_len``, or as soon as
@@ -73,14 +77,15 @@ def generate_tokens(model: Callable, prompt_ids: Sequence[int], injection: torch
     """
     if not prompt_ids:
         raise ValueError("empty prompt (encode it with bos)")
-    budget = min(max_new_tokens, model.max_seq_len - len(prompt_ids))
+    temperature, top_p = options.temperature, options.top_p
+    budget = min(options.max_new_tokens, model.max_seq_len - len(prompt_ids))
     if budget <= 0:
         if len(prompt_ids) > model.max_seq_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds max_seq_len {model.max_seq_len}")
         return
     _ensure_cache(model, 1)
     device = _device(model)
-    gen = _generator(device, seed)
+    gen = _generator(device, options.seed)
     tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     pos = 0
     for _ in range(budget):

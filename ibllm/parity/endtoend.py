@@ -20,6 +20,7 @@ import torch
 
 from ibllm.bind import fuse
 from ibllm.cache import VisualCache
+from ibllm.config import GenerationConfig
 from ibllm.llm.generate import generate_tokens
 from ibllm.media import load_media
 from ibllm.media.text import tokenize
@@ -104,8 +105,9 @@ def _chain_checks(fx: Fixture, net: ImageBindLLM) -> Iterator[Comparison]:
             else:
                 start = exp["point.fps_idx"][sample:sample + 1, 0]
                 feature = fuse(_embeddings(fx, net, entries, start, slice(sample, sample + 1)), weights)
-            tokens = generate_tokens(net.llama, prompt, net.injection(feature), max_new_tokens=spec["max_gen_len"],
-                                     temperature=0.0, eos_id=fx.raw_config["stub_tokenizer"]["eos_id"])
+            greedy = GenerationConfig.greedy(spec["max_gen_len"])
+            tokens = generate_tokens(net.llama, prompt, net.injection(feature), greedy,
+                                     eos_id=fx.raw_config["stub_tokenizer"]["eos_id"])
             ids.append(list(tokens))
         yield Comparison(f"e2e:gen.{name}.greedy_tokens", torch.tensor(ids), torch.tensor(decoded[name]), 0,
                          note="files-free chain: inputs -> ... -> tokens, batch 1 per sample")

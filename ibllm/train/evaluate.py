@@ -23,7 +23,7 @@ import torch
 from ibllm.bind import fuse
 from ibllm.llm.prompt import format_prompt
 from ibllm.train import toyworld as tw
-from ibllm.types import Attachment, CacheOptions
+from ibllm.types import Attachment
 
 HEADLINE = ("shape", "colour", "motion")
 TARGETS = {"image": 0.90, "text": 0.90, "video": 0.85, "point": 0.80, "audio": 0.70, "imu": 0.70}
@@ -65,12 +65,12 @@ def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: i
 
     records = tw.read_manifest(Path(data_root) / f"{split}.jsonl")[:n]
     scenes: list[tw.Scene] = [r["scene"] for r in records]
-    opts = CacheOptions()
+    opts = engine.cfg.visual_cache
     net, tok = engine.net, engine.tokenizer
     device = engine.device
     results: dict[str, Any] = {"n_scenes": len(scenes), "split": split, "cache_options": vars(opts),
                                "modalities": {}}
-    has_cache = engine.cache is not None
+    has_cache = engine.visual_cache is not None
     work = sum(len(records) for m in modalities if m in records[0]["files"]) if records else 0
     bar = progress(work, "eval: encode", disable=not show, unit="file")
     features: dict[str, torch.Tensor] = {}
@@ -90,8 +90,8 @@ def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: i
         for cache_on in cache_modes:
             if cache_on and not has_cache:
                 continue
-            f = engine.cache.mix(feat, min(opts.size, len(engine.cache)), opts.temperature, opts.weight) \
-                if cache_on else feat
+            cache = engine.visual_cache
+            f = cache.mix(feat, min(opts.top_k, len(cache)), opts.temperature, opts.weight) if cache_on else feat
             injection = net.injection(f.to(device))
             items_per_scene = [tw.questions_for(m, s) for s in scenes]
             correct: dict[str, list[bool]] = defaultdict(list)

@@ -158,7 +158,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                     with gr.Accordion("Accepted files", open=False):
                         gr.Markdown(accepted_markdown())
                 with gr.Tab("Cache"):
-                    cache = cache_controls()
+                    cache = cache_controls(engine.cfg.visual_cache)
                     gr.Markdown("#### Inspector: neighbours retrieved for the last answer")
                     neighbours = gr.Dataframe(headers=NEIGHBOUR_HEADERS, datatype=["number", "number", "number",
                                                                                   "str"],
@@ -169,7 +169,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                     compare = gr.Button("Answer the last question again with the cache off", size="sm")
                     compare_out = gr.Textbox(label="answer with the cache off", lines=4, interactive=False)
                 with gr.Tab("Generation"):
-                    generation = generation_controls()
+                    generation = generation_controls(engine.cfg.generation)
                 with gr.Tab("Model"):
                     gr.Markdown(model_markdown(info))
                     gr.Markdown(API_HELP)

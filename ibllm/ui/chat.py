@@ -10,9 +10,10 @@ from typing import Any
 
 import gradio as gr
 
+from ibllm.config import GenerationConfig, VisualCacheConfig
 from ibllm.engine import ChatEngine
 from ibllm.media.errors import MediaError
-from ibllm.types import Attachment, CacheOptions, ChatEvent, GenerationOptions, Neighbour, Turn
+from ibllm.types import Attachment, ChatEvent, Neighbour, Turn
 from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history, unique
 from ibllm.ui.inputs import (
     Detector,
@@ -40,11 +41,11 @@ def neighbour_thumbnails(neighbours: Sequence[Neighbour]) -> list[tuple[str, str
             if n.thumbnail and os.path.isfile(n.thumbnail)]
 
 
-def timings_markdown(event: ChatEvent, cache: CacheOptions, cache_entries: int) -> str:
+def timings_markdown(event: ChatEvent, cache: VisualCacheConfig, cache_entries: int) -> str:
     if not cache_entries:
         state = "none loaded"
     else:
-        state = f"on (top-{cache.size} of {cache_entries:,})" if cache.enabled else "off"
+        state = f"on (top-{cache.top_k} of {cache_entries:,})" if cache.enabled else "off"
     lines = [f"**Last answer** · {event.timings.summary()}", f"visual cache: {state}"]
     lines += [f"note: {n}" for n in event.notes]
     return "  \n".join(lines)
@@ -66,9 +67,9 @@ class ChatHandler:
         # ZeroGPU attaches a GPU only while this runs; elsewhere ``gpu`` returns the function unchanged.
         self._stream_events = gpu(self._stream_events)
 
-    def _stream_events(self, message: str, history: list[Turn], attachments: list[Attachment], cache: CacheOptions,
-                       generation: GenerationOptions, stop: threading.Event) -> Iterator[ChatEvent]:
-        events = self.engine.chat(message, history=history, attachments=attachments, cache=cache,
+    def _stream_events(self, message: str, history: list[Turn], attachments: list[Attachment], cache: VisualCacheConfig,
+                       generation: GenerationConfig, stop: threading.Event) -> Iterator[ChatEvent]:
+        events = self.engine.chat(message, history=history, attachments=attachments, visual_cache=cache,
                                   generation=generation, should_stop=stop.is_set)
         # A plain loop, not ``yield from``: on close, ``yield from`` would close the engine's iterator before this
         # ``finally`` runs, i.e. before the stop flag is up; here the flag is raised first, then the engine closed.
@@ -169,7 +170,7 @@ class ChatHandler:
             attachments = self._plan(conversation.files, removed or [], session_weights, session_modalities)
             generation = to_generation_options(max_new_tokens, temperature, top_p, seed)
             for event in self._stream_events(last.user, conversation.turns[:-1], attachments,
-                                             CacheOptions(enabled=False), generation, stop):
+                                             VisualCacheConfig(enabled=False), generation, stop):
                 yield event.text + (f"\n\n({event.timings.summary()})" if event.done else "")
         except (MediaError, RequestError) as e:
             yield f"{ERROR_MARK} {e}"
@@ -199,5 +200,5 @@ class ChatHandler:
             log.exception("neighbour lookup failed")
             return [], gr.Gallery([], visible=False), f"{ERROR_MARK} {type(e).__name__}: {e}"
         thumbs = neighbour_thumbnails(found)
-        note = f"{len(found)} neighbours of the fused input feature (top-{options.size})."
+        note = f"{len(found)} neighbours of the fused input feature (top-{options.top_k})."
         return neighbour_rows(found), gr.Gallery(thumbs, visible=bool(thumbs)), note
