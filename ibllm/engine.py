@@ -6,7 +6,6 @@ bind network -> gated LLaMA -> streamed text deltas. Nothing here knows about Gr
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from ibllm.llm.prompt import build_chat_prompt
 from ibllm.llm.stream import TextStreamer
 from ibllm.llm.tokenizer import Tokenizer
 from ibllm.media import detect_modality, load_media
+from ibllm.media.digest import file_digest
 from ibllm.media.errors import MediaError
 from ibllm.model import ImageBindLLM
 from ibllm.types import (
@@ -38,14 +38,6 @@ from ibllm.types import (
 
 # Leave at least this many positions for the answer when fitting a long conversation into the context.
 MIN_ANSWER_TOKENS = 16
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class EmbeddingMemo:
@@ -211,7 +203,8 @@ class ChatEngine:
                     timings.new_tokens += 1
                     delta = streamer.put(token)
                     if delta:
-                        yield ChatEvent(delta=delta, text=streamer.text, timings=timings, neighbours=neighbours)
+                        yield ChatEvent(delta=delta, text=streamer.text, timings=replace(timings),  # a snapshot
+                                        neighbours=neighbours)
             finally:
                 tokens.close()
             if first:  # no token at all (immediate eos or stop): the time went into prefill

@@ -112,3 +112,26 @@ def test_unusable_files_raise_media_error(model, tmp_path):
         model.embed(Attachment(str(tmp_path / "gone.wav"), "audio"))
     # the engine still answers afterwards
     assert model.answer("What is it?", attachments=[IMAGE], generation=GREEDY) is not None
+
+
+def test_each_event_carries_its_own_timings(model):
+    events = list(model.chat("Describe it.", generation=GenerationConfig(max_new_tokens=8, temperature=1.0, seed=3)))
+    counts = [e.timings.new_tokens for e in events]
+    assert counts == sorted(counts) and len(set(counts)) > 1  # a snapshot per event, not one shared object
+    assert len({id(e.timings) for e in events}) == len(events)
+
+
+def test_a_file_is_hashed_once_per_version(tmp_path):
+    import os
+
+    from ibllm.media.digest import file_digest
+
+    path = tmp_path / "clip.bin"
+    path.write_bytes(b"a" * 1000)
+    first = file_digest(path)
+    st = path.stat()
+    path.write_bytes(b"b" * 1000)  # same size; put the old modification time back: the memo answers unread
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_digest(path) == first
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new version: read again
+    assert file_digest(path) != first

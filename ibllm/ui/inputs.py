@@ -8,7 +8,6 @@ photo, a depth map or a thermal image), and the paths the person removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ import gradio as gr
 import ibllm.ui.previews as previews
 from ibllm.engine import ChatEngine
 from ibllm.kinds import KINDS
+from ibllm.media.digest import file_digest
 from ibllm.media.errors import MediaError
 from ibllm.types import Attachment
 from ibllm.ui.history import normalise_history, unique
@@ -38,11 +38,6 @@ class Item:
     modality: str  # "" when the file could not be used
     pending: bool = False  # in the textbox, sent with the next message
     error: str = ""
-
-
-def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class Detector:
