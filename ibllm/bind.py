@@ -114,27 +114,6 @@ def bind_key_table(blocks: int = 3, legacy: bool = False) -> dict[str, str]:
     return table
 
 
-def bind_state_from_official(state: Mapping[str, torch.Tensor], *, blocks: int = 3,
-                             legacy: bool = False) -> dict[str, torch.Tensor]:
-    """The bind network's tensors out of an official (flat) state dict. Missing keys are an error; keys outside
-    the table are ignored here (the caller checks the whole file; ``is_legacy_bridge`` tells the layouts apart)."""
-    table = bind_key_table(blocks, legacy)
-    missing = [k for k in table if k not in state]
-    if missing:
-        raise KeyError(f"bind network keys missing from the checkpoint: {missing}")
-    return {ours: state[official] for official, ours in table.items()}
-
-
-def bind_state_to_official(state: Mapping[str, torch.Tensor], *, blocks: int = 3,
-                           legacy: bool = False) -> dict[str, torch.Tensor]:
-    """``BindNetwork.state_dict()`` -> official flat keys (exact inverse of ``bind_state_from_official``)."""
-    inverse = {ours: official for official, ours in bind_key_table(blocks, legacy).items()}
-    unknown = sorted(set(state) - set(inverse))
-    if unknown:
-        raise KeyError(f"not bind network keys: {unknown}")
-    return {inverse[k]: v for k, v in state.items()}
-
-
 def is_legacy_bridge(state: Mapping[str, torch.Tensor]) -> bool:
     """True for the "beta" layout (biased bind linears), told apart by the presence of ``image_bind_f1_1.bias``."""
     return "image_bind_f1_1.bias" in state

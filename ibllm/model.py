@@ -2,9 +2,9 @@
 
 ``ImageBindLLM`` holds the four parts of the paper: the frozen ImageBind/Point-Bind encoders (``image_bind``),
 the bind network (``bind``), the per-layer prefix queries (``prefix_query``) and the gated LLaMA (``llama``).
-Its state dict uses the official names except for the bind network, which ``bind.bind_key_table`` renames
-(the official file stores it as flat ``image_bind_f2_3.weight``-style keys). ``to_official`` / ``from_official``
-are the only place where that happens.
+Its state dict uses the official names except for the bind network (the official file stores it as flat
+``image_bind_f2_3.weight``-style keys: ``bind.bind_key_table``) and the gates (``llama.OFFICIAL_KEYS``);
+``key_table`` joins the two, and ``checkpoint.load_strict`` applies it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ibllm.bind import BindNetwork, PrefixQuery, bind_key_table
-from ibllm.checkpoint import CheckpointError, describe_key_mismatch
+from ibllm.checkpoint import KeyTable, load_strict
 from ibllm.config import ModelConfig
 from ibllm.encoders import ImageBind
+from ibllm.llm.llama import OFFICIAL_KEYS as llama_keys
 from ibllm.llm.llama import Transformer
 
 
@@ -38,38 +39,20 @@ class ImageBindLLM(nn.Module):
 
     # -- official layout ----------------------------------------------------------------------------------------
 
-    def _bind_table(self) -> dict[str, str]:
-        return bind_key_table(self.cfg.adapter.bridge_blocks, self.cfg.adapter.legacy_bridge)
+    def key_table(self) -> KeyTable:
+        """Official names <-> this module's: the bind network's flat names and the gates (the rest is the same)."""
+        bind = bind_key_table(self.cfg.adapter.bridge_blocks, self.cfg.adapter.legacy_bridge)
+        return KeyTable((official, f"bind.{ours}") for official, ours in bind.items()) + llama_keys.under("llama.")
 
     def to_official(self, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """This module's state dict under the official checkpoint names."""
+        """This module's state dict (or ``state``, in its names) under the official checkpoint names."""
         state = self.state_dict() if state is None else state
-        ours_to_official = {f"bind.{ours}": official for official, ours in self._bind_table().items()}
-        return {ours_to_official.get(k, k): v for k, v in state.items()}
-
-    def from_official(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Official names -> this module's names (keys of other parts pass through unchanged)."""
-        official_to_ours = {official: f"bind.{ours}" for official, ours in self._bind_table().items()}
-        return {official_to_ours.get(k, k): v for k, v in state.items()}
+        table = self.key_table()
+        return {table.to_official(k): v for k, v in state.items()}
 
     def load_official(self, state: Mapping[str, torch.Tensor], *, what: str = "checkpoint",
                       allow_missing: tuple[str, ...] = (), assign: bool = False) -> list[str]:
-        """Load an official-layout state dict strictly; returns the missing keys that ``allow_missing`` allowed.
-
-        Unexpected keys are always an error. ``allow_missing`` lists key prefixes that may be absent, e.g.
-        ``("image_bind.",)`` when the encoders come from their own file (``image_bind.``/``llama.`` keys have the
-        same name in both layouts).
-        """
-        ours = self.from_official(state)  # a 1:1 renaming, so keys stay aligned with ``state``
-        own = self.state_dict()
-        unexpected = [official for official, k in zip(state, ours, strict=True) if k not in own]
-        missing_all = [k for k in own if k not in ours]
-        missing = [k for k in missing_all if not k.startswith(allow_missing)]
-        if missing or unexpected:
-            raise CheckpointError(describe_key_mismatch(self.to_official(dict.fromkeys(missing)), unexpected, what))
-        shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in ours.items()
-                  if tuple(v.shape) != tuple(own[k].shape)]
-        if shapes:
-            raise CheckpointError(f"{what}: shape mismatch: " + "; ".join(shapes[:20]))
-        self.load_state_dict(ours, strict=False, assign=assign)
-        return [k for k in missing_all if k.startswith(allow_missing)]
+        """Load an official-layout state dict strictly (``checkpoint.load_strict``); returns the missing keys that
+        ``allow_missing`` (official name prefixes, e.g. ``("image_bind.",)`` when the encoders come from their own
+        file) allowed."""
+        return load_strict(self, state, what, table=self.key_table(), allow_missing=allow_missing, assign=assign)

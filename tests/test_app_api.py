@@ -41,11 +41,15 @@ class SpyEngine:
     def info(self) -> Any:
         return self.engine.info
 
+    @property
+    def cfg(self) -> Any:
+        return self.engine.cfg
+
     def detect(self, path: str) -> str:
         return self.engine.detect(path)
 
-    def neighbours(self, attachments: Any, cache: Any) -> Any:
-        return self.engine.neighbours(attachments, cache)
+    def neighbours(self, attachments: Any, visual_cache: Any) -> Any:
+        return self.engine.neighbours(attachments, visual_cache)
 
     def chat(self, message: str, *, should_stop: Any = None, **kwargs: Any) -> Iterator[Any]:
         call = {"message": message, "answer": "", **kwargs}

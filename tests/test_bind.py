@@ -7,12 +7,10 @@ from ibllm.bind import (
     BindNetwork,
     PrefixQuery,
     bind_key_table,
-    bind_state_from_official,
-    bind_state_to_official,
     fuse,
     is_legacy_bridge,
 )
-from ibllm.checkpoint import load_strict
+from ibllm.checkpoint import CheckpointError, KeyTable, load_strict
 
 
 def test_fuse_matches_numpy():
@@ -62,19 +60,21 @@ def test_official_key_table_round_trip(legacy):
     assert set(table.values()) == set(net.state_dict())  # every module tensor has exactly one official name
     assert "image_bind_f2_3.weight" in table and "image_bind_norm_1.weight" in table
     assert ("image_bind_f1_1.bias" in table) is legacy
-    official = bind_state_to_official(net.state_dict(), legacy=legacy)
+    keys = KeyTable(table.items())
+    official = {keys.to_official(k): v for k, v in net.state_dict().items()}
     assert is_legacy_bridge(official) is legacy
     fresh = BindNetwork(8, 12, 20, legacy=legacy)
-    load_strict(fresh, bind_state_from_official(official, legacy=legacy), "bind")
+    load_strict(fresh, official, "bind", table=keys)
     for k, v in net.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
 
 
 def test_missing_official_key_is_an_error():
-    official = bind_state_to_official(BindNetwork(8, 12, 20).state_dict())
+    keys = KeyTable(bind_key_table().items())
+    official = {keys.to_official(k): v for k, v in BindNetwork(8, 12, 20).state_dict().items()}
     del official["image_bind_f3_2.weight"]
-    with pytest.raises(KeyError, match="image_bind_f3_2.weight"):
-        bind_state_from_official(official)
+    with pytest.raises(CheckpointError, match="missing keys: \\['image_bind_f3_2.weight'\\]"):
+        load_strict(BindNetwork(8, 12, 20), official, "bind", table=keys)
 
 
 def test_prefix_query_gives_one_adapter_per_layer():

@@ -104,14 +104,15 @@ def test_a_long_conversation_is_trimmed_not_refused(model):
 
 
 def test_unusable_files_raise_media_error(model, tmp_path):
+    before = model.answer("What is it?", attachments=[IMAGE], generation=GREEDY)
     fake = tmp_path / "photo.png"
     fake.write_text("this is not a picture")
     with pytest.raises(MediaError, match="photo.png"):
         list(model.chat("What is it?", attachments=[Attachment(str(fake), "image")]))
     with pytest.raises(MediaError, match="not found"):
         model.embed(Attachment(str(tmp_path / "gone.wav"), "audio"))
-    # the engine still answers afterwards
-    assert model.answer("What is it?", attachments=[IMAGE], generation=GREEDY) is not None
+    # the engine still answers afterwards, exactly as before the failures
+    assert model.answer("What is it?", attachments=[IMAGE], generation=GREEDY) == before
 
 
 def test_each_event_carries_its_own_timings(model):

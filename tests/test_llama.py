@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ibllm.config import LlamaConfig
-from ibllm.llm.llama import Transformer, init_weights
+from ibllm.llm.llama import OFFICIAL_KEYS, Transformer, init_weights
 
 # Deliberately not the parity sizes: 3 heads of 16, odd vocabulary, FFN hidden rounded to 32.
 TINY = LlamaConfig(dim=48, n_layers=3, n_heads=3, vocab_size=97, multiple_of=32, max_seq_len=32, max_batch_size=2,
@@ -47,8 +47,9 @@ def test_state_dict_is_the_official_layout(w_bias, w_lora):
     cfg = LlamaConfig(**{**TINY.__dict__, "w_bias": w_bias, "w_lora": w_lora})
     model = Transformer(cfg)
     model.setup_cache()
-    state = model.state_dict()
-    assert set(state) == expected_keys(cfg)  # no KV cache, no rotary table
+    state = {OFFICIAL_KEYS.to_official(k): v for k, v in model.state_dict().items()}
+    assert set(state) == expected_keys(cfg)  # no KV cache, no rotary table; only the gate is renamed
+    assert sum(k != OFFICIAL_KEYS.to_official(k) for k in model.state_dict()) == cfg.n_layers
     assert state["layers.0.attention.gate"].shape == (1, cfg.n_heads, 1, 1)
     if w_lora:
         assert state["layers.1.feed_forward.lora_w2_l1.weight"].shape == (cfg.lora_rank, cfg.ffn_hidden_dim)
@@ -113,7 +114,7 @@ def test_injection_is_gated_base_wv_per_head():
     assert inj.shape == (2, 1, 3, 1, 16)
     attn = model.layers[1].attention  # query_layer 2 of 3 layers: adapters[0] goes to layer 1
     base_v = adapters[0, 0, 0] @ attn.wv.weight.T  # base wv: no LoRA, no bias, no norm, no RoPE
-    want = torch.tanh(attn.gate.view(3, 1)) * base_v.view(3, 16)
+    want = torch.tanh(attn.gate.scale.view(3, 1)) * base_v.view(3, 16)
     torch.testing.assert_close(inj[0, 0, :, 0], want)
 
 
@@ -123,12 +124,12 @@ def test_injection_reaches_only_the_last_query_layers():
     inj = injection_for(model, 1)
     with_inj = model(x, 0, inj, use_cache=False)
     with torch.no_grad():
-        model.layers[0].attention.gate.fill_(5.0)  # layer 0 is not a query layer: its gate must not matter
+        model.layers[0].attention.gate.scale.fill_(5.0)  # layer 0 is not a query layer: its gate must not matter
     torch.testing.assert_close(model(x, 0, inj, use_cache=False), with_inj)
     assert (model(x, 0, None, use_cache=False) - with_inj).abs().max() > 1e-3  # ...but the injection does
     with torch.no_grad():
         for layer in model.layers:
-            layer.attention.gate.zero_()
+            layer.attention.gate.scale.zero_()
     zero_gate = model.visual_injection(torch.randn(2, 1, 1, 48))
     torch.testing.assert_close(model(x, 0, zero_gate, use_cache=False), model(x, 0, None, use_cache=False))
 

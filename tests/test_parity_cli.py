@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import REPO
@@ -45,3 +46,37 @@ def test_a_wrong_expected_tensor_fails(parity_dir, tmp_path):
     result = run_parity(tmp_path, "--only", "end-to-end")
     assert result.returncode == 1
     assert "FAIL e2e.vision_png" in result.stdout
+
+
+def test_a_fixture_whose_cloud_is_not_normalised(parity_dir, tmp_path):
+    # Another fixture: the same cloud at radius 1.4 around an offset centroid. The reference fed it as it is; the
+    # loader normalises it, as README documents. Both rows must pass and say which case applied.
+    import numpy as np
+
+    from ibllm.parity.fixture import Fixture, build_network
+
+    for item in parity_dir.iterdir():
+        if item.name not in ("preprocessing", "expected.safetensors"):
+            (tmp_path / item.name).symlink_to(item)
+    media = tmp_path / "preprocessing"
+    media.mkdir()
+    for item in (parity_dir / "preprocessing").iterdir():
+        if item.name not in ("points.npy", "preprocessed.safetensors"):
+            (media / item.name).symlink_to(item)
+    raw = np.load(parity_dir / "preprocessing" / "points.npy") * 1.4 + np.array([0.3, -0.2, 0.5], np.float32)
+    np.save(media / "points.npy", raw.astype(np.float32))
+    pre = load_file(parity_dir / "preprocessing" / "preprocessed.safetensors")
+    pre["point_npy"] = torch.from_numpy(raw.astype(np.float32))[None]  # the reference passes it through
+    save_file(pre, media / "preprocessed.safetensors")
+    expected = load_file(parity_dir / "expected.safetensors")
+    net = build_network(Fixture(parity_dir))
+    with torch.no_grad():  # the reference's embedding of the raw cloud (our encoder has parity with it)
+        expected["e2e.point_npy"] = net.image_bind("point", pre["point_npy"],
+                                                   fps_start=expected["e2e.point_npy.fps_idx"][:, 0])
+    save_file(expected, tmp_path / "expected.safetensors")
+    for group in ("preprocessing", "end-to-end"):
+        result = run_parity(tmp_path, "--only", group)
+        assert result.returncode == 0, result.stdout
+        row = next(line for line in result.stdout.splitlines() if " e2e.point_npy " in line or
+                   "preprocessing.point_npy" in line)
+        assert "not normalised (radius 1.36 about a centroid 0.611" in row, row

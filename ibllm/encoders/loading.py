@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ibllm.checkpoint import CheckpointError, describe_key_mismatch, load_strict, read_state_dict
+from ibllm.checkpoint import CheckpointError, load_strict, read_state_dict
 from ibllm.encoders.imagebind import ImageBind
 
 # Foreign name prefix -> official name prefix. The first matching row renames a key; keys matching no row must
@@ -55,9 +55,8 @@ def _read(source: StateSource) -> tuple[str, Mapping[str, torch.Tensor]]:
     return str(source), read_state_dict(source)
 
 
-def to_official_keys(states: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> tuple[dict[str, torch.Tensor],
-                                                                                          dict[str, str]]:
-    """Merge several (name, state) pairs under official names; returns the state and official -> original names."""
+def to_official_keys(states: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Merge several (name, state) pairs under official names (two sources may not give the same key)."""
     merged: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for what, state in states:
@@ -67,7 +66,7 @@ def to_official_keys(states: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -
                 raise CheckpointError(f"{what}: key {key!r} gives {name!r}, already provided by {origin[name]!r}")
             merged[name] = tensor
             origin[name] = f"{what}:{key}" if len(states) > 1 else key
-    return merged, origin
+    return merged
 
 
 def load_imagebind_weights(model: ImageBind, source: StateSource | Sequence[StateSource], *,
@@ -86,24 +85,21 @@ def load_imagebind_weights(model: ImageBind, source: StateSource | Sequence[Stat
         raise CheckpointError("no checkpoint given")
     states = [_read(s) for s in sources]
     what = " + ".join(w for w, _ in states)
-    state, origin = to_official_keys(states)
+    state = to_official_keys(states)
 
     own = model.state_dict()
-    unexpected = [origin[k] for k in state if k not in own]
-    missing = [k for k in own if k not in state]
-    point_keys = [k for k in own if k.startswith(POINT_PREFIXES)]
-    skip_point = not require_point and sorted(point_keys) == sorted(k for k in missing if k.startswith(POINT_PREFIXES))
-    if skip_point:
-        missing = [k for k in missing if not k.startswith(POINT_PREFIXES)]
-    if missing or unexpected:
-        hint = ""
-        if missing and all(k.startswith(POINT_PREFIXES) for k in missing) and require_point:
-            hint = " (a checkpoint without the point encoder, e.g. imagebind_huge.pth, needs require_point=False)"
-        raise CheckpointError(describe_key_mismatch(missing, unexpected, what) + hint)
-
+    has_point = any(k.startswith(POINT_PREFIXES) for k in state)
+    skip_point = not require_point and not has_point  # a partial point branch stays an error
     if assign is None:
         assign = any(t.is_meta for t in own.values())
-    load_strict(model, state, what, allow_missing=POINT_PREFIXES if skip_point else (), assign=assign)
+    try:
+        load_strict(model, state, what, allow_missing=POINT_PREFIXES if skip_point else (), assign=assign)
+    except CheckpointError as exc:
+        if require_point and not has_point:
+            raise CheckpointError(f"{exc} (a checkpoint without the point encoder, e.g. imagebind_huge.pth, needs "
+                                  "require_point=False)") from None
+        raise
+    point_keys = [k for k in own if k.startswith(POINT_PREFIXES)]
     model.point_weights_loaded = not skip_point
     if skip_point:
         _materialise_point_branch(model, device=next(iter(state.values())).device)

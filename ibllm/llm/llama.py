@@ -7,7 +7,8 @@ asks for them:
 - rank-r LoRA without scaling, ``lora_w{q,k,v,o}_l1/l2`` and ``lora_w{1,2,3}_l1/l2`` (l1: in→r, l2: r→out) —
   ``LlamaConfig.w_lora``. q/k/v/w1/w3 see the normed input, ``lora_wo`` the attention output, ``lora_w2`` the
   SwiGLU product;
-- ``attention.gate`` (1, n_heads, 1, 1): the zero-initialised gate of the visual injection.
+- ``attention.gate`` (1, n_heads, 1, 1): the zero-initialised gate of the visual injection (``gate.TanhGate``;
+  its parameter is ``attention.gate.scale`` here, renamed by ``OFFICIAL_KEYS``).
 
 Visual injection: in each of the last ``query_layer`` blocks the adapter ``a_l = visual_query + prefix_query[l]``
 (B, 1, D) goes *un-normed* through that block's base ``wv`` (no LoRA, no RoPE) and ``tanh(gate) * wv(a_l)`` is
@@ -15,8 +16,9 @@ added, per head, to every position's attention output before ``wo``. That term d
 ``Transformer.visual_injection`` computes it once per request and ``forward`` only adds it.
 
 Native LoRA layout: the ``lora_*`` Linears are ordinary submodules, so ``state_dict()`` is the official layout
-(under ``llama.`` in the official files). For stage-2 training ``ibllm.llm.lora.to_peft`` swaps them for peft
-LoRA layers and ``from_peft`` swaps them back; for inference ``merge_lora`` folds them into the base weights.
+(under ``llama.`` in the official files) up to the gate's name (``OFFICIAL_KEYS``). For stage-2 training
+``ibllm.llm.lora.to_peft`` swaps them for peft LoRA layers and ``from_peft`` swaps them back; for inference
+``merge_lora`` folds them into the base weights.
 
 KV cache: static, allocated once by ``setup_cache`` (max_batch_size x max_seq_len) as non-persistent buffers; the
 rotary table is computed on first use; neither is in the state dict. ``forward(tokens, start_pos)`` writes positions
@@ -31,7 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ibllm.checkpoint import KeyTable
 from ibllm.config import LlamaConfig
+from ibllm.llm.gate import TanhGate
+
+OFFICIAL_KEYS = KeyTable([("layers.{}.attention.gate", "layers.{}.attention.gate.scale")])
+"""Official LLaMA-adapter names <-> this module's: only the gate differs (a ``TanhGate`` holds it)."""
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +116,7 @@ class Attention(nn.Module):
         self.lora_wk_l1, self.lora_wk_l2 = _lora_pair(cfg.w_lora, d, d, r)
         self.lora_wv_l1, self.lora_wv_l2 = _lora_pair(cfg.w_lora, d, d, r)
         self.lora_wo_l1, self.lora_wo_l2 = _lora_pair(cfg.w_lora, d, d, r)
-        self.gate = nn.Parameter(torch.zeros(1, cfg.n_heads, 1, 1))
+        self.gate = TanhGate(cfg.n_heads)
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 
@@ -119,7 +126,7 @@ class Attention(nn.Module):
         v = F.linear(adapter, _base(self.wv).weight).view(b, -1, self.n_heads, self.head_dim).transpose(1, 2)
         if v.shape[2] != 1:
             raise ValueError("only query_len 1 is supported (ImageBind-LLM's setting)")
-        return self.gate.tanh().to(v.dtype) * v
+        return self.gate(v)
 
     def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, injection: torch.Tensor | None,
                 use_cache: bool) -> torch.Tensor:
@@ -305,7 +312,7 @@ def init_weights(model: Transformer, generator: torch.Generator | None = None, *
     """
     with torch.no_grad():
         for name, p in model.named_parameters():
-            zero_init = name.endswith(("bias", "gate")) or "_l2." in name
+            zero_init = name.endswith(("bias", "gate.scale")) or "_l2." in name
             if p.ndim == 1 and name.endswith(".weight"):  # norms
                 p.fill_(1.0)
             elif zero_init and nonzero == 0.0:

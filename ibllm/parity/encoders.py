@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ibllm.encoders import ImageBind, load_imagebind_weights
-from ibllm.parity import Comparison, Fixture
+from ibllm.parity.fixture import Comparison, Fixture
 
 FLOAT_TOL = 1e-4
 

@@ -23,21 +23,15 @@ from ibllm.cache import VisualCache
 from ibllm.config import GenerationConfig
 from ibllm.llm.generate import generate_tokens
 from ibllm.media import load_media
+from ibllm.media.point import read_points
 from ibllm.media.text import tokenize
 from ibllm.model import ImageBindLLM
-from ibllm.parity import Comparison, Fixture
+from ibllm.parity.fixture import Comparison, Fixture, build_network, point_input_case
 
 TOL = 1e-4
 # Mix entry name -> encoder branch (the fixture's "Image"/"Video" both use the vision tower).
 BRANCH = {"Image": "vision", "Video": "vision", "Audio": "audio", "Point": "point", "Text": "text",
           "Depth": "depth", "Thermal": "thermal", "IMU": "imu"}
-
-
-def build_network(fx: Fixture) -> ImageBindLLM:
-    with torch.device("meta"):
-        net = ImageBindLLM(fx.config)
-    net.load_official(fx.state_dict, what="parity fixture", assign=True)
-    return net.eval()
 
 
 def _media_checks(fx: Fixture, net: ImageBindLLM) -> Iterator[Comparison]:
@@ -55,10 +49,15 @@ def _media_checks(fx: Fixture, net: ImageBindLLM) -> Iterator[Comparison]:
     # The reference feeds the file's 8192 points as they are (config: preprocessing.media.points).
     n_points = fx.raw_config["preprocessing"]["media"]["points"]
     point_cfg = replace(cfg, point=replace(cfg.point, num_points=n_points))
-    points = load_media(media / files["points"], "point", point_cfg)[None]
+    unchanged, case = point_input_case(read_points(media / files["points"]))
+    if unchanged:
+        points, note = load_media(media / files["points"], "point", point_cfg)[None], "our point loader + encoder"
+    else:  # the reference embedded the raw cloud: feed it as the reference did (the loader would normalise it)
+        points = torch.from_numpy(read_points(media / files["points"])).float()[None]
+        note = f"encoder on the file's points as the reference fed them; loader: {case}"
     start = exp["e2e.point_npy.fps_idx"][:, 0]
     yield Comparison("e2e.point_npy", net.image_bind("point", points, fps_start=start), exp["e2e.point_npy"], TOL,
-                     note="our point loader + encoder (reference FPS start)")
+                     note=f"{note} (reference FPS start)")
     text = tokenize(fx.raw_config["preprocessing"]["text_strings"])
     yield Comparison("e2e.text_strings", net.image_bind("text", text), exp["e2e.text_strings"], TOL,
                      note="our CLIP tokenizer + encoder")

@@ -14,38 +14,14 @@ from collections.abc import Iterator
 
 import torch
 
-from ibllm.bind import BindNetwork, PrefixQuery, bind_key_table, bind_state_from_official, fuse
+from ibllm.bind import BindNetwork, PrefixQuery, fuse
 from ibllm.cache import VisualCache
-from ibllm.checkpoint import CheckpointError, load_strict, strip_prefix
 from ibllm.llm.generate import generate_batch
 from ibllm.llm.llama import Transformer
-from ibllm.parity import Comparison, Fixture
+from ibllm.parity.fixture import Comparison, Fixture, build_network
 
 TOL_FEATURE = 1e-5  # fused features, cache similarities, bind-network states (values O(1))
 TOL_LOGITS = 1e-4  # logits (values O(1..10))
-
-
-def build_language(fx: Fixture) -> tuple[Transformer, BindNetwork, PrefixQuery]:
-    """LLaMA, bind network and prefix query from the fixture config, loaded strictly from its state dict.
-
-    Every key outside ``image_bind.*`` (the encoders, checked elsewhere) must be used: leftovers are an error.
-    """
-    cfg, state = fx.config, fx.state_dict
-    llama = Transformer(cfg.llama, cfg.adapter.query_layer)
-    load_strict(llama, strip_prefix(state, "llama."), "llama")
-    bind = BindNetwork.from_config(cfg.adapter, cfg.imagebind.out_embed_dim, cfg.llama.dim)
-    table = bind_key_table(cfg.adapter.bridge_blocks, cfg.adapter.legacy_bridge)
-    load_strict(bind, bind_state_from_official(state, blocks=cfg.adapter.bridge_blocks,
-                                               legacy=cfg.adapter.legacy_bridge), "bind network")
-    prefix = PrefixQuery(cfg.adapter.query_layer, cfg.llama.dim)
-    load_strict(prefix, {"weight": state["prefix_query.weight"]}, "prefix_query")
-    used = {f"llama.{k}" for k in llama.state_dict()} | set(table) | {"prefix_query.weight"}
-    leftover = sorted(k for k in state if not k.startswith("image_bind.") and k not in used)
-    if leftover:
-        raise CheckpointError(f"unexpected keys in the fixture's state dict: {leftover}")
-    for module in (llama, bind, prefix):
-        module.eval()
-    return llama, bind, prefix
 
 
 def _mix_checks(fx: Fixture, bind: BindNetwork, cache: VisualCache) -> Iterator[Comparison]:
@@ -122,7 +98,8 @@ def _generation_checks(fx: Fixture, llama: Transformer, bind: BindNetwork, prefi
 
 def checks(fx: Fixture) -> Iterator[Comparison]:
     with torch.no_grad():
-        llama, bind, prefix = build_language(fx)
+        net = build_network(fx)  # the real strict loader, as the app loads official weights
+        llama, bind, prefix = net.llama, net.bind, net.prefix_query
         cache = VisualCache.build(fx.knn_vectors, kind="flat")
         yield from _mix_checks(fx, bind, cache)
         merged = copy.deepcopy(llama)

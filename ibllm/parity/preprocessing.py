@@ -14,7 +14,12 @@ import numpy as np
 import torch
 
 from ibllm.config import ImageBindConfig, PointConfig
-from ibllm.parity import Comparison, Fixture
+from ibllm.media.audio import load_audio, load_waveform_16k
+from ibllm.media.image import load_image
+from ibllm.media.point import load_point, normalize_points, read_points
+from ibllm.media.text import tokenize
+from ibllm.media.video import decode_clip_frames, load_video
+from ibllm.parity.fixture import Comparison, Fixture, point_input_case
 
 # decord and the reference's PyAV both convert YUV -> RGB with FFmpeg's swscale; on the fixture they agree
 # exactly (max diff 0). Another FFmpeg build could round a few pixels differently (1/255 on a pixel, ~0.015
@@ -24,12 +29,6 @@ VIDEO_UINT8_TOL = 1.0
 
 
 def checks(fx: Fixture) -> Iterator[Comparison]:
-    from ibllm.media.audio import load_audio, load_waveform_16k
-    from ibllm.media.image import load_image
-    from ibllm.media.point import load_point
-    from ibllm.media.text import tokenize
-    from ibllm.media.video import decode_clip_frames, load_video
-
     pre = fx.preprocessed
     media = fx.media_dir
     prep = fx.raw_config["preprocessing"]
@@ -45,8 +44,11 @@ def checks(fx: Fixture) -> Iterator[Comparison]:
                      pre["audio_wav_resampled_16k"], tol=1e-6)
     yield Comparison("preprocessing.audio_wav", load_audio(media / prep["audio"], cfg)[None], pre["audio_wav"],
                      tol=1e-5, note="in-place per-clip mean subtraction on the shared waveform")
-    yield Comparison("preprocessing.point_npy", load_point(media / prep["points"], cfg)[None], pre["point_npy"],
-                     tol=0.0, note="already normalised, right size: passed through unchanged")
+    unchanged, note = point_input_case(read_points(media / prep["points"]))
+    expected = pre["point_npy"] if unchanged else \
+        torch.from_numpy(normalize_points(pre["point_npy"][0].double().numpy())).float()[None]
+    yield Comparison("preprocessing.point_npy", load_point(media / prep["points"], cfg)[None], expected,
+                     tol=0.0 if unchanged else 1e-6, note=note)
     frames = decode_clip_frames(media / prep["video"], clips, clip_seconds, cfg.video_frames)
     sampled = torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3).contiguous()  # (clips, C, T, H, W)
     yield Comparison("preprocessing.video_mp4_sampled_frames_uint8", sampled,

@@ -131,7 +131,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Held-out toy-world scenes (latent combinations never seen in training), {n} per modality, greedy "
         f"answers. Judged on the modality's carried latents among shape / colour / motion. Cache on: top-"
-        f"{opts['size']}, temperature {opts['temperature']:g}, weight {opts['weight']:g}.",
+        f"{opts['top_k']}, temperature {opts['temperature']:g}, weight {opts['weight']:g}.",
         "",
         "| input | judged on | cache off | cache on | target |",
         "|---|---|---|---|---|",

@@ -203,7 +203,7 @@ def pretrain_lm(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]]
     llama.clear_cache()
     for p in net.parameters():
         p.requires_grad_(False)
-    named = [(n, p) for n, p in llama.named_parameters() if ".lora_" not in n and not n.endswith(".gate")]
+    named = [(n, p) for n, p in llama.named_parameters() if ".lora_" not in n and not n.endswith(".gate.scale")]
     for _, p in named:
         p.requires_grad_(True)
     maker = TextMaker(tok, records, seed)
@@ -238,7 +238,7 @@ def stage1(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
         p.requires_grad_(False)
     named = [(f"bind.{n}", p) for n, p in net.bind.named_parameters()]
     named += [(f"prefix_query.{n}", p) for n, p in net.prefix_query.named_parameters()]
-    named += [(n, p) for n, p in net.llama.named_parameters() if n.endswith(".attention.gate")]
+    named += [(n, p) for n, p in net.llama.named_parameters() if n.endswith(".attention.gate.scale")]
     for _, p in named:
         p.requires_grad_(True)
     maker = TextMaker(tok, records, seed + 1)
@@ -255,7 +255,7 @@ def stage1(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
                      dist=dist, show=show)
     for p in net.parameters():
         p.requires_grad_(False)
-    gates = torch.stack([layer.attention.gate.detach().flatten() for layer in net.llama.layers]).tanh()
+    gates = torch.stack([layer.attention.gate.scale.detach().flatten() for layer in net.llama.layers]).tanh()
     return {**log.summary(), "trainable": count(named), "mean_abs_tanh_gate": float(gates.abs().mean())}
 
 

@@ -1,0 +1,45 @@
+"""Writing a parity fixture's tiny weights in the official file layouts (Meta LLaMA folder, 7B.pth,
+imagebind_w3D.pth, knn.index), for the tests of the real loading code and the commands that use it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import torch
+
+from ibllm.parity import Fixture
+from tests.conftest import REPO
+
+TOY_TOKENIZER = REPO / "assets" / "toy" / "tokenizer.model"
+# What the released adapter (7B.pth) carries besides the bind network and prefix queries: everything tuned.
+TUNED = ("bias", "lora_", "attention.gate", "_norm.weight")
+
+
+def write_official_files(fx: Fixture, root: Path, *, adapter_extra: dict | None = None,
+                         drop_from_adapter: str | None = None) -> dict[str, Path]:
+    state = fx.state_dict
+    cfg = fx.config.llama
+    llama_dir = root / "7B"
+    llama_dir.mkdir(parents=True)
+    (llama_dir / "params.json").write_text(json.dumps({
+        "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "multiple_of": cfg.multiple_of,
+        "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size}))
+    base = {k[len("llama."):]: v for k, v in state.items()
+            if k.startswith("llama.") and not any(t in k for t in TUNED)}
+    base["rope.freqs"] = torch.zeros(cfg.head_dim // 2)  # Meta's files carry it; it must be ignored
+    torch.save(base, llama_dir / "consolidated.00.pth")
+    (root / "tokenizer.model").write_bytes(TOY_TOKENIZER.read_bytes())
+    adapter = {k: v for k, v in state.items() if not k.startswith("image_bind.")
+               and not (k.startswith("llama.") and not any(t in k for t in TUNED))}
+    if drop_from_adapter:
+        adapter.pop(drop_from_adapter)
+    adapter.update(adapter_extra or {})
+    torch.save({"model": adapter}, root / "7B.pth")
+    torch.save({k: v for k, v in state.items() if k.startswith("image_bind.")}, root / "imagebind_w3D.pth")
+    index = faiss.IndexFlatIP(fx.knn_vectors.shape[1])
+    index.add(fx.knn_vectors.numpy())
+    faiss.write_index(index, str(root / "knn.index"))
+    return {"llama_dir": llama_dir, "adapter": root / "7B.pth", "imagebind": root / "imagebind_w3D.pth",
+            "knn_index": root / "knn.index"}
