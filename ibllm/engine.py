@@ -115,13 +115,9 @@ class ChatEngine:
         self.embeddings.put(key, emb)
         return emb
 
-    @torch.no_grad()
     def _blank_feature(self) -> torch.Tensor:
-        # Text-only turns: the reference trains them with an all-zero image, so that is what the model expects.
-        if self._blank is None:
-            s = self.cfg.imagebind.image_size
-            zeros = torch.zeros(1, 3, s, s, device=self.device, dtype=self.dtype)
-            self._blank = torch.nn.functional.normalize(self.net.image_bind("vision", zeros).float().cpu(), dim=-1)
+        if self._blank is None:  # the same for every text-only turn: computed once
+            self._blank = self.net.blank_feature().cpu()
         return self._blank
 
     def fused_feature(self, attachments: Sequence[Attachment]) -> torch.Tensor | None:

@@ -31,6 +31,20 @@ class ImageBindLLM(nn.Module):
         self.prefix_query = PrefixQuery(cfg.adapter.query_layer, cfg.llama.dim)
         self.llama = Transformer(cfg.llama, query_layer=cfg.adapter.query_layer)
 
+    @torch.no_grad()
+    def blank_feature(self) -> torch.Tensor:
+        """The feature of a text-only turn (1, E), float32: the reference trains those with an all-zero image, so
+        the model expects the (normalised) embedding of one. Computed in eval mode, whatever the current mode."""
+        s = self.cfg.imagebind.image_size
+        param = next(self.image_bind.parameters())
+        was_training = self.image_bind.training
+        self.image_bind.eval()
+        try:
+            zeros = torch.zeros(1, 3, s, s, device=param.device, dtype=param.dtype)
+            return torch.nn.functional.normalize(self.image_bind("vision", zeros).float(), dim=-1)
+        finally:
+            self.image_bind.train(was_training)
+
     def injection(self, feature: torch.Tensor) -> torch.Tensor:
         """Fused ImageBind feature (B, E) -> the per-layer gated values LLaMA adds to its attention outputs."""
         dtype = self.bind.proj.weight.dtype
