@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 
 class CheckpointError(RuntimeError):
@@ -31,8 +32,6 @@ def read_state_dict(path: str | Path, *, unwrap: Iterable[str] = ("model", "stat
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     if path.suffix not in {".pth", ".pt", ".bin"}:
         raise CheckpointError(f"{path}: unsupported checkpoint format (expected .pth, .pt, .bin or .safetensors)")

@@ -11,10 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ibllm.cache import VisualCache
 from ibllm.checkpoint import CheckpointError, read_state_dict
 from ibllm.config import IMAGEBIND_HUGE, ImageBindConfig
 from ibllm.encoders import ImageBind
 from ibllm.encoders.loading import official_key
+from ibllm.factory import config_from_adapter
+from ibllm.llm.tokenizer import Tokenizer
+from ibllm.model import ImageBindLLM
 from ibllm.weights import HUB_FILES, MetaLlama, WeightsError, resolve
 
 
@@ -36,10 +40,6 @@ def _shape_problems(expected: dict[str, torch.Size], found: dict[str, torch.Tens
 
 def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None, knn_index: str | None,
                tokenizer: str | None = None, imagebind_config: ImageBindConfig = IMAGEBIND_HUGE) -> Iterator[Check]:
-    from ibllm.factory import config_from_adapter
-    from ibllm.llm.tokenizer import Tokenizer
-    from ibllm.model import ImageBindLLM
-
     meta = None
     if not llama_dir:
         yield Check("FAIL", "base LLaMA", "pass --llama-dir (Meta's 7B folder: params.json, consolidated.00.pth)")
@@ -113,8 +113,6 @@ def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None
         yield Check("FAIL", "encoders", str(exc))
 
     try:
-        from ibllm.cache import VisualCache
-
         cache = VisualCache.load(resolve("knn", knn_index, offline=True))
         level = "ok" if cache.dim == imagebind_config.out_embed_dim else "FAIL"
         yield Check(level, "visual cache", f"{len(cache)} vectors of {cache.dim}-d ({cache.kind}); "

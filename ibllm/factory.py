@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ibllm.bind import is_legacy_bridge
 from ibllm.cache import VisualCache
 from ibllm.checkpoint import CheckpointError, read_state_dict
 from ibllm.config import IMAGEBIND_HUGE, AdapterConfig, ImageBindConfig, LlamaConfig, ModelConfig, from_name
@@ -99,8 +100,6 @@ def config_from_adapter(adapter_state: dict[str, torch.Tensor], llama: LlamaConf
                         imagebind: ImageBindConfig = IMAGEBIND_HUGE) -> ModelConfig:
     """The model an adapter file was trained for: LoRA rank, biases, bind-network width and layout, and how many
     layers get the visual injection are read off its tensors rather than assumed."""
-    from ibllm.bind import is_legacy_bridge
-
     lora = adapter_state.get("llama.layers.0.attention.lora_wq_l1.weight")
     llama = replace(llama, w_lora=lora is not None, lora_rank=int(lora.shape[0]) if lora is not None else 0,
                     w_bias="llama.layers.0.attention.wq.bias" in adapter_state)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
 
 from ibllm.checkpoint import CheckpointError, read_state_dict
 from ibllm.config import LlamaConfig
@@ -67,8 +68,6 @@ def resolve(part: str, local: str | os.PathLike | None, *, offline: bool | None 
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
     try:
-        from huggingface_hub import hf_hub_download
-
         return Path(hf_hub_download(hub.repo, hub.filename, local_files_only=offline))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one readable message
         how = "is not in the local cache (offline)" if offline else f"could not be downloaded ({type(exc).__name__})"
@@ -111,7 +110,6 @@ class MetaLlama:
         vocab = p.get("vocab_size", -1)
         if vocab is None or vocab <= 0:
             vocab = vocab_size or base.vocab_size
-        from dataclasses import replace
 
         return replace(base, dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=vocab,
                        multiple_of=p.get("multiple_of", base.multiple_of), norm_eps=p.get("norm_eps", base.norm_eps),

@@ -20,6 +20,7 @@ import functools
 import re
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from ibllm.llm.llama import Transformer
@@ -83,8 +84,6 @@ def to_peft(model: Transformer, *, adapter_name: str = "default", dropout: float
     The native pairs are removed from ``model`` (it is modified in place and owned by the PeftModel afterwards).
     peft freezes everything but LoRA; see ``mark_stage2_trainable`` for the reference's stage-2 set.
     """
-    from peft import LoraConfig, get_peft_model
-
     if not model.cfg.w_lora:
         raise ValueError("the model has no LoRA (w_lora=False)")
     if model.lora_merged:

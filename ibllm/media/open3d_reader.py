@@ -24,6 +24,8 @@ TIMEOUT_S = 60.0
 
 def import_open3d():
     """``import open3d`` with libusb preloaded from the libusb-package wheel when the system has none."""
+    # Imported here, in the child process that decodes compressed PCD: open3d's import needs libusb loaded first,
+    # and the server process never loads open3d at all.
     try:
         import libusb_package
 
