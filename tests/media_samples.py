@@ -71,21 +71,7 @@ def write_av(path: Path, *, video: str | None = "libx264", w: int = 96, h: int =
                 c.mux(p)
         if a is not None:
             sig = tone(seconds, rate, 1)[:, 0]
-            n = a.codec_context.frame_size or 1024
-            afmt = a.codec_context.format.name
-            for s in range(0, len(sig), n):
-                chunk = np.pad(sig[s : s + n], (0, max(0, n - len(sig[s : s + n]))))
-                arr = np.stack([chunk, chunk])
-                if not afmt.endswith("p"):
-                    arr = arr.T.reshape(1, -1)
-                if afmt.startswith("s16"):
-                    arr = (arr * 32767).astype(np.int16)
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format=afmt, layout="stereo")
-                frame.sample_rate, frame.pts = rate, s
-                for p in a.encode(frame):
-                    c.mux(p)
-            for p in a.encode():
-                c.mux(p)
+            _encode_audio(c, a, np.stack([sig, sig]), rate, "stereo")
     return path
 
 
@@ -145,20 +131,29 @@ def encode_mono(path: Path, samples: np.ndarray, rate: int, codec: str, fmt: str
     with av.open(str(path), "w", format=fmt) as c:
         stream = c.add_stream(codec, rate=rate)
         stream.layout = "mono"
-        n = stream.codec_context.frame_size or 1024
-        afmt = stream.codec_context.format.name
-        for s in range(0, len(samples), n):
-            chunk = np.pad(samples[s : s + n], (0, max(0, n - len(samples[s : s + n])))).astype(np.float32)
-            arr = chunk[None]
-            if afmt.startswith("s16"):
-                arr = (arr * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format=afmt, layout="mono")
-            frame.sample_rate, frame.pts = rate, s
-            for p in stream.encode(frame):
-                c.mux(p)
-        for p in stream.encode():
-            c.mux(p)
+        _encode_audio(c, stream, samples[None], rate, "mono")
     return path
+
+
+def _encode_audio(container, stream, signal: np.ndarray, rate: int, layout: str) -> None:
+    """(channels, n) float samples -> the encoder's frames (planar or packed, float or s16), muxed, flushed."""
+    import av
+
+    n = stream.codec_context.frame_size or 1024
+    afmt = stream.codec_context.format.name
+    for s in range(0, signal.shape[1], n):
+        chunk = signal[:, s : s + n]
+        arr = np.pad(chunk, ((0, 0), (0, n - chunk.shape[1]))).astype(np.float32)
+        if not afmt.endswith("p"):
+            arr = arr.T.reshape(1, -1)
+        if afmt.startswith("s16"):
+            arr = (arr * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format=afmt, layout=layout)
+        frame.sample_rate, frame.pts = rate, s
+        for p in stream.encode(frame):
+            container.mux(p)
+    for p in stream.encode():
+        container.mux(p)
 
 
 def xcorr_lag(x: np.ndarray, reference: np.ndarray, max_lag: int = 600) -> int:

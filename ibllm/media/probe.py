@@ -50,15 +50,18 @@ def _boxes(fh: BinaryIO, start: int, end: int):
         pos += size
 
 
+def _children(fh: BinaryIO, start: int, end: int, kind: bytes):
+    """(body start, body end) of each box of ``kind`` directly inside [start, end)."""
+    for found, body, body_end in _boxes(fh, start, end):
+        if found == kind:
+            yield body, body_end
+
+
 def mp4_duration(path: str | Path) -> float | None:
     with open(path, "rb") as fh:
         end = fh.seek(0, 2)
-        for kind, body, body_end in _boxes(fh, 0, end):
-            if kind != b"moov":
-                continue
-            for sub, sbody, _ in _boxes(fh, body, body_end):
-                if sub != b"mvhd":
-                    continue
+        for body, body_end in _children(fh, 0, end, b"moov"):
+            for sbody, _ in _children(fh, body, body_end, b"mvhd"):
                 fh.seek(sbody)
                 vf = _read_exact(fh, 4)
                 if vf is None:
@@ -237,15 +240,9 @@ def _mp4_audio(path: str | Path) -> tuple[int | None, int]:
     muxers set to the output rate of a sound track; ``dOps`` for Opus."""
     with open(path, "rb") as fh:
         end = fh.seek(0, 2)
-        for kind, body, body_end in _boxes(fh, 0, end):
-            if kind != b"moov":
-                continue
-            for trak, tbody, tend in _boxes(fh, body, body_end):
-                if trak != b"trak":
-                    continue
-                for mdia, mbody, mend in _boxes(fh, tbody, tend):
-                    if mdia != b"mdia":
-                        continue
+        for body, body_end in _children(fh, 0, end, b"moov"):
+            for tbody, tend in _children(fh, body, body_end, b"trak"):
+                for mbody, mend in _children(fh, tbody, tend, b"mdia"):
                     rate, sound, pre_skip = None, False, 0
                     for sub, sbody, send in _boxes(fh, mbody, mend):
                         fh.seek(sbody)
