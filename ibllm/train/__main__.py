@@ -16,6 +16,13 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from ibllm.factory import load_default
+from ibllm.train.common import write_json
+from ibllm.train.evaluate import ensure_heldout, evaluate, markdown
+from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, ship
+
 
 def _threads(n: int | None) -> int:
     """Torch threads: ``n``, else the cores other processes leave free (at least one).
@@ -23,8 +30,6 @@ def _threads(n: int | None) -> int:
     On a shared machine oversubscribed OpenMP threads spin against each other: measured here, one thread ran a
     training step 2-4x faster than two when another job already kept a core busy.
     """
-    import torch
-
     if not n:
         cores = os.cpu_count() or 1
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -34,8 +39,6 @@ def _threads(n: int | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, ship
-
     threads = _threads(args.threads)
     print(f"torch threads: {threads}", file=sys.stderr)
     run = PRESETS["smoke" if args.smoke else "full"]
@@ -61,10 +64,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ibllm.factory import load_default
-    from ibllm.train.common import write_json
-    from ibllm.train.evaluate import ensure_heldout, evaluate, markdown
-
     _threads(args.threads)
     ensure_heldout(args.data, args.n or 120, seed=args.seed, workers=args.workers)
     engine = load_default(args.model)
@@ -81,8 +80,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_ship(args: argparse.Namespace) -> int:
-    from ibllm.train.pipeline import ship
-
     sizes = ship(Path(args.run) / "model", args.to)
     print(json.dumps(sizes, indent=1))
     return 0

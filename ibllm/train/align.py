@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ibllm.encoders import ImageBind
+from ibllm.media.text import tokenize_one
 from ibllm.train import toyworld as tw
 from ibllm.train.common import SINGLE, Dist, count, epoch_batches, train_loop
 
@@ -154,8 +156,6 @@ class CaptionIds:
     def __call__(self, text: str) -> torch.Tensor:
         ids = self._cache.get(text)
         if ids is None:
-            from ibllm.media.text import tokenize_one
-
             ids = self._cache[text] = tokenize_one(text, self.context)
         return ids
 
@@ -318,8 +318,6 @@ def latent_probe(train_emb: torch.Tensor, train_scenes: list[tw.Scene], query: t
 
 
 def save_embeddings(path: Path, emb: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"x": emb.contiguous()}, str(tmp))
@@ -327,6 +325,4 @@ def save_embeddings(path: Path, emb: torch.Tensor) -> None:
 
 
 def load_embeddings(path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
     return load_file(str(path))["x"]

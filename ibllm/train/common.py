@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as td
+from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------
 # Distributed (optional)
@@ -45,8 +48,6 @@ class Dist:
     def average_gradients(self, params: Iterable[nn.Parameter]) -> None:
         if self.world == 1:
             return
-        import torch.distributed as td
-
         for p in params:
             if p.grad is not None:
                 td.all_reduce(p.grad, op=td.ReduceOp.SUM)
@@ -54,8 +55,6 @@ class Dist:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as td
-
             td.barrier()
 
 
@@ -70,8 +69,6 @@ def init_dist(device: str | None = None) -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if world == 1:
         return Dist(0, 1, torch.device(device))
-    import torch.distributed as td
-
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(f"cuda:{local}") if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
@@ -138,8 +135,6 @@ def epoch_batches(n: int, batch: int, steps: int, generator: torch.Generator) ->
 
 
 def progress(total: int, desc: str, disable: bool = False, unit: str = "step") -> Any:
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, leave=True)
 
 
@@ -179,8 +174,6 @@ class LossLog:
 def save_official(net: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
                   state: Mapping[str, torch.Tensor] | None = None) -> Path:
     """``net.to_official()`` as safetensors (atomically: a crash never leaves a truncated checkpoint)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     official = net.to_official(state)

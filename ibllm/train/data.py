@@ -12,13 +12,17 @@ noise), point clouds in float32 (the encoder's grouping is done in float32), tok
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from ibllm.media import load_media
 from ibllm.train import toyworld as tw
+from ibllm.train.common import progress as bar_of
 
 SPLITS = ("train", "heldout")
 SPLIT_MODALITIES = tw.MODALITIES
@@ -39,8 +43,6 @@ def _manifest_ok(path: Path, n: int, modalities: tuple[str, ...]) -> bool:
 def _load_scene(files: dict[str, str], modalities: tuple[str, ...], cfg: Any) -> dict[str, Any]:
     """One scene's files through the media loaders. Returns numpy arrays: tensors sent back from a worker
     process would travel as shared-memory file descriptors, and thousands of them exhaust the descriptor table."""
-    from ibllm.media import load_media
-
     torch.set_num_threads(1)
     out = {}
     for m in modalities:
@@ -56,10 +58,6 @@ def _load_scene(files: dict[str, str], modalities: tuple[str, ...], cfg: Any) ->
 def cache_tensors(root: Path, split: str, modalities: tuple[str, ...], image_cfg: Any, *, workers: int = 1,
                   progress: bool = True) -> None:
     """Load every file of ``split`` through the media loaders and store one stacked tensor per modality."""
-    from safetensors.torch import save_file
-
-    from ibllm.train.common import progress as bar_of
-
     missing = [m for m in modalities if not tensor_path(root, split, m).is_file()]
     if not missing:
         return
@@ -69,8 +67,6 @@ def cache_tensors(root: Path, split: str, modalities: tuple[str, ...], image_cfg
     per_modality: dict[str, list[torch.Tensor]] = {m: [] for m in missing}
     bar = bar_of(len(jobs), f"load {split} ({', '.join(missing)})", disable=not progress, unit="scene")
     if workers > 1 and len(jobs) > 4 * workers:
-        import multiprocessing as mp
-
         with mp.get_context("spawn").Pool(workers) as pool:
             for loaded in pool.imap(load, jobs, chunksize=8):
                 for m, x in loaded.items():
@@ -124,8 +120,6 @@ def build_data(root: str | Path, n_train: int, n_heldout: int, seed: int, image_
 def load_tensor(root: str | Path, split: str, modality: str, half: bool = False) -> torch.Tensor:
     """The cached loader outputs of one split and modality, (N, ...); floats come back as float32 (``half``:
     as stored, to be converted batch by batch)."""
-    from safetensors.torch import load_file
-
     x = load_file(str(tensor_path(Path(root), split, modality)))["x"]
     return x.float() if x.is_floating_point() and not half else x
 

@@ -23,6 +23,7 @@ import torch
 from ibllm.bind import fuse
 from ibllm.llm.prompt import format_prompt
 from ibllm.train import toyworld as tw
+from ibllm.train.common import progress
 from ibllm.types import Attachment
 
 HEADLINE = ("shape", "colour", "motion")
@@ -61,8 +62,6 @@ def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: i
              modalities: tuple[str, ...] = tw.MODALITIES, cache_modes: tuple[bool, ...] = (False, True),
              max_new_tokens: int = 40, show: bool = True, keep_answers: int = 3) -> dict[str, Any]:
     """Accuracy per modality, cache mode and latent. ``engine`` is a ``ChatEngine`` (e.g. ``load_default``)."""
-    from ibllm.train.common import progress
-
     records = tw.read_manifest(Path(data_root) / f"{split}.jsonl")[:n]
     scenes: list[tw.Scene] = [r["scene"] for r in records]
     opts = engine.cfg.visual_cache

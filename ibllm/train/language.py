@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ibllm.llm.llama import init_weights
+from ibllm.llm.lora import from_peft, mark_stage2_trainable, to_peft
 from ibllm.llm.prompt import format_prompt
 from ibllm.llm.tokenizer import Tokenizer
 from ibllm.model import ImageBindLLM
@@ -264,8 +265,6 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
            feature_noise: float = 0.0, centroid_fraction: float = 0.0, dist: Dist = SINGLE,
            show: bool = True) -> dict[str, float]:
     """Instruction tuning: LoRA (peft) + biases + norms of LLaMA; bind network, prefix queries and gates frozen."""
-    from ibllm.llm.lora import from_peft, mark_stage2_trainable, to_peft
-
     net.llama.clear_cache()
     for p in net.parameters():
         p.requires_grad_(False)

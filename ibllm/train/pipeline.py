@@ -24,6 +24,7 @@ Stage metrics and wall-clock seconds go to ``OUT/ckpt/<stage>.json`` and, togeth
 from __future__ import annotations
 
 import dataclasses
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,10 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from ibllm.cache import VisualCache
+from ibllm.checkpoint import read_state_dict
 from ibllm.config import ModelConfig, from_name
-from ibllm.train import common
+from ibllm.factory import load_default
+from ibllm.llm.tokenizer import Tokenizer
+from ibllm.model import ImageBindLLM
+from ibllm.train import align, common, language
 from ibllm.train.common import Dist
+from ibllm.train.data import EXTRA, build_data, load_tensor, records
+from ibllm.train.evaluate import evaluate, markdown
+from ibllm.train.language import init_llama
+from ibllm.train.tokenizer import train_tokenizer
 
 ENCODER_STAGES = ("align_image_text", "align_image_classes", "align_audio", "align_depth", "align_thermal",
                   "align_imu", "align_point")
@@ -136,9 +147,6 @@ class Pipeline:
             if not isinstance(v, dict)))
 
     def _build_net(self) -> None:
-        from ibllm.model import ImageBindLLM
-        from ibllm.train.language import init_llama
-
         torch.manual_seed(self.run.seed)
         self.net = ImageBindLLM(self.cfg)
         init_llama(self.net, self.run.seed)
@@ -152,8 +160,6 @@ class Pipeline:
                 if report.is_file():
                     self.report["stages"][stage] = {**common.read_json(report), "resumed": True}
         if latest is not None:
-            from ibllm.checkpoint import read_state_dict
-
             self.net.load_official(read_state_dict(_ckpt(self.out, latest)), what=str(_ckpt(self.out, latest)))
             self.log(f"resuming after stage {latest}")
         self.net.to(self.dist.device)
@@ -165,8 +171,6 @@ class Pipeline:
     # -- stages -------------------------------------------------------------------------------------------------
 
     def stage_data(self) -> None:
-        from ibllm.train.data import build_data
-
         t0 = clock()
         if self.dist.main:
             sizes = build_data(self.data, self.run.n_train, self.run.n_heldout, self.run.seed, self.cfg.imagebind,
@@ -177,8 +181,6 @@ class Pipeline:
         self.report["stages"]["data"] = {**sizes, **elapsed(t0)}
 
     def stage_tokenizer(self) -> Path:
-        from ibllm.train.tokenizer import train_tokenizer
-
         path = self.model_dir / "tokenizer.model"
         if not path.is_file() and self.dist.main:
             t0 = clock()
@@ -188,9 +190,6 @@ class Pipeline:
         return path
 
     def stage_align(self) -> None:
-        from ibllm.train import align
-        from ibllm.train.data import load_tensor
-
         ib = self.net.image_bind
         dev = self.dist.device
         # Image <-> text, then a warm restart that also contrasts every shape / motion as a caption of its own
@@ -228,16 +227,12 @@ class Pipeline:
 
     def image_records(self) -> list[dict[str, Any]]:
         """Every training scene with an image and a caption: the paired set, then the extra one."""
-        from ibllm.train.data import EXTRA, records
-
         recs = records(self.data, "train")
         if self.run.n_extra:
             recs += records(self.data / EXTRA, "train")
         return recs
 
     def image_text_tensor(self, modality: str, half: bool = False) -> torch.Tensor:
-        from ibllm.train.data import EXTRA, load_tensor
-
         x = load_tensor(self.data, "train", modality, half=half)
         if self.run.n_extra:
             x = torch.cat([x, load_tensor(self.data / EXTRA, "train", modality, half=half)])
@@ -245,9 +240,6 @@ class Pipeline:
 
     def _probe(self, modalities: tuple[str, ...]) -> dict[str, Any]:
         """Linear probes fit on the paired training images, read on held-out inputs (align.latent_probe)."""
-        from ibllm.train import align
-        from ibllm.train.data import load_tensor, records
-
         ib = self.net.image_bind
         train = [r["scene"] for r in records(self.data, "train")]
         heldout = [r["scene"] for r in records(self.data, "heldout")]
@@ -260,9 +252,6 @@ class Pipeline:
         return out
 
     def _retrieval(self, modalities: tuple[str, ...]) -> dict[str, Any]:
-        from ibllm.train import align
-        from ibllm.train.data import load_tensor, records
-
         ib = self.net.image_bind
         scenes = [r["scene"] for r in records(self.data, "heldout")]
         image_emb = align.embed(ib, "image", load_tensor(self.data, "heldout", "image"), device=self.dist.device)
@@ -274,8 +263,6 @@ class Pipeline:
         return out
 
     def stage_embed(self) -> torch.Tensor:
-        from ibllm.train import align
-
         path = _emb(self.out, "train_image")
         if path.is_file():
             return align.load_embeddings(path)
@@ -291,9 +278,6 @@ class Pipeline:
         return emb
 
     def stage_language(self, image_emb: torch.Tensor, tokenizer_path: Path) -> None:
-        from ibllm.llm.tokenizer import Tokenizer
-        from ibllm.train import language
-
         tok = Tokenizer(tokenizer_path)
         recs = self.image_records()  # rows match the image-embedding table
         r = self.run
@@ -335,9 +319,6 @@ class Pipeline:
         return self.model_dir
 
     def stage_eval(self) -> dict[str, Any]:
-        from ibllm.factory import load_default
-        from ibllm.train.evaluate import evaluate, markdown
-
         path = self.out / "eval.json"
         if path.is_file():
             return common.read_json(path)
@@ -375,8 +356,6 @@ class Pipeline:
 
 def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its finished children (data workers)."""
-    import resource
-
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
 
@@ -392,10 +371,6 @@ def elapsed(start: tuple[float, float]) -> dict[str, float]:
 
 def build_cache(directory: Path, image_emb: torch.Tensor, recs: list[dict[str, Any]], thumb: int = 40) -> None:
     """The visual cache: the training images' embeddings, their captions and small JPEG thumbnails."""
-    from PIL import Image
-
-    from ibllm.cache import VisualCache
-
     thumbs_dir = directory / "thumbs"
     thumbs_dir.mkdir(parents=True, exist_ok=True)
     thumbs = []

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
 from ibllm.llm.prompt import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 from ibllm.train import toyworld
@@ -36,8 +37,6 @@ def corpus_lines(n_scenes: int = 4000, seed: int = 0) -> list[str]:
 
 
 def train_tokenizer(out: str | Path, vocab_size: int = 1024, n_scenes: int = 4000, seed: int = 0) -> Path:
-    import sentencepiece as spm
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
