@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -98,7 +99,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(llama_dir=args.llama_dir, adapter=args.adapter, imagebind=args.imagebind,
-                  knn_index=args.knn_index, tokenizer=args.tokenizer)
+                  knn_index=args.knn_index, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                  max_seq_len=args.max_seq_len)
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:
@@ -189,8 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_to_stderr() -> None:
+    """ibllm's own log lines (the memory plan, compile warm-up, ...) on stderr, without the libraries' chatter."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("ibllm").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_to_stderr()
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -16,8 +16,9 @@ from ibllm.checkpoint import CheckpointError, read_state_dict
 from ibllm.config import IMAGEBIND_HUGE, ImageBindConfig
 from ibllm.encoders import ImageBind
 from ibllm.encoders.loading import official_key
-from ibllm.factory import config_from_adapter
+from ibllm.factory import config_from_adapter, pick_device
 from ibllm.llm.tokenizer import Tokenizer
+from ibllm.memory import plan_memory
 from ibllm.model import ImageBindLLM
 from ibllm.weights import HUB_FILES, MetaLlama, WeightsError, resolve
 
@@ -39,7 +40,8 @@ def _shape_problems(expected: dict[str, torch.Size], found: dict[str, torch.Tens
 
 
 def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None, knn_index: str | None,
-               tokenizer: str | None = None, imagebind_config: ImageBindConfig = IMAGEBIND_HUGE) -> Iterator[Check]:
+               tokenizer: str | None = None, imagebind_config: ImageBindConfig = IMAGEBIND_HUGE, *,
+               device: str | None = None, dtype: str | None = None, max_seq_len: int = 512) -> Iterator[Check]:
     meta = None
     if not llama_dir:
         yield Check("FAIL", "base LLaMA", "pass --llama-dir (Meta's 7B folder: params.json, consolidated.00.pth)")
@@ -57,7 +59,7 @@ def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None
             tok = Tokenizer(meta.tokenizer)
             yield Check("ok", "tokenizer", f"{meta.tokenizer} ({tok.vocab_size} pieces)")
 
-    adapter_state = None
+    adapter_state = imagebind_state = None
     try:
         path = resolve("adapter", adapter, offline=True)
         adapter_state = read_state_dict(path)
@@ -94,7 +96,8 @@ def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None
 
     try:
         path = resolve("imagebind", imagebind, offline=True)
-        state = {official_key(k): v for k, v in read_state_dict(path).items()}
+        imagebind_state = read_state_dict(path)
+        state = {official_key(k): v for k, v in imagebind_state.items()}
         with torch.device("meta"):
             encoders = ImageBind(imagebind_config)
         expected = {k: v.shape for k, v in encoders.state_dict().items()}
@@ -111,6 +114,14 @@ def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None
             yield Check("ok", "encoders", f"{path} ({len(state)} tensors, all modalities incl. 3D)")
     except (WeightsError, CheckpointError) as exc:
         yield Check("FAIL", "encoders", str(exc))
+
+    if meta is not None and adapter_state is not None and imagebind_state is not None:
+        base_state = {k: v for k, v in meta.state_dict().items() if f"llama.{k}" not in adapter_state}
+        params = meta.config()
+        plan = plan_memory([base_state, adapter_state, imagebind_state], pick_device(device), requested=dtype,
+                           kv_cache=(params.n_layers, params.dim, max_seq_len, 1))
+        yield Check("ok" if plan.dtype is not None else "FAIL", "memory plan", "; ".join(
+            line.removeprefix("memory: ") for line in plan.lines()))
 
     try:
         cache = VisualCache.load(resolve("knn", knn_index, offline=True))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -23,9 +24,12 @@ from ibllm.config import IMAGEBIND_HUGE, AdapterConfig, ImageBindConfig, LlamaCo
 from ibllm.encoders.loading import load_imagebind_weights
 from ibllm.engine import ChatEngine
 from ibllm.llm.tokenizer import Tokenizer
+from ibllm.memory import convert_releasing, parse_dtype, plan_memory
 from ibllm.model import ImageBindLLM
 from ibllm.types import ModelInfo
 from ibllm.weights import MetaLlama, WeightsError, resolve
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ASSETS = REPO / "assets" / "toy"
@@ -44,16 +48,6 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
-    if dtype:
-        try:
-            return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                    "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16") from None
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merge_lora: bool) -> ImageBindLLM:
     net = net.to(device=device, dtype=dtype).eval()
     for p in net.parameters():
@@ -69,7 +63,7 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | No
     """The embedded toy model (random weights of the same architecture when it has not been trained yet)."""
     assets = Path(assets)
     dev = pick_device(device)
-    dt = pick_dtype(dev, dtype) if dtype else torch.float32  # the toy model is small: float32 everywhere
+    dt = parse_dtype(dtype) if dtype else torch.float32  # the toy model is small: float32 everywhere
     cfg = ModelConfig.load(assets / "config.json") if (assets / "config.json").is_file() else from_name("toy")
     tokenizer_path = assets / "tokenizer.model"
     if not tokenizer_path.is_file():
@@ -127,24 +121,37 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     ``imagebind_config`` is ImageBind-Huge for the released files; tests pass the tiny sizes of their fixtures.
     """
     dev = pick_device(device)
-    dt = pick_dtype(dev, dtype)
     meta = MetaLlama.find(llama_dir, tokenizer)
     if meta.tokenizer is None:
         raise WeightsError(f"tokenizer.model not found in {meta.root} or its parent: pass --tokenizer")
     tok = Tokenizer(meta.tokenizer)
     adapter_path = resolve("adapter", adapter)
     imagebind_path = resolve("imagebind", imagebind)
+    # Memory-mapped: nothing is read until a tensor is converted or used.
     adapter_state = read_state_dict(adapter_path)
+    imagebind_state = read_state_dict(imagebind_path)
     cfg = config_from_adapter(adapter_state, replace(meta.config(vocab_size=tok.vocab_size), max_seq_len=max_seq_len,
                                                      max_batch_size=1), imagebind_config)
-    with torch.device("meta"):
-        net = ImageBindLLM(cfg)
     # The adapter overrides the frozen base where both have a tensor (fine-tuned norms); the encoders come from
     # their own file (if an adapter carries encoder tensors too, the encoder file wins).
-    state = {f"llama.{k}": v for k, v in meta.state_dict().items()}
-    state.update(adapter_state)
+    base = {f"llama.{k}": v for k, v in meta.state_dict().items() if f"llama.{k}" not in adapter_state}
+    plan = plan_memory([base, adapter_state, imagebind_state], dev, requested=dtype,
+                       kv_cache=(cfg.llama.n_layers, cfg.llama.dim, cfg.llama.max_seq_len, 1))
+    for line in plan.lines():
+        log.info(line)
+    if plan.dtype is None:
+        raise WeightsError(plan.reason)
+    dt = plan.dtype
+    with torch.device("meta"):
+        net = ImageBindLLM(cfg)
+    # One file at a time into the serving dtype, releasing each file's pages as they are converted: the peak is
+    # what is served, not the files plus their copies.
+    state = convert_releasing(base, dt, meta.shards[0] if len(meta.shards) == 1 else None)
+    state.update(convert_releasing(adapter_state, dt, adapter_path))
     net.load_official(state, what=f"{meta.root} + {adapter_path.name}", allow_missing=("image_bind.",), assign=True)
-    load_imagebind_weights(net.image_bind, imagebind_path)
+    del state, base, adapter_state
+    load_imagebind_weights(net.image_bind, convert_releasing(imagebind_state, dt, imagebind_path))
+    del imagebind_state
     cache = None
     if use_cache:
         try:
@@ -156,7 +163,7 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     info = ModelInfo(
         name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
         f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=str(dt).split(".")[-1],
-        is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0)
+        is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0, memory=plan.reason)
     return ChatEngine(net, tok, visual_cache=cache, info=info)
 
 

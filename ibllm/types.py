@@ -80,3 +80,4 @@ class ModelInfo:
     trained: bool
     cache_entries: int = 0
     how_to_load_real: str = ""
+    memory: str = ""  # the memory plan's one-line verdict (which dtype and why), for the Model tab

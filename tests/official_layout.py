@@ -10,11 +10,10 @@ import faiss
 import torch
 
 from ibllm.parity import Fixture
+from ibllm.synthetic import TUNED
 from tests.conftest import REPO
 
 TOY_TOKENIZER = REPO / "assets" / "toy" / "tokenizer.model"
-# What the released adapter (7B.pth) carries besides the bind network and prefix queries: everything tuned.
-TUNED = ("bias", "lora_", "attention.gate", "_norm.weight")
 
 
 def write_official_files(fx: Fixture, root: Path, *, adapter_extra: dict | None = None,

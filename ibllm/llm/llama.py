@@ -91,14 +91,18 @@ def _with_lora(y: torch.Tensor, x: torch.Tensor, l1: nn.Module | None, l2: nn.Mo
 
 
 @torch.no_grad()
-def _fold(owner: nn.Module, name: str) -> None:
-    """Fold ``lora_{name}_l2 @ lora_{name}_l1`` into ``owner.{name}.weight`` (in float32) and drop the pair."""
+def _fold(owner: nn.Module, name: str, rows_per_step: int = 1024) -> None:
+    """Fold ``lora_{name}_l2 @ lora_{name}_l1`` into ``owner.{name}.weight`` (in float32) and drop the pair.
+
+    A few rows at a time, so merging a 7B model needs no second copy of any weight (peak memory while loading)."""
     l1, l2 = getattr(owner, f"lora_{name}_l1"), getattr(owner, f"lora_{name}_l2")
     if l1 is None:
         return
-    base = getattr(owner, name)
-    delta = l2.weight.float() @ l1.weight.float()
-    base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+    weight = getattr(owner, name).weight
+    down = l1.weight.float()
+    for start in range(0, weight.shape[0], rows_per_step):
+        rows = slice(start, start + rows_per_step)
+        weight[rows] = (weight[rows].float() + l2.weight[rows].float() @ down).to(weight.dtype)
     setattr(owner, f"lora_{name}_l1", None)
     setattr(owner, f"lora_{name}_l2", None)
 

@@ -1,0 +1,198 @@
+"""What the weights will cost in memory, before anything is allocated, and loading whose peak is what is served.
+
+``plan_memory`` adds up the tensors of the (memory-mapped, not yet read) checkpoint files per dtype, adds the KV
+cache and a working margin, compares that with what the device has (available RAM on a CPU, free memory on a GPU)
+and picks a dtype: the fastest that fits (float16 on a GPU; on a CPU float32 if it fits, else float16, the dtype
+of Meta's files, so nothing is converted or copied), or refuses, naming the need, what the machine has and the
+options. ``doctor`` prints the same plan.
+
+``convert_releasing`` turns a memory-mapped state dict into the target dtype tensor by tensor and tells the kernel
+that the source pages just read are not needed any more (``madvise(MADV_DONTNEED)`` on the file mapping), so the
+resident memory while loading is the converted weights plus one chunk, not the source files plus the copies.
+Tensors already in the target dtype are used as they are, still backed by the file (no copy).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import resource
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GiB = 1024**3
+# Beyond the weights and the KV cache: activations of a prefill, the encoders' largest intermediate, the Python,
+# torch, faiss and Gradio runtime (~1 GB resident measured after importing them), allocator slack.
+WORKING_MARGIN = int(1.5 * GiB)
+_CHUNK_ELEMENTS = 8 * 1024 * 1024  # convert (and release) at most this many elements at a time
+_MADV_DONTNEED = 4  # Linux
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str
+    available: int  # bytes the device has for this model
+    need: dict[str, int]  # dtype name -> bytes (weights + KV cache + margin)
+    dtype: torch.dtype | None  # the choice; None when nothing fits
+    reason: str
+
+    def lines(self) -> list[str]:
+        needs = ", ".join(f"{name} {bytes_ / GiB:.1f} GB" for name, bytes_ in self.need.items())
+        return [f"memory: {self.device} has {self.available / GiB:.1f} GB available; the model needs {needs}",
+                f"memory: {self.reason}"]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of a GPU, or the RAM this process may still take on a CPU (MemAvailable, capped by a cgroup
+    limit when the process runs in a container)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    available = _meminfo("MemAvailable")
+    limit = _cgroup_room()
+    return min(available, limit) if limit is not None else available
+
+
+def _meminfo(field: str) -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _cgroup_room() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)
+
+
+def tensor_bytes(states: Iterable[Mapping[str, torch.Tensor]], dtype: torch.dtype) -> int:
+    """Bytes of every tensor once floating tensors are in ``dtype`` (others keep theirs). Reads no data."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for s in states for t in s.values())
+
+
+def kv_cache_bytes(n_layers: int, dim: int, max_seq_len: int, max_batch: int, dtype: torch.dtype) -> int:
+    return 2 * n_layers * max_batch * max_seq_len * dim * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_memory(states: Iterable[Mapping[str, torch.Tensor]], device: torch.device, *, requested: str | None = None,
+                kv_cache: tuple[int, int, int, int] = (0, 0, 0, 0), available: int | None = None) -> MemoryPlan:
+    """Choose the dtype to serve in (or refuse). ``kv_cache``: (n_layers, dim, max_seq_len, max_batch)."""
+    states = list(states)
+    candidates = [torch.float16] if device.type == "cuda" else [torch.float32, torch.float16]
+    if requested:
+        candidates = [parse_dtype(requested)]
+    need = {dtype_name(d): tensor_bytes(states, d) + kv_cache_bytes(*kv_cache, d) + WORKING_MARGIN
+            for d in dict.fromkeys([*candidates, torch.float32, torch.float16])}
+    have = available_bytes(device) if available is None else available
+    where = "GPU" if device.type == "cuda" else "CPU"
+    for d in candidates:
+        if need[dtype_name(d)] <= have:
+            why = "as asked (--dtype)" if requested else (
+                "the fastest that fits" if d == candidates[0] else
+                f"float32 ({need['float32'] / GiB:.1f} GB) does not fit: half precision, the weights' own dtype")
+            return MemoryPlan(str(device), have, need, d, f"serving in {dtype_name(d)} on the {where}: {why}")
+    smallest = min(need.values())
+    tried = ", ".join(dtype_name(d) for d in candidates)
+    reason = (f"nothing fits: the model needs at least {smallest / GiB:.1f} GB ({tried}) and the {where} has "
+              f"{have / GiB:.1f} GB available. Options: free memory (close other programs), a smaller dtype "
+              "(--dtype float16), or another device (--device cuda on a GPU with more memory)")
+    return MemoryPlan(str(device), have, need, None, reason)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use float32, float16 or bfloat16") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Converting a memory-mapped state dict without holding the file and the copy at once
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of ``path`` (from /proc/self/maps)."""
+    target = str(path.resolve())
+    ranges = []
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5] == target:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((lo, hi))
+    except OSError:
+        pass
+    return ranges
+
+
+class PageReleaser:
+    """Drops the resident pages of already-read parts of one file mapping (never memory that is not the file's)."""
+
+    def __init__(self, path: str | Path):
+        self.ranges = _mapped_ranges(Path(path)) if sys.platform == "linux" else []
+        self.page = mmap.PAGESIZE
+        self._madvise = ctypes.CDLL(None, use_errno=True).madvise if self.ranges else None
+
+    def release(self, t: torch.Tensor) -> None:
+        if self._madvise is None or t.numel() == 0:
+            return
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return
+        first = -(-start // self.page) * self.page  # whole pages inside the tensor only: neighbours stay intact
+        last = end // self.page * self.page
+        if last > first:
+            self._madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def convert_releasing(state: dict[str, torch.Tensor], dtype: torch.dtype, source: str | Path | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """``state`` with floating tensors in ``dtype``, converted chunk by chunk; the source pages of the file
+    ``source`` are released as they are read. Tensors already in ``dtype`` are returned as they are (still the
+    file's pages). The source tensors must not be used afterwards."""
+    releaser = PageReleaser(source) if source is not None else None
+    out: dict[str, torch.Tensor] = {}
+    for key in list(state):
+        t = state.pop(key)
+        if not t.is_floating_point() or t.dtype == dtype:
+            out[key] = t
+            continue
+        new = torch.empty(t.shape, dtype=dtype)
+        if t.is_contiguous():
+            src, dst = t.view(-1), new.view(-1)
+            for i in range(0, src.numel(), _CHUNK_ELEMENTS):
+                dst[i:i + _CHUNK_ELEMENTS].copy_(src[i:i + _CHUNK_ELEMENTS])
+                if releaser is not None:
+                    releaser.release(src[i:i + _CHUNK_ELEMENTS])
+        else:
+            new.copy_(t)
+        out[key] = new
+        del t
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+__all__ = ["MemoryPlan", "plan_memory", "available_bytes", "tensor_bytes", "kv_cache_bytes", "convert_releasing",
+           "PageReleaser", "parse_dtype", "dtype_name", "peak_rss_bytes", "GiB", "WORKING_MARGIN"]
