@@ -6,9 +6,6 @@ spy that records what the UI asked of it and can slow it down (so a stop can lan
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,94 +14,9 @@ from typing import Any
 import pytest
 
 from ibllm.kinds import MEDIA_KINDS
-from tests.conftest import REPO
+from tests.app_helpers import ERROR_MARK, TOY, SpyEngine, example_for, launch, load_engine
 
 pytestmark = pytest.mark.slow
-
-TOY = REPO / "examples" / "toy"
-ERROR_MARK = "⚠️"
-
-
-class SpyEngine:
-    """Delegates to an engine; records each chat call, can pause ``delay`` s per event, notes when asked to stop."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.delay = 0.0
-        self.calls: list[dict[str, Any]] = []
-        self.stopped = threading.Event()  # set when a chat call ended with its stop flag raised
-        self.active = 0
-        self.max_active = 0  # the most chat calls ever running at once (the model serves one at a time)
-        self._lock = threading.Lock()
-
-    @property
-    def info(self) -> Any:
-        return self.engine.info
-
-    @property
-    def cfg(self) -> Any:
-        return self.engine.cfg
-
-    def detect(self, path: str) -> str:
-        return self.engine.detect(path)
-
-    def neighbours(self, attachments: Any, visual_cache: Any) -> Any:
-        return self.engine.neighbours(attachments, visual_cache)
-
-    def chat(self, message: str, *, should_stop: Any = None, **kwargs: Any) -> Iterator[Any]:
-        call = {"message": message, "answer": "", **kwargs}
-        self.calls.append(call)
-        with self._lock:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-        try:
-            for event in self.engine.chat(message, should_stop=should_stop, **kwargs):
-                if self.delay:
-                    time.sleep(self.delay)
-                call["answer"] = event.text
-                yield event
-        finally:
-            with self._lock:
-                self.active -= 1
-            if should_stop is not None and should_stop():
-                self.stopped.set()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load_engine() -> Any:
-    from ibllm import create_engine
-
-    return create_engine()
-
-
-def launch(engine: Any) -> tuple[Any, str]:
-    from ibllm.ui import build_demo, launch_options
-
-    demo = build_demo(engine)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            **launch_options())
-    return demo, url
-
-
-def toy_examples() -> list[dict[str, Any]]:
-    path = TOY / "gallery.json"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing (examples/make_examples.py writes it)")
-    return json.loads(path.read_text())["examples"]
-
-
-def example_for(modalities: tuple[str, ...]) -> dict[str, Any]:
-    """The first gallery example with exactly these inputs (the shipped model answers every one of them correctly:
-    tests/test_default_model.py)."""
-    for ex in toy_examples():
-        if tuple(f["modality"] for f in ex["files"]) == modalities:
-            return ex
-    pytest.skip(f"no gallery example with exactly {modalities}")
 
 
 @pytest.fixture(scope="module")

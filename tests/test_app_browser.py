@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.test_app_api import TOY, SpyEngine, example_for, launch, load_engine
+from tests.app_helpers import TOY, SpyEngine, example_for, launch, load_engine
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

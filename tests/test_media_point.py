@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ibllm.config import ImageBindConfig, PointConfig
-from ibllm.media import DEFAULT_LIMITS, MediaError
+from ibllm.media import DEFAULT_LIMITS, MediaError, pointio
 from ibllm.media.open3d_reader import import_open3d
 from ibllm.media.point import is_normalized, load_point, read_points
 from tests.media_samples import sphere_points, write_ply
@@ -33,6 +33,19 @@ def _check_unit(x: torch.Tensor, n: int = N) -> None:
     assert x.shape == (n, 3) and x.dtype == torch.float32
     assert float(x.norm(dim=1).max()) == pytest.approx(1.0, abs=1e-5)
     assert float(x.mean(dim=0).norm()) < 0.1
+
+
+def test_the_package_ply_writer_round_trips(tmp_path):
+    """pointio.write_ply (the UI's previews and the toy world write with it) is read back by read_points and open3d."""
+    colours = np.arange(len(XYZ) * 3).reshape(-1, 3) % 256
+    for name, c in (("plain.ply", None), ("coloured.ply", colours)):
+        path = pointio.write_ply(tmp_path / name, XYZ, c)
+        np.testing.assert_allclose(read_points(path), XYZ.astype(np.float32), rtol=0, atol=0)
+        assert load_point(path, CFG).shape == (N, 3)
+    o3d = _open3d()
+    cloud = o3d.io.read_point_cloud(str(tmp_path / "coloured.ply"))
+    np.testing.assert_allclose(np.asarray(cloud.points), XYZ.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(cloud.colors) * 255, colours, atol=1e-3)
 
 
 @pytest.mark.parametrize("fmt", ["ascii", "binary_little_endian", "binary_big_endian"])

@@ -1,4 +1,5 @@
-"""Point-cloud file parsers that return the (N, 3) float64 xyz of the points, in numpy, nothing else.
+"""Point-cloud file parsers that return the (N, 3) float64 xyz of the points, in numpy, nothing else (and the one
+PLY writer, ``write_ply``).
 
 Written in Python/numpy on purpose: uploaded files are untrusted, and a parser that only ever reads declared,
 bounds-checked byte ranges into typed arrays cannot be made to run code or to allocate more than the file
@@ -94,6 +95,29 @@ def read_ply(path: Path, limits: Limits) -> np.ndarray:
     if fmt == "ascii":
         return _ply_ascii(data[body:], elements, name)
     return _ply_binary(data, body, elements, "<" if fmt == "binary_little_endian" else ">", name)
+
+
+def write_ply(path: str | Path, points: np.ndarray, colours: np.ndarray | None = None) -> Path:
+    """Write a binary little-endian point-only PLY: float x, y, z (what open3d, ``gr.Model3D`` and every
+    point-cloud viewer read), plus uchar red, green, blue when ``colours`` (N, 3) is given. ``read_ply`` reads it."""
+    points = np.asarray(points, dtype="<f4").reshape(-1, 3)
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(points)}",
+              "property float x", "property float y", "property float z"]
+    if colours is not None:
+        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+        header += ["property uchar red", "property uchar green", "property uchar blue"]
+    rec = np.empty(len(points), dtype=fields)
+    rec["x"], rec["y"], rec["z"] = points[:, 0], points[:, 1], points[:, 2]
+    if colours is not None:
+        colours = np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
+        rec["red"], rec["green"], rec["blue"] = colours[:, 0], colours[:, 1], colours[:, 2]
+    header.append("end_header")
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        f.write(rec.tobytes())
+    return path
 
 
 def _ply_ascii(body: bytes, elements, name: str) -> np.ndarray:
@@ -325,4 +349,4 @@ def read_npy_points(path: Path, limits: Limits) -> np.ndarray:
     return read_npy(path, limits, "point cloud")[:, :3].astype(np.float64)
 
 
-__all__ = ["read_ply", "read_pcd", "read_table", "read_obj", "read_npy", "read_npy_points", "npy_header"]
+__all__ = ["read_ply", "write_ply", "read_pcd", "read_table", "read_obj", "read_npy", "read_npy_points", "npy_header"]

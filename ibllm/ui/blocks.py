@@ -15,8 +15,9 @@ from ibllm.types import ModelInfo
 from ibllm.ui.chat import NEIGHBOUR_HEADERS, ChatHandler
 from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
 from ibllm.ui.history import message_parts
-from ibllm.ui.inputs import collect_items, render_panel
-from ibllm.ui.settings import cache_controls, generation_controls
+from ibllm.ui.inputs import render_panel
+from ibllm.ui.session import ChatSession
+from ibllm.ui.settings import Controls, cache_controls, generation_controls
 
 TITLE = "ImageBind-LLM"
 # Every event that runs the model joins this concurrency group, so the UI chat, the API, example clicks and the
@@ -141,10 +142,10 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                 handler.detect.add_hint(path, modality)
 
     with gr.Blocks(title=TITLE, fill_height=True, analytics_enabled=False) as demo:
-        items = gr.State([])  # the inputs panel's rows
-        session_weights = gr.State({})  # path → weight chosen with the sliders
-        session_modalities = gr.State({})  # path → modality picked where a file can be read several ways
-        removed = gr.State([])  # paths taken out of the conversation
+        session = gr.State(ChatSession())  # the conversation's inputs, the person's choices, removed files, turns
+        # What the inputs panel shows (``ChatSession.layout()``), written beside the session: the panel re-draws
+        # when it changes, not when a weight slider moves. Derived, never read back as state.
+        layout = gr.State(())
 
         gr.Markdown(f"## {TITLE}\nAsk about any mix of images, videos, sounds, 3D point clouds, depth and thermal "
                     "maps, IMU traces and text.")
@@ -154,7 +155,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
             chat_column = gr.Column(scale=3)
             with gr.Column(scale=2, min_width=320):
                 with gr.Tab("Inputs"):
-                    render_panel(demo, items, session_weights, session_modalities, removed)
+                    render_panel(demo, session, layout)
                     with gr.Accordion("Accepted files", open=False):
                         gr.Markdown(accepted_markdown())
                 with gr.Tab("Cache"):
@@ -174,6 +175,12 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                     gr.Markdown(model_markdown(info))
                     gr.Markdown(API_HELP)
 
+        # The handlers as Gradio calls them: their own inputs, then the settings controls they ask for.
+        controls = Controls(cache, generation)
+        respond, respond_controls = controls.bind(handler.respond)
+        lookup_neighbours, lookup_controls = controls.bind(handler.lookup_neighbours, leave_out=["cache"])
+        compare_without_cache, compare_controls = controls.bind(handler.compare_without_cache)
+
         with chat_column:
             timings = gr.Markdown(render=False, elem_id="ibllm-timings", label="timings")
             # Hidden, for API callers: JSON weights per file name, modality or position, and modalities per file
@@ -188,13 +195,12 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
             chatbot = gr.Chatbot(label="chat", height="62vh", editable="user", buttons=["copy", "copy_all"],
                                  placeholder="Attach a file, ask a question — or pick an example.")
             chat = gr.ChatInterface(
-                handler.respond,
+                respond,
                 multimodal=True,
                 textbox=textbox,
                 chatbot=chatbot,
-                additional_inputs=[session_weights, session_modalities, removed, weights_text, modalities_text,
-                                   *cache.components(), *generation.components()],
-                additional_outputs=[timings, neighbours, thumbnails, items, removed],
+                additional_inputs=[session, weights_text, modalities_text, *respond_controls],
+                additional_outputs=[timings, neighbours, thumbnails, session, layout],
                 editable=True,
                 cache_examples=False,  # caching file examples breaks multimodal chat (NOTES.md)
                 run_examples_on_click=True,
@@ -206,35 +212,32 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
             )
             timings.render()
 
-        # The panel follows the conversation (after each answer, undo, retry, edit, clear) and the textbox.
-        def refresh(history: list[Any], pending: Any, sent: Any, removed_paths: list[str],
-                    chosen: dict[str, str]) -> list[dict]:
+        # The session follows the conversation (after each answer, undo, retry, edit, clear) and the textbox.
+        def refresh(history: list[Any], pending: Any, sent: Any, current: ChatSession) -> tuple[Any, Any]:
             # ``sent`` is the message being answered: between the textbox clearing and the answer reaching the
             # history its files are in neither, and the panel would drop (and re-create) their previews.
             files = [*message_parts(pending)[1], *message_parts(sent)[1]]
-            return collect_items(handler.detect, history, files, removed_paths, chosen)
+            updated = handler.follow(current, history, files)
+            if updated == current:  # typing in the textbox changes nothing here: write nothing
+                return gr.skip(), gr.skip()
+            return updated, updated.layout()
 
         # Queued (not queue=False): a State changed by an unqueued event does not fire its .change, and the inputs
-        # panel re-renders on items.change.
+        # panel re-draws on layout.change.
         internal = {"show_progress": "hidden", "api_visibility": "undocumented"}
-        refresh_inputs = [chat.chatbot_state, textbox, chat.saved_input, removed, session_modalities]
-        chat.chatbot_state.change(refresh, refresh_inputs, [items], **internal)
-        textbox.change(refresh, refresh_inputs, [items], **internal)
-        chatbot.clear(lambda: ([], {}, {}, [], [], "", ""), None,
-                      [removed, session_weights, session_modalities, items, neighbours, timings, compare_out],
-                      **internal)
+        refresh_inputs = [chat.chatbot_state, textbox, chat.saved_input, session]
+        chat.chatbot_state.change(refresh, refresh_inputs, [session, layout], **internal)
+        textbox.change(refresh, refresh_inputs, [session, layout], **internal)
+        chatbot.clear(lambda: (ChatSession(), (), [], "", ""), None,
+                      [session, layout, neighbours, timings, compare_out], **internal)
 
-        lookup.click(handler.lookup_neighbours,
-                     [chat.chatbot_state, textbox, session_weights, session_modalities, removed, cache.top_k,
-                      cache.temperature, cache.weight],
+        lookup.click(lookup_neighbours, [chat.chatbot_state, textbox, session, *lookup_controls],
                      [neighbours, thumbnails, lookup_note], api_name="neighbours")
-        compare.click(handler.compare_without_cache,
-                      [chat.chatbot_state, session_weights, session_modalities, removed, *generation.components()],
-                      [compare_out],
+        compare.click(compare_without_cache, [chat.chatbot_state, session, *compare_controls], [compare_out],
                       api_name="compare_without_cache")
 
     # UI submit, retry, edit, example click and the /chat API are separate events around the same function.
-    joined = _join_model_group(demo, [handler.respond, handler.lookup_neighbours, handler.compare_without_cache])
+    joined = _join_model_group(demo, [respond, lookup_neighbours, compare_without_cache])
     if joined < 4:
         raise RuntimeError(f"only {joined} model events found: gradio's ChatInterface wiring changed")
     demo.queue(default_concurrency_limit=1)

@@ -14,17 +14,9 @@ from ibllm.config import GenerationConfig, VisualCacheConfig
 from ibllm.engine import ChatEngine
 from ibllm.media.errors import MediaError
 from ibllm.types import Attachment, ChatEvent, Neighbour, Turn
-from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history, unique
-from ibllm.ui.inputs import (
-    Detector,
-    RequestError,
-    collect_items,
-    engine_attachments,
-    parse_modalities,
-    parse_weights,
-    resolve_modality,
-)
-from ibllm.ui.settings import to_cache_options, to_generation_options
+from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history
+from ibllm.ui.inputs import Detector, RequestError, plan_attachments
+from ibllm.ui.session import ChatSession
 from ibllm.ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)
@@ -51,6 +43,11 @@ def timings_markdown(event: ChatEvent, cache: VisualCacheConfig, cache_entries: 
     return "  \n".join(lines)
 
 
+def _skips(n: int) -> list[Any]:
+    """``n`` outputs left as they are (a fresh update each: Gradio edits update dicts in place)."""
+    return [gr.skip() for _ in range(n)]
+
+
 def _suspects(error: MediaError, new_files: Sequence[str], all_files: Sequence[str]) -> list[str]:
     """The files a MediaError is about: those it names, else the ones new in this turn (earlier ones worked)."""
     text = str(error)
@@ -59,7 +56,10 @@ def _suspects(error: MediaError, new_files: Sequence[str], all_files: Sequence[s
 
 
 class ChatHandler:
-    """Turns one chat request into engine calls; holds no conversation state (that lives in the session)."""
+    """Turns one chat request into engine calls; holds no conversation state (that is the ``ChatSession``).
+
+    Each handler takes Gradio's values (message, chat history, session) and the engine's settings objects by keyword;
+    ``settings.Controls.bind`` makes the function Gradio calls from the page's controls."""
 
     def __init__(self, engine: ChatEngine) -> None:
         self.engine = engine
@@ -82,94 +82,70 @@ class ChatHandler:
             if close is not None:
                 close()
 
-    def _plan(self, files: Sequence[str], removed: Sequence[str], session_weights: dict[str, float] | None,
-              session_modalities: dict[str, str] | None, weights_text: str | None = None,
-              modalities_text: str | None = None) -> list[Attachment]:
-        """Check every file still in the conversation, say how to read it and weigh it.
+    def follow(self, session: ChatSession, history: Sequence[Any] | None, pending: Sequence[str] = ()) -> ChatSession:
+        """``session`` brought up to date with the chat's messages (which undo, retry and edit change) and the files
+        waiting in the textbox."""
+        return session.follow(normalise_history(history), pending, self.detect)
 
-        Raises MediaError for an unusable file or malformed API weights/modalities.
-        """
-        paths = [p for p in unique(files) if p not in removed]
-        given = parse_modalities(modalities_text)
-        modalities = {}
-        for i, path in enumerate(paths):
-            detected, error = self.detect(path)
-            if error:
-                raise MediaError(error)
-            modalities[path] = resolve_modality(i, path, detected, session_modalities or {}, given)
-        return engine_attachments(paths, modalities, session_weights or {}, parse_weights(weights_text))
-
-    def respond(self, message: Any, history: list[Any], session_weights: dict[str, float],
-                session_modalities: dict[str, str], removed: list[str], weights: str, modalities: str,
-                cache: bool, cache_top_k: float, cache_temperature: float, cache_weight: float,
-                max_new_tokens: float, temperature: float, top_p: float, seed: float
+    def respond(self, message: Any, history: list[Any], session: ChatSession, weights: str = "",
+                modalities: str = "", *, cache: VisualCacheConfig, generation: GenerationConfig
                 ) -> Iterator[tuple[Any, ...]]:
-        """Stream the answer to ``message`` as cumulative text, with timings, neighbours and the inputs list.
+        """Stream the answer to ``message`` as cumulative text, with timings, neighbours and the session.
 
-        ``history`` is the conversation before this message; every file attached in it (and not removed) is
-        part of this turn's input. ``weights`` / ``modalities`` (JSON, for API callers) override the panel's
-        sliders and choices. Yields ``(text, timings, neighbours, thumbnails, items, removed)``.
+        ``history`` is the chat before this message; every file attached in it (and not removed) is part of this
+        turn's input, read and weighed as ``session`` says. ``weights`` / ``modalities`` (JSON, for API callers)
+        override the panel's sliders and choices for this turn. Yields ``(text, timings, neighbours, thumbnails,
+        session, panel layout)``; the session is written before the answer streams (and again only when a file
+        failed), so a slider moved while the answer streams keeps its value.
         """
         text_in, new_files = message_parts(message)
-        conversation = normalise_history(history)
-        removed = list(removed or [])
-        all_files = unique([*conversation.files, *new_files])
-        cache_options = to_cache_options(cache, cache_top_k, cache_temperature, cache_weight)
-        generation = to_generation_options(max_new_tokens, temperature, top_p, seed)
-        history_after = [*(history or []), {"role": "user", "content": [{"path": p} for p in new_files]}]
-
-        def items() -> list[dict]:
-            return collect_items(self.detect, history_after, [], removed, session_modalities)
-
+        asked = {"role": "user", "content": [{"path": p} for p in new_files]}
         stop = threading.Event()
         try:
-            attachments = self._plan(all_files, removed, session_weights, session_modalities, weights, modalities)
+            session = self.follow(session, [*(history or []), asked])
+            attachments = plan_attachments(session.sent, weights, modalities)
             if not text_in and not attachments:
-                yield (f"{ERROR_MARK} Type a question or attach a file.", gr.skip(), gr.skip(), gr.skip(), items(),
-                       removed)
+                yield f"{ERROR_MARK} Type a question or attach a file.", *_skips(3), session, session.layout()
                 return
-            yield "", gr.skip(), gr.skip(), gr.skip(), items(), removed
+            yield "", *_skips(3), session, session.layout()
             last = ChatEvent()
-            for event in self._stream_events(text_in, conversation.turns, attachments, cache_options, generation,
-                                             stop):
+            for event in self._stream_events(text_in, list(session.history), attachments, cache, generation, stop):
                 last = event
                 if event.done:
                     break
                 if event.delta:
-                    yield event.text, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    yield event.text, *_skips(5)
             thumbs = neighbour_thumbnails(last.neighbours)
-            timings = timings_markdown(last, cache_options, self.engine.info.cache_entries)
+            timings = timings_markdown(last, cache, self.engine.info.cache_entries)
             yield (last.text, timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)),
-                   gr.skip(), gr.skip())
+                   *_skips(2))
         except RequestError as e:
-            yield f"{ERROR_MARK} {e}", gr.skip(), gr.skip(), gr.skip(), items(), removed
+            yield f"{ERROR_MARK} {e}", *_skips(3), session, session.layout()
         except MediaError as e:
-            suspects = _suspects(e, new_files, all_files)
-            removed = unique([*removed, *suspects])
+            suspects = _suspects(e, new_files, [i.path for i in session.inputs])
+            session = session.without(suspects)
             names = ", ".join(os.path.basename(p) for p in suspects)
             yield (f"{ERROR_MARK} {e}\n\n({names} left out of the conversation; attach another file to go on.)",
-                   gr.skip(), gr.skip(), gr.skip(), items(), removed)
+                   *_skips(3), session, session.layout())
         except Exception as e:  # noqa: BLE001 - one bad request must not take the server down
             log.exception("chat failed")
-            yield f"{ERROR_MARK} Something went wrong while answering: {type(e).__name__}: {e}", *[gr.skip()] * 5
+            yield f"{ERROR_MARK} Something went wrong while answering: {type(e).__name__}: {e}", *_skips(5)
         finally:
             # Stop, job.cancel() and a closed browser tab all end here: tell the engine to let go of the model.
             stop.set()
 
-    def compare_without_cache(self, history: list[Any], session_weights: dict[str, float],
-                              session_modalities: dict[str, str], removed: list[str], max_new_tokens: float,
-                              temperature: float, top_p: float, seed: float) -> Iterator[str]:
+    def compare_without_cache(self, history: list[Any], session: ChatSession, *, generation: GenerationConfig
+                              ) -> Iterator[str]:
         """Answer the last question again with the visual cache off, streamed into a side box."""
-        conversation = normalise_history(history)
-        if not conversation.turns:
+        session = self.follow(session, history)
+        if not session.history:
             yield "Ask something first; this re-answers your last question with the cache off."
             return
-        last = conversation.turns[-1]
+        last = session.history[-1]
         stop = threading.Event()
         try:
-            attachments = self._plan(conversation.files, removed or [], session_weights, session_modalities)
-            generation = to_generation_options(max_new_tokens, temperature, top_p, seed)
-            for event in self._stream_events(last.user, conversation.turns[:-1], attachments,
+            attachments = plan_attachments(session.sent)
+            for event in self._stream_events(last.user, list(session.history[:-1]), attachments,
                                              VisualCacheConfig(enabled=False), generation, stop):
                 yield event.text + (f"\n\n({event.timings.summary()})" if event.done else "")
         except (MediaError, RequestError) as e:
@@ -180,25 +156,22 @@ class ChatHandler:
         finally:
             stop.set()
 
-    def lookup_neighbours(self, history: list[Any], inputs: Any, session_weights: dict[str, float],
-                          session_modalities: dict[str, str], removed: list[str], cache_top_k: float,
-                          cache_temperature: float, cache_weight: float) -> tuple[Any, Any, str]:
+    def lookup_neighbours(self, history: list[Any], inputs: Any, session: ChatSession, *, cache: VisualCacheConfig
+                          ) -> tuple[Any, Any, str]:
         """The cache inspector: neighbours of the fused feature of the conversation's inputs plus ``inputs``
         (a multimodal textbox value), without generating."""
-        _, new_files = message_parts(inputs)
-        files = [*normalise_history(history).files, *new_files]
+        session = self.follow(session, history, message_parts(inputs)[1])
         try:
-            attachments = self._plan(files, removed or [], session_weights, session_modalities)
+            attachments = plan_attachments(session.inputs)
         except (MediaError, RequestError) as e:
             return [], gr.Gallery([], visible=False), f"{ERROR_MARK} {e}"
         if not attachments:
             return [], gr.Gallery([], visible=False), "Attach an input first."
-        options = to_cache_options(True, cache_top_k, cache_temperature, cache_weight)
         try:
-            found = self.engine.neighbours(attachments, options)
+            found = self.engine.neighbours(attachments, cache)
         except Exception as e:  # noqa: BLE001 - MediaError included: the inspector reports, the server keeps serving
             log.exception("neighbour lookup failed")
             return [], gr.Gallery([], visible=False), f"{ERROR_MARK} {type(e).__name__}: {e}"
         thumbs = neighbour_thumbnails(found)
-        note = f"{len(found)} neighbours of the fused input feature (top-{options.top_k})."
+        note = f"{len(found)} neighbours of the fused input feature (top-{cache.top_k})."
         return neighbour_rows(found), gr.Gallery(thumbs, visible=bool(thumbs)), note

@@ -1,9 +1,8 @@
-"""The conversation's inputs: which files take part, their modality and mixing weight, and the panel that lists them.
+"""The inputs panel and how each input is read and weighed: detection, the API's weights/modalities, attachments.
 
-An attachment is identified by its path (Gradio stores each upload under a content-hash folder, so one file keeps
-one path). Per session four plain values are kept in ``gr.State``: the listed items, the weights chosen with the
-sliders (path → weight, default 1), the modalities chosen where a file could be read several ways (a PNG can be a
-photo, a depth map or a thermal image), and the paths the person removed.
+The inputs themselves, with the person's choices, are part of the session (``ibllm.ui.session.ChatSession``, one
+``gr.State``). An attachment is identified by its path: Gradio stores each upload under a content-hash folder, so
+one file keeps one path.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import gradio as gr
 
@@ -22,22 +19,11 @@ from ibllm.kinds import KINDS
 from ibllm.media.digest import file_digest
 from ibllm.media.errors import MediaError
 from ibllm.types import Attachment
-from ibllm.ui.history import normalise_history, unique
+from ibllm.ui.session import ChatSession, SessionInput, modality_choices
 
-DEFAULT_WEIGHT = 1.0
+
 class RequestError(ValueError):
     """Malformed API weights or modalities: reported in the chat like a media problem, but no file is at fault."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One row of the inputs panel (kept in ``gr.State`` as a dict)."""
-
-    path: str
-    name: str
-    modality: str  # "" when the file could not be used
-    pending: bool = False  # in the textbox, sent with the next message
-    error: str = ""
 
 
 class Detector:
@@ -84,38 +70,6 @@ class Detector:
         return self._known[key]
 
 
-def display_name(path: str) -> str:
-    return os.path.basename(path)
-
-
-def modality_choices(path: str, detected: str) -> list[str]:
-    """The modalities a file could be read as: the detected one first, then the others its extension allows
-    (a PNG can be a photo, a depth map or a thermal image; detection never guesses thermal)."""
-
-    ext = os.path.splitext(path)[1].lower()
-    others = [k.name for k in KINDS.values() if ext in k.extensions and k.name != detected]
-    return [detected, *others]
-
-
-def collect_items(detect: Detector, history: Sequence[Any] | None, pending: Sequence[str],
-                  removed: Sequence[str], chosen: Mapping[str, str] | None = None) -> list[dict]:
-    """The panel's rows: files of the conversation, then the ones waiting in the textbox; removed ones left out.
-
-    ``chosen`` holds modalities picked by the person (path → modality); they override detection.
-    """
-    conversation_files = normalise_history(history).files
-    rows = []
-    for path in unique([*conversation_files, *pending]):
-        if path in removed:
-            continue
-        modality, error = detect(path)
-        if modality and chosen and chosen.get(path) in modality_choices(path, modality):
-            modality = chosen[path]
-        rows.append(asdict(Item(path=path, name=display_name(path), modality=modality,
-                                pending=path not in conversation_files, error=error)))
-    return rows
-
-
 def parse_weights(text: str | None) -> dict[str, float] | list[float]:
     """Weights given through the API: a JSON object keyed by file name, modality or position, or a JSON list.
 
@@ -149,50 +103,58 @@ def parse_modalities(text: str | None) -> dict[str, str] | list[str]:
     raise RequestError('modalities must map file names or positions to modality names, e.g. {"scan.png": "depth"}')
 
 
-def resolve_modality(index: int, path: str, detected: str, chosen: Mapping[str, str],
-                     given: Mapping[str, str] | Sequence[str]) -> str:
-    """The modality an input is read as: the API's, else the one picked in the panel, else the detected one."""
-    wanted = None
+def resolve_modality(index: int, item: SessionInput, given: Mapping[str, str] | Sequence[str]) -> str:
+    """The kind an input is read as: the API's (by position, file name or path), else the session's."""
     if isinstance(given, Sequence):
         wanted = given[index] if index < len(given) else None
     else:
-        wanted = given.get(str(index)) or given.get(display_name(path)) or given.get(path)
-    allowed = modality_choices(path, detected)
+        wanted = given.get(str(index)) or given.get(item.name) or given.get(item.path)
     if wanted is not None:
-        if wanted not in allowed:
-            raise RequestError(f"{display_name(path)} cannot be read as {wanted}; it can be read as "
-                             f"{' or '.join(allowed)}.")
+        if wanted not in item.choices:
+            raise RequestError(f"{item.name} cannot be read as {wanted}; it can be read as "
+                               f"{' or '.join(item.choices)}.")
         return wanted
-    return chosen[path] if chosen.get(path) in allowed else detected
+    return item.modality
 
 
-def resolve_weight(index: int, path: str, modality: str, session: Mapping[str, float],
+def resolve_weight(index: int, item: SessionInput, modality: str,
                    given: Mapping[str, float] | Sequence[float]) -> float:
-    """The weight of one input: an explicit API weight (position, file name, modality) beats the slider's."""
+    """The weight of one input: an explicit API weight (position, file name, path, kind) beats the slider's."""
     if isinstance(given, Sequence):
         if index < len(given):
             return float(given[index])
     else:
-        for key in (str(index), display_name(path), path, modality):
+        for key in (str(index), item.name, item.path, modality):
             if key in given:
                 return float(given[key])
-    return float(session.get(path, DEFAULT_WEIGHT))
+    return item.weight
 
 
-def engine_attachments(paths: Sequence[str], modalities: Mapping[str, str], session: Mapping[str, float],
-                       given: Mapping[str, float] | Sequence[float] = ()) -> list[Attachment]:
-    """Attachments for the engine, in order; weight 0 drops an input, as the mixing sliders promise."""
+def plan_attachments(inputs: Sequence[SessionInput], weights_text: str | None = None,
+                     modalities_text: str | None = None) -> list[Attachment]:
+    """The engine's attachments for ``inputs``, in order, read and weighed as the session and the API say; weight 0
+    drops an input, as the mixing sliders promise.
+
+    Raises MediaError for an input that cannot be used, RequestError for malformed API weights/modalities.
+    """
+    given_modalities = parse_modalities(modalities_text)
+    modalities = []
+    for i, item in enumerate(inputs):
+        if item.error or not item.kind:
+            raise MediaError(item.error or f"{item.name} cannot be used.")
+        modalities.append(resolve_modality(i, item, given_modalities))
+    given_weights = parse_weights(weights_text)
     out = []
-    for i, path in enumerate(paths):
-        w = max(0.0, resolve_weight(i, path, modalities[path], session, given))
+    for i, (item, modality) in enumerate(zip(inputs, modalities, strict=True)):
+        w = max(0.0, resolve_weight(i, item, modality, given_weights))
         if w > 0:
-            out.append(Attachment(path=path, modality=modalities[path], weight=w))
+            out.append(Attachment(path=item.path, modality=modality, weight=w))
     return out
 
 
-def _preview(item: Mapping[str, Any]) -> None:
-    p = previews.make_preview(item["path"], item["modality"])
-    key = f"preview-{item['path']}"
+def _preview(item: SessionInput) -> None:
+    p = previews.make_preview(item.path, item.modality)
+    key = f"preview-{item.path}"
     if p.kind == "image":
         gr.Image(p.value, show_label=False, height=140, interactive=False, key=key)
     elif p.kind == "video":
@@ -210,56 +172,55 @@ def _preview(item: Mapping[str, Any]) -> None:
         gr.Markdown(f"<small>{p.note}</small>")
 
 
-def render_panel(demo: gr.Blocks, items: gr.State, weights: gr.State, modalities: gr.State,
-                 removed: gr.State) -> None:
-    """Render the inputs panel: per input its preview, modality, weight slider and a remove button.
+def render_panel(demo: gr.Blocks, session: gr.State, layout: gr.State) -> None:
+    """Render the inputs panel: per input its preview, kind (*read as* where there is a choice), weight slider and a
+    remove button.
 
-    Re-rendered only when the item list changes; moving a slider writes the weights state without a re-render.
+    Re-drawn when ``layout`` (``ChatSession.layout()``, written beside the session by every event that changes what
+    the panel shows) changes; moving a slider writes the session's weight without a re-draw.
     """
 
-    @gr.render(inputs=[items, weights], triggers=[items.change, demo.load])
-    def _panel(rows: list[dict], session_weights: dict[str, float]) -> None:
-        if not rows:
+    @gr.render(inputs=[session], triggers=[layout.change, demo.load])
+    def _panel(current: ChatSession) -> None:
+        if not current.inputs:
             gr.Markdown("No inputs yet. Attach files with the paper clip (or record with the microphone); they stay "
                         "part of the conversation until you remove them here or clear the chat.")
             return
         gr.Markdown("Weights are relative (normalised to sum 1); 0 leaves an input out.")
-        for row in rows:
-            path = row["path"]
+        for item in current.inputs:
+            path = item.path
             with gr.Column(variant="panel", key=f"group-{path}"):
-                if row["error"]:
-                    gr.Markdown(f"⚠️ **{row['name']}**: {row['error']}")
+                if item.error:
+                    gr.Markdown(f"⚠️ **{item.name}**: {item.error}")
                     continue
-                status = " · *sent with your next message*" if row["pending"] else ""
-                icon = KINDS[row["modality"]].icon if row["modality"] in KINDS else "📎"
-                gr.Markdown(f"{icon} **{row['name']}** · {row['modality']}{status}", key=f"title-{path}")
-                _preview(row)
-                choices = modality_choices(path, row["modality"])
-                if len(choices) > 1:
-                    as_modality = gr.Radio(choices, value=row["modality"], label="read as", interactive=True,
-                                           key=f"as-{path}")
+                status = "" if item.sent else " · *sent with your next message*"
+                icon = KINDS[item.modality].icon if item.modality in KINDS else "📎"
+                gr.Markdown(f"{icon} **{item.name}** · {item.modality}{status}", key=f"title-{path}")
+                _preview(item)
+                if len(item.choices) > 1:
+                    read_as = gr.Radio(item.choices, value=item.modality, label="read as", interactive=True,
+                                       key=f"as-{path}")
 
-                    def set_modality(value: str, current: dict[str, str], current_rows: list[dict],
-                                     path: str = path) -> tuple[dict[str, str], list[dict]]:
-                        rows_ = [{**r, "modality": value} if r["path"] == path else r for r in current_rows]
-                        return {**current, path: value}, rows_
+                    def set_read_as(kind: str, s: ChatSession, path: str = path) -> tuple[ChatSession, tuple]:
+                        s = s.with_read_as(path, kind)
+                        return s, s.layout()
 
-                    as_modality.input(set_modality, [as_modality, modalities, items], [modalities, items],
-                                      show_progress="hidden", api_visibility="undocumented")
+                    read_as.input(set_read_as, [read_as, session], [session, layout], show_progress="hidden",
+                                  api_visibility="undocumented")
                 with gr.Row():
-                    slider = gr.Slider(0, 1, value=session_weights.get(path, DEFAULT_WEIGHT), step=0.05,
-                                       label="weight", scale=4, interactive=True, key=f"weight-{path}")
+                    slider = gr.Slider(0, 1, value=item.weight, step=0.05, label="weight", scale=4, interactive=True,
+                                       key=f"weight-{path}")
                     remove = gr.Button("Remove", size="sm", scale=1, min_width=60, key=f"remove-{path}")
 
-                def set_weight(value: float, current: dict[str, float], path: str = path) -> dict[str, float]:
-                    return {**current, path: float(value)}
+                def set_weight(value: float, s: ChatSession, path: str = path) -> ChatSession:
+                    return s.with_weight(path, value)
 
-                def drop(current_removed: list[str], current_rows: list[dict],
-                         path: str = path) -> tuple[list[str], list[dict]]:
-                    return [*current_removed, path], [r for r in current_rows if r["path"] != path]
+                def drop(s: ChatSession, path: str = path) -> tuple[ChatSession, tuple]:
+                    s = s.without([path])
+                    return s, s.layout()
 
-                slider.change(set_weight, [slider, weights], [weights], queue=False, show_progress="hidden",
-                             api_visibility="undocumented")
-                # queued: an unqueued event would not fire items.change, and the panel would not re-render
-                remove.click(drop, [removed, items], [removed, items], show_progress="hidden",
+                slider.change(set_weight, [slider, session], [session], queue=False, show_progress="hidden",
+                              api_visibility="undocumented")
+                # queued: an unqueued event would not fire layout.change, and the panel would not re-draw
+                remove.click(drop, [session], [session, layout], show_progress="hidden",
                              api_visibility="undocumented")

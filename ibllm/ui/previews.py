@@ -2,8 +2,9 @@
 
 ``gr.Model3D`` only reads mesh formats, so point clouds (pcd, xyz, npy, …) are rewritten as point-only PLY; IMU
 traces become a plotly figure; depth and thermal maps become colour-mapped PNGs. Images, audio and video are shown
-as they are. Previews are made from files the engine has already accepted, are cached per file content, and never
-unpickle anything.
+as they are. Previews are made from files the engine has already accepted, are cached per file version, and never
+unpickle anything: every file is read by the media package's own (bounds-checked) reader for its format, so a
+preview shows what the model reads.
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ibllm.media.depth import read_disparity
+from ibllm.media.image import open_image
+from ibllm.media.imu import read_imu
+from ibllm.media.point import read_points
+from ibllm.media.pointio import write_ply
+from ibllm.media.thermal import thermal_gray
+
 MAX_PREVIEW_POINTS = 50_000  # enough to see a shape; Model3D gets slow beyond ~100k points
 MAX_TEXT_CHARS = 2000
+PREVIEW_FORMAT = 2  # part of each preview's file name: raise it when a preview is drawn differently
 
 # Colour maps as evenly spaced anchors (sampled from the perceptually uniform viridis / inferno maps).
 _VIRIDIS = ["#440154", "#482878", "#3e4a89", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
@@ -46,8 +55,10 @@ def _preview_dir() -> Path:
 
 
 def _key(path: str, kind: str) -> str:
+    """The name of a file version's preview (from path, size and modification time: the file is not read)."""
     st = os.stat(path)
-    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{kind}".encode()).hexdigest()[:16]
+    version = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{kind}|{PREVIEW_FORMAT}"
+    return hashlib.sha1(version.encode()).hexdigest()[:16]
 
 
 def colour_map(values: np.ndarray, name: str = "viridis") -> np.ndarray:
@@ -73,69 +84,21 @@ def _normalise(a: np.ndarray, invalid_zero: bool) -> np.ndarray:
     return out
 
 
-def _read_map(path: str) -> np.ndarray:
-    if path.lower().endswith(".npy"):
-        a = np.squeeze(_read_npy(path, "depth/thermal map"))
-        if a.ndim == 3:  # (H, W, C) or (C, H, W): show the first channel
-            a = a[..., 0] if a.shape[-1] <= 4 else a[0]
-        return a
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return np.asarray(im).astype(np.float32)
-        return np.asarray(im.convert("L")).astype(np.float32)
+def _read_map(path: str, modality: str) -> np.ndarray:
+    """The map as the encoders read it: a depth file as disparity (larger = nearer, 0 = no reading), a thermal
+    image as its 8-bit gray levels (brighter = hotter)."""
+    if modality == "depth":
+        return read_disparity(path)
+    return np.asarray(thermal_gray(open_image(path)), dtype=np.float32)
 
 
 def map_png(path: str, modality: str) -> str:
-    """A colour-mapped PNG of a depth (viridis, 0 = no reading) or thermal (inferno) map."""
+    """A colour-mapped PNG of a depth (viridis, near is bright, no reading is black) or thermal (inferno) map."""
     out = _preview_dir() / f"{_key(path, modality)}.png"
     if not out.exists():
-        a = _read_map(path)
-        cmap = "viridis" if modality == "depth" else "inferno"
-        # depth: near is bright, as people expect from depth visualisations
-        norm = _normalise(a, invalid_zero=modality == "depth")
-        if modality == "depth":
-            norm = 1.0 - norm
-        Image.fromarray(colour_map(norm, cmap)).save(out)
-    return str(out)
-
-
-def read_points(path: str) -> np.ndarray:
-    """(N, 3) positions of a point-cloud file, through the media package's bounds-checked parsers."""
-    from ibllm.media import pointio
-    from ibllm.media.limits import DEFAULT_LIMITS
-
-    readers = {".ply": pointio.read_ply, ".pcd": pointio.read_pcd, ".obj": pointio.read_obj,
-               ".npy": pointio.read_npy_points}
-    reader = readers.get(Path(path).suffix.lower(), pointio.read_table)
-    return np.asarray(reader(Path(path), DEFAULT_LIMITS), dtype=np.float32)
-
-
-def _read_npy(path: str, what: str) -> np.ndarray:
-    """A numeric .npy array; the header is checked first and pickles are never loaded."""
-    from ibllm.media import pointio
-    from ibllm.media.limits import DEFAULT_LIMITS
-
-    return pointio.read_npy(Path(path), DEFAULT_LIMITS, what)
-
-
-def write_ply(points: np.ndarray, out: str | Path, colours: np.ndarray | None = None) -> str:
-    """Write a binary point-only PLY (x, y, z float32 and optional uchar red, green, blue)."""
-    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
-    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
-    if colours is not None:
-        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
-    rec = np.empty(len(points), dtype=fields)
-    rec["x"], rec["y"], rec["z"] = points[:, 0], points[:, 1], points[:, 2]
-    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(points)}",
-              "property float x", "property float y", "property float z"]
-    if colours is not None:
-        colours = np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
-        rec["red"], rec["green"], rec["blue"] = colours[:, 0], colours[:, 1], colours[:, 2]
-        header += ["property uchar red", "property uchar green", "property uchar blue"]
-    header.append("end_header")
-    with open(out, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode("ascii"))
-        f.write(rec.tobytes())
+        depth = modality == "depth"
+        norm = _normalise(_read_map(path, modality), invalid_zero=depth)
+        Image.fromarray(colour_map(norm, "viridis" if depth else "inferno")).save(out)
     return str(out)
 
 
@@ -143,7 +106,7 @@ def point_cloud_ply(path: str) -> str:
     """A PLY for ``gr.Model3D``: subsampled, centred, scaled to the unit sphere, coloured by height."""
     out = _preview_dir() / f"{_key(path, 'point')}.ply"
     if not out.exists():
-        pts = read_points(path)
+        pts = np.asarray(read_points(path), dtype=np.float32)
         pts = pts[np.isfinite(pts).all(axis=1)]
         if len(pts) == 0:
             raise ValueError("no points")
@@ -153,28 +116,8 @@ def point_cloud_ply(path: str) -> str:
         pts = pts / max(float(np.linalg.norm(pts, axis=1).max()), 1e-6)
         height = pts[:, 1]
         colours = colour_map((height - height.min()) / max(float(np.ptp(height)), 1e-6))
-        write_ply(pts, out, colours)
+        write_ply(out, pts, colours)
     return str(out)
-
-
-def read_imu(path: str) -> np.ndarray:
-    """(6, T) float32: accelerometer xyz then gyroscope xyz, from npy or csv in either orientation."""
-    a = _read_npy(path, "IMU recording") if path.lower().endswith(".npy") else _read_csv_matrix(path)
-    a = np.squeeze(np.asarray(a, dtype=np.float32))
-    if a.ndim != 2 or 6 not in a.shape:
-        raise ValueError(f"expected a (6, T) or (T, 6) array, got shape {a.shape}")
-    return a if a.shape[0] == 6 else a.T
-
-
-def _read_csv_matrix(path: str) -> np.ndarray:
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                rows.append([float(p) for p in line.replace(",", " ").split()])
-            except ValueError:
-                continue  # header
-    return np.asarray([r for r in rows if r], dtype=np.float32)
 
 
 def imu_figure(path: str) -> Any:
@@ -182,7 +125,7 @@ def imu_figure(path: str) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    a = read_imu(path)
+    a = read_imu(path)  # (6, T): accelerometer xyz, gyroscope xyz
     step = max(1, a.shape[1] // 2000)  # a plot does not need more than ~2000 samples per line
     a = a[:, ::step]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,

@@ -1,16 +1,29 @@
-"""Visual cache and generation controls, and their conversion to the engine's settings objects.
+"""Visual cache and generation controls, and the one place their values become the engine's settings objects.
 
 The controls start at the served model's own settings (``ModelConfig.visual_cache`` / ``generation``), so the
 browser, the API (whose optional parameters default to these components' values), the CLI and the evaluation
-all serve the same defaults."""
+all serve the same defaults.
+
+A handler asks for settings objects by keyword (``*, cache: VisualCacheConfig, generation: GenerationConfig``);
+``Controls.bind`` turns it into the function Gradio calls, whose parameters are the handler's own followed by one
+per control, named as the API names them (``cache, cache_top_k, …, seed``), together with the list of components
+in that same order. So the order of a handler's inputs is defined once, here, and the handler never sees a
+slider's value.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
 from ibllm.config import GenerationConfig, VisualCacheConfig
+
+Component = gr.components.Component
 
 
 @dataclass
@@ -20,8 +33,19 @@ class CacheControls:
     temperature: gr.Slider
     weight: gr.Slider
 
-    def components(self) -> list[gr.components.Component]:
-        return [self.enabled, self.top_k, self.temperature, self.weight]
+    def named(self) -> dict[str, Component]:
+        """The controls under their API parameter names, in the API's order."""
+        return {"cache": self.enabled, "cache_top_k": self.top_k, "cache_temperature": self.temperature,
+                "cache_weight": self.weight}
+
+    def components(self) -> list[Component]:
+        return list(self.named().values())
+
+    @staticmethod
+    def read(values: Mapping[str, Any]) -> VisualCacheConfig:
+        """The settings from the controls' values by API name; without the on/off switch the cache is on."""
+        return to_cache_options(values.get("cache", True), values["cache_top_k"], values["cache_temperature"],
+                                values["cache_weight"])
 
 
 @dataclass
@@ -31,8 +55,63 @@ class GenerationControls:
     top_p: gr.Slider
     seed: gr.Number
 
-    def components(self) -> list[gr.components.Component]:
-        return [self.max_new_tokens, self.temperature, self.top_p, self.seed]
+    def named(self) -> dict[str, Component]:
+        """The controls under their API parameter names, in the API's order."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed}
+
+    def components(self) -> list[Component]:
+        return list(self.named().values())
+
+    @staticmethod
+    def read(values: Mapping[str, Any]) -> GenerationConfig:
+        return to_generation_options(values["max_new_tokens"], values["temperature"], values["top_p"],
+                                     values["seed"])
+
+
+@dataclass
+class Controls:
+    """Every settings control of the page; ``bind`` connects a handler to the ones it asks for."""
+
+    cache: CacheControls
+    generation: GenerationControls
+
+    def bind(self, handler: Callable[..., Any], leave_out: Sequence[str] = ()) -> tuple[Callable[..., Any],
+                                                                                         list[Component]]:
+        """``handler(*args, cache=VisualCacheConfig, generation=GenerationConfig)`` (either keyword or both) as
+        ``(fn, controls)``: ``fn(*args, *control_values)``, with the controls' API names as its parameter names
+        (Gradio's API shows them), and the matching components, to follow the handler's own inputs.
+
+        ``leave_out`` names controls the endpoint does not offer (their ``read`` default applies).
+        """
+        signature = inspect.signature(handler)
+        own = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        wanted = [name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        unknown = sorted(set(wanted) - {"cache", "generation"})
+        if unknown:
+            raise TypeError(f"{handler.__name__} asks for unknown settings {unknown}")
+        groups: dict[str, CacheControls | GenerationControls] = {name: getattr(self, name) for name in wanted}
+        named = {name: c for group in groups.values() for name, c in group.named().items() if name not in leave_out}
+        names, n = list(named), len(own)
+
+        def settings(values: Sequence[Any]) -> dict[str, Any]:
+            by_name = dict(zip(names, values, strict=True))
+            return {key: group.read(by_name) for key, group in groups.items()}
+
+        if inspect.isgeneratorfunction(handler):
+            def fn(*args: Any) -> Any:
+                yield from handler(*args[:n], **settings(args[n:]))
+        else:
+            def fn(*args: Any) -> Any:
+                return handler(*args[:n], **settings(args[n:]))
+
+        functools.update_wrapper(fn, handler, assigned=("__module__", "__name__", "__qualname__", "__doc__"),
+                                 updated=())
+        # Plain positional parameters: every value comes from a component (which holds the default).
+        parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                      for name in [*(p.name for p in own), *names]]
+        fn.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        return fn, list(named.values())
 
 
 def cache_controls(defaults: VisualCacheConfig, render: bool = True) -> CacheControls:

@@ -9,6 +9,8 @@ import numpy as np
 import soundfile
 from PIL import Image
 
+from ibllm.media import pointio
+from ibllm.media.limits import DEFAULT_LIMITS
 from ibllm.train.toyworld.formats import AUDIO_RATE, VIDEO_FPS
 
 try:
@@ -28,21 +30,12 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = AUDIO_RATE) -> None:
 
 def write_ply(path: Path, points: np.ndarray) -> None:
     """Binary little-endian ply with float x y z (what open3d and every point-cloud viewer read)."""
-    pts = np.ascontiguousarray(points, dtype="<f4")
-    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(pts)}\n"
-              "property float x\nproperty float y\nproperty float z\nend_header\n")
-    with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(pts.tobytes())
+    pointio.write_ply(path, points)
 
 
 def read_ply(path: str | Path) -> np.ndarray:
-    """Reads the ply files :func:`write_ply` writes (for tests and tools; users' files go to the media loader)."""
-    data = Path(path).read_bytes()
-    end = data.index(b"end_header\n") + len(b"end_header\n")
-    header = data[:end].decode("ascii").splitlines()
-    n = next(int(line.split()[-1]) for line in header if line.startswith("element vertex"))
-    return np.frombuffer(data[end:end + 12 * n], dtype="<f4").reshape(n, 3)
+    """(N, 3) float32 points of a ply file, through the media package's parser (the one PLY reader)."""
+    return pointio.read_ply(Path(path), DEFAULT_LIMITS).astype(np.float32)
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = VIDEO_FPS) -> None:

@@ -1,0 +1,61 @@
+"""ibllm.ui.history: every shape Gradio hands a chat history over in → turns and file paths."""
+
+from __future__ import annotations
+
+from ibllm.types import Turn
+from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history, unique
+
+
+def test_history_from_browser_blocks():
+    # what the browser sends: typed blocks, each file its own user message
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/t/a.png", "mime_type": "image/png"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "what is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a cube"}]},
+        {"role": "user", "content": [{"type": "text", "text": "colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}], "metadata": None},
+    ]
+    conv = normalise_history(history)
+    assert conv.turns == [Turn("what is it?", "a cube"), Turn("colour?", "red")]
+    assert conv.files == ["/t/a.png"]
+
+
+def test_history_from_gradio_client_and_examples():
+    # what gradio_client and example clicks leave: raw strings, {"path"} dicts, tuples, FileData-like objects
+    class FileData:
+        path = "/t/c.wav"
+
+    history = [
+        {"role": "user", "content": [{"path": "/t/a.png"}, "hello"]},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": ("/t/b.ply",)},
+        {"role": "user", "content": [FileData(), "and now?"]},
+        {"role": "assistant", "content": ["more"]},
+        {"role": "user", "content": [{"path": "/t/a.png"}]},  # the same file again is one input
+        {"role": "user", "content": "pending question"},  # not answered yet: not a turn
+    ]
+    conv = normalise_history(history)
+    assert conv.turns == [Turn("hello", "hi"), Turn("and now?", "more")]
+    assert conv.files == ["/t/a.png", "/t/b.ply", "/t/c.wav"]
+
+
+def test_error_answers_and_notes_are_not_fed_back():
+    history = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": f"{ERROR_MARK} bad file"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+        {"role": "assistant", "content": "timing details", "metadata": {"title": "timings"}},
+    ]
+    assert normalise_history(history).turns == [Turn("q2", "a2")]
+
+
+def test_message_parts():
+    assert message_parts({"text": " hi ", "files": ["/a.png", {"path": "/b.wav"}]}) == ("hi", ["/a.png", "/b.wav"])
+    assert message_parts("just text") == ("just text", [])
+    assert message_parts(None) == ("", [])
+    assert message_parts({"role": "user", "content": [{"path": "/a.png"}, "q"]}) == ("q", ["/a.png"])
+
+
+def test_unique_keeps_first_appearance():
+    assert unique(["/b", "/a", "/b", "/c", "/a"]) == ["/b", "/a", "/c"]
