@@ -3,8 +3,8 @@
 The files are what a user downloads, with random values: Meta's LLaMA folder (``params.json``,
 ``consolidated.00.pth`` in float16, ``tokenizer.model`` copied from a given file), the ImageBind-LLM adapter
 (``7B.pth``: ``{"model": {...}}`` with the bind network, prefix queries, gates, LoRA, biases and norms) and the
-encoders (``imagebind_w3D.pth``). Values are scaled so that random activations stay finite in half precision
-(norms 1, biases and gates 0, matrices N(0, 1/fan_in)).
+encoders (``imagebind_w3D.pth``), both in float32. Values are scaled so that random activations stay finite in
+half precision (norms 1, biases and gates 0, matrices N(0, 1/fan_in)).
 """
 
 from __future__ import annotations
@@ -38,6 +38,18 @@ def _random_like(key: str, shape: torch.Size, dtype: torch.dtype, gen: torch.Gen
     return out
 
 
+def _is_encoder(key: str) -> bool:
+    return key.startswith("image_bind.")
+
+
+def _is_base(key: str) -> bool:
+    return key.startswith("llama.") and not any(t in key for t in TUNED)
+
+
+def _is_adapter(key: str) -> bool:
+    return not _is_encoder(key) and not _is_base(key)
+
+
 def write_official_layout(root: str | Path, llama: LlamaConfig, imagebind: ImageBindConfig, tokenizer: str | Path,
                           *, bridge_hidden: int | None = None, seed: int = 0,
                           dtype: torch.dtype = torch.float16) -> dict[str, Path]:
@@ -48,26 +60,25 @@ def write_official_layout(root: str | Path, llama: LlamaConfig, imagebind: Image
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in ImageBindLLM(cfg).to_official().items()}
     gen = torch.Generator().manual_seed(seed)
-    base, adapter, encoders = {}, {}, {}
-    for key, shape in shapes.items():
-        value = _random_like(key, shape, dtype, gen)
-        if key.startswith("image_bind."):
-            encoders[key] = value
-        elif key.startswith("llama.") and not any(t in key for t in TUNED):
-            base[key.removeprefix("llama.")] = value
-        else:
-            adapter[key] = value
+
+    def group(keep) -> dict[str, torch.Tensor]:
+        return {k: _random_like(k, shape, dtype if keep is _is_base else torch.float32, gen)
+                for k, shape in shapes.items() if keep(k)}
+
     llama_dir = root / "LLaMA" / "7B"
     llama_dir.mkdir(parents=True, exist_ok=True)
     (llama_dir / "params.json").write_text(json.dumps({
         "dim": llama.dim, "n_layers": llama.n_layers, "n_heads": llama.n_heads, "multiple_of": llama.multiple_of,
         "norm_eps": llama.norm_eps, "vocab_size": llama.vocab_size}))
+    shutil.copyfile(tokenizer, root / "LLaMA" / "tokenizer.model")
+    # One file at a time, so writing 7B needs the memory of its largest file only. As released: Meta's LLaMA in
+    # float16, the adapter and the encoders in float32.
+    base = {k.removeprefix("llama."): v for k, v in group(_is_base).items()}
     base["rope.freqs"] = torch.zeros(llama.head_dim // 2, dtype=dtype)  # Meta's files carry it
     torch.save(base, llama_dir / "consolidated.00.pth")
     del base
-    shutil.copyfile(tokenizer, root / "LLaMA" / "tokenizer.model")
-    torch.save({"model": adapter}, root / "7B.pth")
-    torch.save(encoders, root / "imagebind_w3D.pth")
+    torch.save({"model": group(_is_adapter)}, root / "7B.pth")
+    torch.save(group(_is_encoder), root / "imagebind_w3D.pth")
     return {"llama_dir": llama_dir, "adapter": root / "7B.pth", "imagebind": root / "imagebind_w3D.pth"}
 
 

@@ -89,10 +89,17 @@ print(json.dumps({"growth": peak - before, "served": served + kv, "dtype": str(e
 def test_peak_memory_while_loading_is_what_is_served(tmp_path, dtype):
     # A 4096-wide, 2-layer LLaMA (1.3 GB of float16 in Meta's layout) under the toy encoders. "auto" picks float32
     # on this machine (every tensor converted, 2.7 GB served); float16 serves the file's own tensors (no copy).
-    llama = LlamaConfig(dim=4096, n_layers=2, n_heads=32, vocab_size=32000, multiple_of=256, lora_rank=16)
-    files = write_official_layout(tmp_path, llama, IMAGEBIND_TOY, TOKENIZER, bridge_hidden=512)
-    result = subprocess.run([sys.executable, "-c", MEASURE, str(files["llama_dir"]), str(files["adapter"]),
-                             str(files["imagebind"]), dtype], cwd=REPO, capture_output=True, text=True, timeout=600)
+    # The files are written by another process that has exited, as a download is. (Measured: while the process
+    # that wrote them is still alive, the loader's peak is 0.6 GB higher for the same files; we have not found why.)
+    write = (f"from pathlib import Path; from ibllm.config import IMAGEBIND_TOY, LlamaConfig; "
+             f"from ibllm.synthetic import write_official_layout; "
+             f"write_official_layout(Path({str(tmp_path)!r}), LlamaConfig(dim=4096, n_layers=2, n_heads=32, "
+             f"vocab_size=32000, multiple_of=256, lora_rank=16), IMAGEBIND_TOY, Path({str(TOKENIZER)!r}), "
+             f"bridge_hidden=512)")
+    subprocess.run([sys.executable, "-c", write], cwd=REPO, check=True, timeout=600)
+    files = [tmp_path / "LLaMA" / "7B", tmp_path / "7B.pth", tmp_path / "imagebind_w3D.pth"]
+    result = subprocess.run([sys.executable, "-c", MEASURE, *map(str, files), dtype], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads(result.stdout.strip().splitlines()[-1])
     assert m["dtype"] == ("torch.float32" if dtype == "auto" else "torch.float16")

@@ -27,12 +27,12 @@ def import_open3d():
     # Imported here, in the child process that decodes compressed PCD: open3d's import needs libusb loaded first,
     # and the server process never loads open3d at all.
     try:
-        import libusb_package
+        import libusb_package  # (see above: only in the decoding child)
 
         ctypes.CDLL(str(libusb_package.get_library_path()), mode=ctypes.RTLD_GLOBAL)
     except (ImportError, OSError):
         pass  # a system libusb (apt libusb-1.0-0) may still be there
-    import open3d
+    import open3d  # after the libusb preload above, which it needs
 
     return open3d
 

@@ -11,6 +11,8 @@ import gradio as gr
 
 from ibllm.engine import ChatEngine
 from ibllm.kinds import ALL_EXTENSIONS
+from ibllm.media import accepted_table
+from ibllm.media.limits import DEFAULT_LIMITS
 from ibllm.types import ModelInfo
 from ibllm.ui.chat import NEIGHBOUR_HEADERS, ChatHandler
 from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
@@ -30,7 +32,6 @@ REFUSED_WITH_A_REASON = [".pt", ".pth", ".pkl", ".pickle", ".ckpt"]
 
 def _max_upload() -> int:
     """Uploads larger than the media loaders accept are refused by Gradio before they are even stored."""
-    from ibllm.media.limits import DEFAULT_LIMITS
 
     return DEFAULT_LIMITS.max_file_bytes
 
@@ -49,7 +50,6 @@ def accepted_extensions() -> list[str]:
 
 
 def accepted_markdown() -> str:
-    from ibllm.media import accepted_table
 
     return (accepted_table() + "\n\nA file that could be read several ways (a PNG as a photo, depth or thermal map) "
             "gets a *read as* choice in its panel. Thermal images are never guessed: pick *thermal* yourself.")

@@ -17,8 +17,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import decord
 import numpy as np
+import plotly.graph_objects as go
 from PIL import Image
+from plotly.subplots import make_subplots
 
 from ibllm.media.depth import read_disparity
 from ibllm.media.image import open_image
@@ -122,8 +125,6 @@ def point_cloud_ply(path: str) -> str:
 
 def imu_figure(path: str) -> Any:
     """A plotly figure of the six IMU channels (two stacked panels: accelerometer, gyroscope)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     a = read_imu(path)  # (6, T): accelerometer xyz, gyroscope xyz
     step = max(1, a.shape[1] // 2000)  # a plot does not need more than ~2000 samples per line
@@ -143,8 +144,6 @@ def video_frame_png(path: str) -> str | None:
     if out.exists():
         return str(out)
     try:
-        import decord
-
         frame = decord.VideoReader(path, num_threads=1)[0].asnumpy()
     except Exception:  # noqa: BLE001 - the preview is optional; the engine reports unusable videos itself
         return None

@@ -19,7 +19,7 @@ DURATION_S = int(os.environ.get("IBLLM_ZEROGPU_DURATION", "120"))
 
 def gpu(fn: F) -> F:
     try:
-        import spaces
+        import spaces  # only on Hugging Face Spaces: an optional package, absent elsewhere
     except ImportError:
         return fn
     return spaces.GPU(duration=DURATION_S)(fn)
