@@ -22,8 +22,9 @@ from ibllm.encoders import (
     num_tokens,
 )
 from ibllm.kinds import ENCODER_BRANCHES
+from tests.conftest import PARITY_A
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "parity-a"
+FIXTURE = PARITY_A
 
 # Two small configs with different widths, depths, heads and stem sizes, none of them the reference's.
 TINY_A = ImageBindConfig(

@@ -3,8 +3,6 @@ tower, video clips in the image-text stage."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,9 @@ from ibllm.llm.tokenizer import Tokenizer
 from ibllm.train import toyworld as tw
 from ibllm.train.align import CaptionIds, train_image_text, trim_ids
 from ibllm.train.language import CENTROID_IMAGES, CENTROID_VIEWS, Centroids, TextMaker
+from tests.conftest import REPO
 
-TOY_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "toy" / "tokenizer.model"
+TOY_TOKENIZER = REPO / "assets" / "toy" / "tokenizer.model"
 
 
 def _scenes(n: int, seed: int = 0) -> list[tw.Scene]:

@@ -9,7 +9,7 @@ from ibllm.config import GenerationConfig
 from ibllm.llm.generate import generate_batch, generate_tokens, sample, sample_top_p
 from ibllm.llm.stream import TextStreamer, stream_text
 from ibllm.llm.tokenizer import Tokenizer
-from tests.test_llama import injection_for, tiny
+from tests.tiny_llama import injection_for, tiny
 
 
 class CountingModel:

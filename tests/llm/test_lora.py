@@ -12,7 +12,7 @@ from ibllm.llm.lora import (
     peft_to_official_key,
     to_peft,
 )
-from tests.test_llama import injection_for, tiny, tokens
+from tests.tiny_llama import injection_for, tiny, tokens
 
 pytest.importorskip("peft")
 
@@ -85,7 +85,7 @@ def test_trained_peft_weights_come_back_under_official_names():
 
 def test_merged_or_lora_free_models_are_refused():
     from ibllm.config import LlamaConfig
-    from tests.test_llama import TINY
+    from tests.tiny_llama import TINY
 
     merged = tiny()
     merged.merge_lora()
