@@ -148,46 +148,22 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
 
 
-def noisy(feature: torch.Tensor, sigma: float, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Unit feature plus isotropic Gaussian noise of per-dimension std ``sigma``, re-normalised (sigma 0: as is)."""
-    if sigma <= 0:
-        return feature
-    noise = torch.randn(feature.shape, generator=gen).to(feature.device) * sigma
-    return F.normalize(feature + noise, dim=-1)
-
-
-@torch.no_grad()
-def blank_feature(net: ImageBindLLM) -> torch.Tensor:
-    """The embedding of an all-zero image tensor, as the engine uses for text-only turns (1, E)."""
-    s = net.cfg.imagebind.image_size
-    dev = next(net.parameters()).device
-    was = net.image_bind.training
-    net.image_bind.eval()
-    out = F.normalize(net.image_bind("vision", torch.zeros(1, 3, s, s, device=dev)).float(), dim=-1)
-    net.image_bind.train(was)
-    return out
-
-
-def _features(examples: list[Example], image_emb: torch.Tensor, blank: torch.Tensor, sigma: float,
-              gen: torch.Generator, centroids: Centroids | None = None) -> torch.Tensor:
+def _features(examples: list[Example], image_emb: torch.Tensor, blank: torch.Tensor,
+              centroids: Centroids | None = None) -> torch.Tensor:
     def row(e: Example) -> torch.Tensor:
         if e.feature < 0:
             return blank[0]
         return image_emb[e.feature] if e.view == "image" else centroids(e.feature, e.view)
 
-    feats = torch.stack([row(e) for e in examples])
-    is_image = torch.tensor([e.feature >= 0 and e.view == "image" for e in examples])
-    if sigma > 0 and bool(is_image.any()):
-        feats = torch.where(is_image[:, None], noisy(feats, sigma, gen), feats)
-    return feats
+    return torch.stack([row(e) for e in examples])
 
 
 def _visual_answer_loss(net: ImageBindLLM, examples: list[Example], pad_id: int, image_emb: torch.Tensor,
-                        blank: torch.Tensor, sigma: float, gen: torch.Generator, device: torch.device,
-                        centroids: Centroids | None = None) -> torch.Tensor:
+                        blank: torch.Tensor, device: torch.device, centroids: Centroids | None = None
+                        ) -> torch.Tensor:
     """Stages 1 and 2: next-token loss on the answers, with each example's visual feature injected."""
     tokens, targets = collate(examples, pad_id)
-    feats = _features(examples, image_emb, blank, sigma, gen, centroids).to(device)
+    feats = _features(examples, image_emb, blank, centroids).to(device)
     logits = net.llama(tokens.to(device), 0, net.injection(feats), use_cache=False)
     return lm_loss(logits, targets.to(device))
 
@@ -231,8 +207,8 @@ def pretrain_lm(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]]
 
 
 def stage1(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
-           steps: int, batch: int, lr: float, weight_decay: float, seed: int, feature_noise: float = 0.0,
-           dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
+           steps: int, batch: int, lr: float, weight_decay: float, seed: int, dist: Dist = SINGLE,
+           show: bool = True) -> dict[str, float]:
     """Image-caption training of the bind network, prefix queries and gates; everything else frozen."""
     net.llama.clear_cache()
     for p in net.parameters():
@@ -243,14 +219,13 @@ def stage1(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
     for _, p in named:
         p.requires_grad_(True)
     maker = TextMaker(tok, records, seed + 1)
-    gen = torch.Generator().manual_seed(seed + 11)
-    blank = blank_feature(net)
+    blank = net.blank_feature()
     net.eval()  # no dropout anywhere; only the parameters above change
     n = len(records)
 
     def loss_fn(step: int) -> torch.Tensor:
         examples = [maker.caption(i, i) for i in (maker._pick(n) for _ in range(batch))][dist.rank::dist.world]
-        return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, feature_noise, gen, dist.device)
+        return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, dist.device)
 
     log = train_loop("stage 1 (image-caption)", steps, named, loss_fn, lr=lr, weight_decay=weight_decay,
                      dist=dist, show=show)
@@ -262,8 +237,7 @@ def stage1(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
 
 def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
            steps: int, batch: int, lr: float, weight_decay: float, seed: int, text_only_fraction: float = 0.2,
-           feature_noise: float = 0.0, centroid_fraction: float = 0.0, dist: Dist = SINGLE,
-           show: bool = True) -> dict[str, float]:
+           centroid_fraction: float = 0.0, dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
     """Instruction tuning: LoRA (peft) + biases + norms of LLaMA; bind network, prefix queries and gates frozen."""
     net.llama.clear_cache()
     for p in net.parameters():
@@ -274,7 +248,7 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
     maker = TextMaker(tok, records, seed + 2)
     gen = torch.Generator().manual_seed(seed + 12)
     centroids = Centroids(maker.scenes, image_emb, gen)
-    blank = blank_feature(net)
+    blank = net.blank_feature()
     net.eval()
     n = len(records)
 
@@ -286,8 +260,7 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
             view = "image" if reading else maker.view(centroid_fraction)
             examples.append(maker.qa(i, -1 if reading else i, reading=reading, view=view))
         examples = examples[dist.rank::dist.world]
-        return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, feature_noise, gen, dist.device,
-                                   centroids)
+        return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, dist.device, centroids)
 
     log = train_loop("stage 2 (instructions, LoRA)", steps, named, loss_fn, lr=lr, weight_decay=weight_decay,
                      dist=dist, show=show)

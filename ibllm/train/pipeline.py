@@ -86,7 +86,6 @@ class RunConfig:
     s2_lr: float = 1e-3
     text_only_fraction: float = 0.2
     cache_size: int = 8000  # visual-cache entries shipped (training images)
-    feature_noise: float = 0.0  # per-dimension std of Gaussian noise on image features in stages 1-2 (0: none)
     centroid_fraction: float = 0.25  # stage-2 visual examples that are centroid views (language.Centroids)
     eval_n: int | None = None  # held-out scenes to evaluate (None: all)
     eval_max_new_tokens: int = 40
@@ -290,14 +289,13 @@ class Pipeline:
         if "stage1" not in self.done:
             t0 = clock()
             metrics = language.stage1(self.net, tok, recs, image_emb, steps=r.s1_steps, batch=r.s1_batch,
-                                      lr=r.s1_lr, seed=r.seed, feature_noise=r.feature_noise, **common_kw)
+                                      lr=r.s1_lr, seed=r.seed, **common_kw)
             self._stage_done("stage1", metrics, t0)
         if "stage2" not in self.done:
             t0 = clock()
             metrics = language.stage2(self.net, tok, recs, image_emb, steps=r.s2_steps, batch=r.s2_batch,
                                       lr=r.s2_lr, seed=r.seed, text_only_fraction=r.text_only_fraction,
-                                      feature_noise=r.feature_noise, centroid_fraction=r.centroid_fraction,
-                                      **common_kw)
+                                      centroid_fraction=r.centroid_fraction, **common_kw)
             self._stage_done("stage2", metrics, t0)
 
     def stage_export(self, image_emb: torch.Tensor) -> Path:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ibllm.train.common import epoch_batches, lr_at, make_optimizer, param_groups, train_loop
-from ibllm.train.language import IGNORE, Example, collate, noisy
+from ibllm.train.language import IGNORE, Example, collate
 
 
 def test_warmup_then_half_cosine() -> None:
@@ -69,8 +69,3 @@ def test_collate_puts_the_loss_on_the_answer_only() -> None:
     assert lm_targets[0].tolist() == [10, 11, 20, 21, 2, IGNORE]
 
 
-def test_feature_noise_keeps_unit_length() -> None:
-    f = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
-    assert torch.equal(noisy(f, 0.0), f)
-    g = noisy(f, 0.1, torch.Generator().manual_seed(123))
-    assert torch.allclose(g.norm(dim=-1), torch.ones(4)) and not torch.allclose(g, f)
