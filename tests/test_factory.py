@@ -14,6 +14,7 @@ from ibllm.config import GenerationConfig
 from ibllm.factory import load_official
 from ibllm.llm.generate import generate_tokens
 from ibllm.parity import Fixture
+from ibllm.ui.blocks import model_markdown
 from tests.official_layout import write_official_files
 
 
@@ -46,6 +47,8 @@ def test_official_layout_reproduces_reference(fixture, tmp_path, merge_lora):
     expected_ids = json.loads((fixture.root / "run_info.json").read_text())["generation_decoded_token_ids"]
     assert tokens == expected_ids["single_knn"][0]
     assert model.info.cache_entries == fixture.knn_vectors.shape[0]
+    assert model.info.memory == "serving in float32 on the CPU: as asked (--dtype)"
+    assert model.info.memory in model_markdown(model.info)  # the Model tab says which dtype and why
 
 
 def test_unexpected_adapter_key_is_named(fixture, tmp_path):

@@ -60,7 +60,7 @@ def model_markdown(info: ModelInfo) -> str:
     lines = [
         f"### {info.name}",
         f"- weights: {info.weights} ({state})",
-        f"- device: `{info.device}` · dtype: `{info.dtype}`",
+        f"- device: `{info.device}` · dtype: `{info.dtype}`" + (f" ({info.memory})" if info.memory else ""),
         f"- visual cache: {info.cache_entries:,} entries",
     ]
     if info.is_default:
