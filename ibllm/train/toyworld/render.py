@@ -151,17 +151,19 @@ class _Renderer:
             _paste(canvas, obj, cx + ox, cy + oy)
         return canvas
 
+    def _regions(self, size: int):
+        """For each object copy: (canvas rows/cols, sprite rows/cols) of the part of a size x size sprite in view."""
+        for cx, cy in self.nz.centres:
+            region = _clip(size, size, *_corner(size, cx, cy))
+            if region is not None:
+                yield region
+
     def depth_mm(self) -> np.ndarray:
         depth = np.full((IMAGE_SIZE, IMAGE_SIZE), float(DEPTH_BACKGROUND_MM))
         spr = self.sprite(self.nz.yaw)
         mm_per_unit = self.nz.radius_px * 7.0  # 7 mm per pixel: a 224 px view is ~1.6 m wide
         obj = 2000.0 - spr.z * mm_per_unit
-        size = spr.alpha.shape[0]
-        for cx, cy in self.nz.centres:
-            region = _clip(size, size, *_corner(size, cx, cy))
-            if region is None:
-                continue
-            (r0, r1, c0, c1), (s0, s1, t0, t1) = region
+        for (r0, r1, c0, c1), (s0, s1, t0, t1) in self._regions(spr.alpha.shape[0]):
             mask = spr.alpha[s0:s1, t0:t1] >= 0.5
             view = depth[r0:r1, c0:c1]
             depth[r0:r1, c0:c1] = np.where(mask, np.minimum(view, obj[s0:s1, t0:t1]), view)
@@ -174,12 +176,7 @@ class _Renderer:
         spr = self.sprite(self.nz.yaw)
         # Hotter where the surface faces the sensor (emissivity falls off at grazing angles).
         obj_heat = 165.0 + 70.0 * spr.nz
-        size = spr.alpha.shape[0]
-        for cx, cy in self.nz.centres:
-            region = _clip(size, size, *_corner(size, cx, cy))
-            if region is None:
-                continue
-            (r0, r1, c0, c1), (s0, s1, t0, t1) = region
+        for (r0, r1, c0, c1), (s0, s1, t0, t1) in self._regions(spr.alpha.shape[0]):
             a = spr.alpha[s0:s1, t0:t1]
             heat[r0:r1, c0:c1] = heat[r0:r1, c0:c1] * (1 - a) + obj_heat[s0:s1, t0:t1] * a
             cover[r0:r1, c0:c1] = cover[r0:r1, c0:c1] * (1 - a) + a
