@@ -48,10 +48,11 @@ class Request:
     options: GenerationConfig
     eos_id: int
     should_stop: Callable[[], bool] | None = None  # polled before every model call that would serve this request
-    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    submitted: float = field(default_factory=time.perf_counter)
-    admitted: float | None = None  # when its prefill began (perf_counter)
-    _cancelled: threading.Event = field(default_factory=threading.Event)
+    # Per-request state, never copied by dataclasses.replace:
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
+    submitted: float = field(default_factory=time.perf_counter, init=False)
+    admitted: float | None = field(default=None, init=False)  # when its prefill began (perf_counter)
+    _cancelled: threading.Event = field(default_factory=threading.Event, init=False)
 
     def cancel(self) -> None:
         self._cancelled.set()
