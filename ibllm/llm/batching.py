@@ -240,7 +240,7 @@ class DecodeBatch:
             raise RuntimeError("compile a DecodeBatch over a real model, before any request is admitted")
         cuda = self.device.type == "cuda"
         if cuda:  # CUDA graphs need the tensors the step mutates at fixed addresses
-            for t in (self.cache.k, self.cache.v, self.injection):
+            for t in (*self.cache.tensors(), self.injection):
                 if t is not None:
                     torch._dynamo.mark_static_address(t)
         eager = self._forward

@@ -15,33 +15,40 @@ import torch
 
 @dataclass(frozen=True)
 class KVCache:
-    k: torch.Tensor  # (n_layers, batch, n_heads, seq_len, head_dim)
-    v: torch.Tensor
+    # One tensor per layer, (batch, n_heads, seq_len, head_dim) each, rather than one 5-D tensor: the compiled decode
+    # step writes each in place, whereas writes into views of one big input are functionalised into a copy of the
+    # whole cache per layer and step (measured: the compiled step ran slower than eager).
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
 
     @classmethod
     def empty(cls, n_layers: int, batch: int, n_heads: int, seq_len: int, head_dim: int, *,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> KVCache:
         # Zeros, not torch.empty: attention masks unused positions out, and 0 * (masked weight 0) stays 0, whereas
         # uninitialised memory may hold NaN/inf, which a masked softmax would still multiply into the output.
-        shape = (n_layers, batch, n_heads, seq_len, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        shape = (batch, n_heads, seq_len, head_dim)
+        return cls(tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)),
+                   tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)))
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def seq_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (*self.k, *self.v)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's keys and values, (batch, n_heads, seq_len, head_dim) views."""
+        """Layer i's keys and values, (batch, n_heads, seq_len, head_dim)."""
         return self.k[i], self.v[i]
 
     def rows(self, start: int, stop: int) -> KVCache:
-        """Rows start..stop-1 as a view of the same storage."""
-        return KVCache(self.k[:, start:stop], self.v[:, start:stop])
+        """Rows start..stop-1 as views of the same storage."""
+        return KVCache(tuple(t[start:stop] for t in self.k), tuple(t[start:stop] for t in self.v))
