@@ -9,6 +9,7 @@
     python bench/serve.py                       # everything, fp32 on CPU
     python bench/serve.py --sizes toy --compile # also the compiled step (compile time is printed)
     python bench/serve.py --skip-decode --concurrent-sizes toy 1024x8
+    python bench/serve.py --skip-decode --skip-concurrent --app   # 8 gradio_client sessions on the real app
 
 Random weights, greedy, eos ignored, 32-token prompts, 64 new tokens. Runs of the two loops are interleaved so a
 busy neighbour on a shared machine slows both alike; medians are reported.
@@ -206,6 +207,89 @@ def bench_concurrent(names: list[str], n: int, prompt_len: int, new: int, compil
               f"{1e3 * percentile(ttft, 0.5):12.1f} {1e3 * percentile(ttft, 0.95):12.1f}", flush=True)
 
 
+def bench_app(n: int, new: int) -> None:
+    """``n`` gradio_client sessions on loopback, each its own gallery example, all at once vs one after another."""
+    import json
+    import os
+    import re
+    import socket
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from gradio_client import Client, handle_file
+
+    from ibllm import create_engine
+    from ibllm.ui import build_demo, launch_options
+
+    engine = create_engine(max_batch=n)
+    demo = build_demo(engine, gallery=None)
+    # ibllm/ui/blocks.py still queues the model's event group one request at a time; let it follow the slots, as the
+    # UI is meant to (README "Serving").
+    demo.queue(default_concurrency_limit=n)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                            **launch_options())
+    examples = json.loads((REPO / "examples" / "toy" / "gallery.json").read_text())["examples"]
+    examples = (examples * n)[:n]
+    live = []
+    real_step = engine.scheduler.batch.step
+
+    def step() -> None:
+        live.append(engine.scheduler.batch.live)
+        real_step()
+
+    engine.scheduler.batch.step = step
+
+    def ask(client: Client, ex: dict, out: list) -> None:
+        msg = {"text": ex["question"], "files": [handle_file(str(REPO / "examples" / "toy" / f["path"]))
+                                                 for f in ex["files"]]}
+        t0 = time.perf_counter()
+        job = client.submit(msg, api_name="/chat", max_new_tokens=new, temperature=0)
+        first = None
+        for chunk in job:
+            if chunk[0] and first is None:
+                first = time.perf_counter() - t0
+        answer, timings = job.result()[:2]
+        tokens = int(re.search(r"\((\d+) tok, ", timings).group(1))
+        out.append((first if first is not None else time.perf_counter() - t0, tokens, answer))
+
+    def run(concurrent: bool) -> tuple[float, list]:
+        clients = [Client(url, verbose=False) for _ in examples]
+        out: list = []
+        t0 = time.perf_counter()
+        if concurrent:
+            threads = [threading.Thread(target=ask, args=(c, ex, out)) for c, ex in zip(clients, examples, strict=True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for c, ex in zip(clients, examples, strict=True):
+                ask(c, ex, out)
+        return time.perf_counter() - t0, out
+
+    try:
+        run(concurrent=True)  # warm-up: every file encoded once (the per-content memo), Gradio warmed
+        alone_s, alone = run(concurrent=False)
+        live.clear()
+        both_s, both = run(concurrent=True)
+    finally:
+        demo.close()
+        engine.close()
+    tok_a, tok_b = sum(t for _, t, _ in alone), sum(t for _, t, _ in both)
+    same = sorted(a for *_, a in alone) == sorted(a for *_, a in both)
+    print(f"\n## {n} gradio_client sessions on loopback (the real app, toy model, greedy, answers end at eos; "
+          f"model group concurrency = {n} slots)")
+    print(f"one at a time: {tok_a} tokens in {alone_s:.2f} s = {tok_a / alone_s:.1f} tok/s, lone TTFT p50 "
+          f"{1e3 * percentile([f for f, *_ in alone], 0.5):.0f} ms")
+    ttft = [f for f, *_ in both]
+    print(f"concurrent   : {tok_b} tokens in {both_s:.2f} s = {tok_b / both_s:.1f} tok/s "
+          f"(x{(tok_b / both_s) / (tok_a / alone_s):.2f}; wall x{alone_s / both_s:.2f}), TTFT p50 "
+          f"{1e3 * percentile(ttft, 0.5):.0f} ms, p95 {1e3 * percentile(ttft, 0.95):.0f} ms; most slots live in "
+          f"one step: {max(live, default=0)}; same answers as one at a time: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -218,6 +302,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-concurrent", action="store_true")
+    ap.add_argument("--app", action="store_true", help="also the real app through gradio_client on loopback")
     args = ap.parse_args()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -227,6 +312,8 @@ def main() -> None:
             bench_decode(args.sizes, args.prompt, args.new, args.repeats, args.compile, read_bandwidth(), args.slots)
         if not args.skip_concurrent:
             bench_concurrent(args.concurrent_sizes, args.concurrent, args.prompt, args.new, args.compile)
+    if args.app:
+        bench_app(args.concurrent, args.new)
 
 
 if __name__ == "__main__":
