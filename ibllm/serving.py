@@ -135,6 +135,17 @@ class Scheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
+    def _drop_stopped_waiting(self) -> None:
+        # A chat stopped while in line (its should_stop turned true) leaves it now, not when a slot frees up: its
+        # consumer is blocked waiting for the next item and is released by DONE.
+        stopped = [r for r in self._waiting if r.stopped()]
+        for request in stopped:
+            self._waiting.remove(request)
+            self._positions.pop(id(request), None)
+            request.outbox.put(DONE)
+        if stopped:
+            self._announce()
+
     def _announce(self) -> None:
         """Tell every request that has to wait (no slot free for it) its place in line, when it changed."""
         free = self.batch.free
@@ -152,6 +163,7 @@ class Scheduler:
                         self._cond.wait()
                     if self._closed:
                         break
+                    self._drop_stopped_waiting()
                     admitted = []
                     while self._waiting and len(admitted) < self.batch.free:
                         request = self._waiting.popleft()

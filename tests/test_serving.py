@@ -93,6 +93,22 @@ def test_a_waiting_request_that_is_cancelled_leaves_the_line(model):
         scheduler.close()
 
 
+def test_a_chat_stopped_while_in_line_is_released_before_a_slot_frees():
+    scheduler = Scheduler(DecodeBatch(tiny(replace(CFG, max_seq_len=1024)), 1))  # the first answer runs ~1000 steps
+    stop = threading.Event()
+    try:
+        running = scheduler.submit(prompt(3, 0), None, GenerationConfig.greedy(10_000), eos_id=-1)
+        next(running)
+        waiting = scheduler.submit(prompt(4, 1), None, GREEDY, eos_id=-1, should_stop=stop.is_set)
+        assert isinstance(next(waiting), Queued)
+        stop.set()
+        assert list(waiting) == []  # DONE while the first request still holds the only slot
+        assert scheduler.batch.live == 1 and scheduler.waiting == 0
+        running.close()
+    finally:
+        scheduler.close()
+
+
 def test_a_failing_step_ends_the_live_requests_with_the_error_and_the_loop_goes_on(model):
     batch = DecodeBatch(model, 2)
     scheduler = Scheduler(batch)
