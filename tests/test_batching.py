@@ -176,3 +176,6 @@ def test_compiled_step_equals_eager(model):
         while batch.live:
             batch.step()
     assert [tokens_of(r) for r in served[compiled]] == [tokens_of(r) for r in served[eager]]
+    assert compiled.widths == (1, 2, 3)  # on a CPU: a graph per width, so one request steps one row
+    lone = requests(model, SAMPLED, lengths=(6,))
+    assert compiled.run(lone) == [alone(model, lone[0])]

@@ -34,7 +34,7 @@ from ibllm.llm.sampling import make_generator, sample
 
 log = logging.getLogger(__name__)
 
-DONE = "done"
+DONE = object()
 """Last item of a request's outbox when it ends normally (eos, budget, stop). A failure puts the exception instead."""
 
 
@@ -103,7 +103,9 @@ class DecodeBatch:
         self.injection = model.injection_buffer(slots) if hasattr(model, "injection_buffer") else None
         self.vocab_limit = vocab_limit  # ids at or past it are never produced (a vocabulary padded past the tokenizer)
         self.slots: list[_Slot | None] = [None] * slots
-        self.compiled = False  # compiled: every step runs all B rows (one static shape); eager: up to the last live
+        # Eager steps run rows 0..(last live slot); a compiled step runs the smallest of ``widths`` that covers them,
+        # one static shape (one compiled graph) per width.
+        self.widths: tuple[int, ...] = ()
 
     # -- state ----------------------------------------------------------------------------------------------------
 
@@ -162,20 +164,27 @@ class DecodeBatch:
         live = [i for i, s in enumerate(self.slots) if s is not None]
         if not live:
             return
-        width = self.size if self.compiled else live[-1] + 1
+        width = next((w for w in self.widths if w > live[-1]), live[-1] + 1)
         rows = self.slots[:width]
         # Free rows inside the width are fed token 0 at position 0: a harmless write, their next prefill overwrites
         # it, and their logits are ignored.
         tokens = torch.tensor([[s.last if s else 0] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([s.position if s else 0 for s in rows], dtype=torch.long, device=self.device)
-        injection = self.injection[:, :width] if self.injection is not None else None
-        cache = self.cache.rows(0, width) if self.cache is not None and not self.compiled else self.cache
+        injection, cache = self._rows(width)
         logits = self._forward(tokens, positions, injection, cache)
         for i in live:
             self.slots[i].position += 1
         for i, token in zip(live, self._pick(logits[live] if width != len(live) else logits,
                                              [self.slots[i] for i in live]), strict=True):
             self._deliver(i, token)
+
+    def _rows(self, width: int) -> tuple[torch.Tensor | None, KVCache | None]:
+        """The injection buffer and KV cache for rows 0..width-1: the tensors themselves at full width (CUDA graphs
+        need the same addresses at every step), views otherwise."""
+        if width == self.size:
+            return self.injection, self.cache
+        return (None if self.injection is None else self.injection[:, :width],
+                None if self.cache is None else self.cache.rows(0, width))
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, injection: torch.Tensor | None,
                  cache: KVCache | None) -> torch.Tensor:
@@ -227,42 +236,55 @@ class DecodeBatch:
 
     # -- compilation ----------------------------------------------------------------------------------------------
 
+    @property
+    def compiled(self) -> bool:
+        return bool(self.widths)
+
     def compile(self) -> bool:
         """Compile the one-token step with ``torch.compile`` (inductor; CUDA graphs on a GPU) and warm it up.
 
-        Every step then runs all B rows, so there is one static shape and one compilation. Returns False, keeping
-        the eager step, where compilation fails (no compiler, an unsupported op): serving never depends on it.
-        Call it while no slot is live: the warm-up writes position 0 of every row.
+        Static shapes, one graph per batch width: on a GPU only the full width B (a step costs about the same for
+        1 or B rows there); on a CPU also 1, 2, 4, ... below B, because there a GEMM of 4 rows takes about twice as
+        long as one of 1 (measured, bench/serve.py), so a lone request must not pay for B rows. Returns False,
+        keeping the eager step, where compilation fails (no compiler, an unsupported op): serving never depends on
+        it. Call it while no slot is live: the warm-up writes position 0 of the rows.
         """
         if self.compiled:
             return True
         if self.cache is None or self.live:
             raise RuntimeError("compile a DecodeBatch over a real model, before any request is admitted")
         cuda = self.device.type == "cuda"
+        widths = (self.size,) if cuda else tuple(sorted({min(2**i, self.size)
+                                                         for i in range(self.size.bit_length() + 1)}))
         if cuda:  # CUDA graphs need the tensors the step mutates at fixed addresses
             for t in (*self.cache.tensors(), self.injection):
                 if t is not None:
                     torch._dynamo.mark_static_address(t)
+        # One graph per width, per DecodeBatch (dynamo keys its cache on the code of _forward, shared by instances).
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
         eager = self._forward
         t0 = time.perf_counter()
         try:
-            self._forward = torch.compile(eager, mode="reduce-overhead" if cuda else None, dynamic=False)
-            tokens = torch.zeros(self.size, 1, dtype=torch.long, device=self.device)
-            positions = torch.zeros(self.size, dtype=torch.long, device=self.device)
+            compiled = torch.compile(eager, mode="reduce-overhead" if cuda else None, dynamic=False)
             with torch.no_grad():
-                for _ in range(3):  # compile, then (CUDA graphs) record and replay
-                    want = eager(tokens, positions, self.injection, self.cache)
-                    got = self._forward(tokens, positions, self.injection, self.cache)
-            if not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
-                raise RuntimeError(f"compiled step differs from eager by {(got - want).abs().max():.2e}")
+                for width in widths:
+                    tokens = torch.zeros(width, 1, dtype=torch.long, device=self.device)
+                    positions = torch.zeros(width, dtype=torch.long, device=self.device)
+                    injection, cache = self._rows(width)
+                    for _ in range(3 if cuda else 1):  # compile, then (CUDA graphs) record and replay
+                        want = eager(tokens, positions, injection, cache)
+                        got = compiled(tokens, positions, injection, cache)
+                    if not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
+                        raise RuntimeError(f"compiled step differs from eager by {(got - want).abs().max():.2e}")
         except Exception as exc:  # noqa: BLE001 - any failure means "serve eagerly"
-            self._forward = eager
             log.warning("decode step not compiled (%s: %s); decoding eagerly", type(exc).__name__,
                         str(exc).splitlines()[0] if str(exc) else "")
             return False
-        self.compiled = True
-        log.info("compiled the decode step for %d slots (%s) in %.1f s", self.size, self.device,
-                 time.perf_counter() - t0)
+        self._forward, self.widths = compiled, widths
+        log.info("compiled the decode step for %d slots (%s; widths %s) in %.1f s", self.size, self.device,
+                 ", ".join(map(str, widths)), time.perf_counter() - t0)
         return True
 
     # -- serving without a thread ---------------------------------------------------------------------------------
@@ -273,15 +295,14 @@ class DecodeBatch:
         self.admit(request)
         try:
             while True:
-                item = request.outbox.get() if self.live == 0 else _next_or_none(request.outbox)
-                if item is None:
-                    self.step()
-                    continue
-                if item == DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                while not request.outbox.empty():
+                    item = request.outbox.get_nowait()
+                    if item is DONE:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                self.step()
         finally:
             request.cancel()
             self.drop_stopped()
@@ -289,23 +310,16 @@ class DecodeBatch:
     def run(self, requests: Sequence[Request]) -> list[list[int]]:
         """Serve ``requests`` to completion, admitted in order as slots free up; their tokens, in order."""
         waiting = list(requests)
-        done: dict[int, list[int]] = {}
-        outputs = {id(r): [] for r in requests}
         while waiting or self.live:
             while waiting and self.free:
                 self.admit(waiting.pop(0))
             self.step()
-        for r in requests:
-            for item in iter(r.outbox.get, DONE):
+        outputs = []
+        for request in requests:
+            tokens = []
+            for item in iter(request.outbox.get, DONE):
                 if isinstance(item, BaseException):
                     raise item
-                outputs[id(r)].append(item)
-            done[id(r)] = outputs[id(r)]
-        return [done[id(r)] for r in requests]
-
-
-def _next_or_none(box: queue.SimpleQueue) -> object | None:
-    try:
-        return box.get_nowait()
-    except queue.Empty:
-        return None
+                tokens.append(item)
+            outputs.append(tokens)
+        return outputs
