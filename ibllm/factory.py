@@ -86,6 +86,8 @@ def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merg
         p.requires_grad_(False)
     if merge_lora and net.cfg.llama.w_lora:
         net.llama.merge_lora()
+    if merge_lora or not net.cfg.llama.w_lora:
+        net.llama.fuse_projections()
     return net
 
 
