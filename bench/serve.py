@@ -7,7 +7,7 @@
    with p50/p95 time to first token.
 
     python bench/serve.py                       # everything, fp32 on CPU
-    python bench/serve.py --sizes toy --compile # also the compiled step (compile time is printed)
+    python bench/serve.py --compile             # also the compiled step (compile time is printed)
     python bench/serve.py --skip-decode --concurrent-sizes toy 1024x8
     python bench/serve.py --skip-decode --skip-concurrent --app   # 8 gradio_client sessions on the real app
 
@@ -47,7 +47,7 @@ SIZES = {
 }
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+def read_bandwidth(gib: float = 1.0, repeats: int = 10) -> float:
     """GB/s of a sum over ``gib`` GiB of fp32 (the best of ``repeats``: the machine's reachable read rate)."""
     x = torch.ones(int(gib * 2**30 / 4))
     x.sum()
@@ -65,6 +65,7 @@ def ours(cfg: LlamaConfig) -> Transformer:
     model = model.to_empty(device="cpu")
     init_weights(model, torch.Generator().manual_seed(0), nonzero=0.02)
     model.eval().merge_lora()  # as the engine serves it
+    model.fuse_projections()
     return model
 
 
@@ -105,10 +106,11 @@ def decode_rate(batch: DecodeBatch, model: Transformer, prompt_len: int, new: in
     return dt / (new - 1)
 
 
-def bench_decode(names: list[str], prompt_len: int, new: int, repeats: int, compile: bool, bandwidth: float,
-                 slots: int) -> None:
+def bench_decode(names: list[str], prompt_len: int, new: int, repeats: int, compile: bool, slots: int) -> None:
+    bandwidth = read_bandwidth()
     print(f"\n## batch-1 decode, fp32, {torch.get_num_threads()} threads; {prompt_len}-token prompt, {new} new "
-          f"tokens, median of {repeats} (runs interleaved); measured read bandwidth {bandwidth:.1f} GB/s")
+          f"tokens, median of {repeats} (runs interleaved); read bandwidth {bandwidth:.1f} GB/s (sum over 1 GiB, "
+          f"best of 10)")
     cols = ["ref tok/s", "ours tok/s", "x ref", "ref GB/s", "ours GB/s", "ours %bw"]
     if compile:
         cols += ["compiled tok/s", "x ref", "compile s"]
@@ -145,6 +147,7 @@ def bench_decode(names: list[str], prompt_len: int, new: int, repeats: int, comp
             row += [f"{comp_tps:14.1f}", f"{comp_tps / ref_tps:13.2f}x", f"{compile_s:14.1f}"]
         print(f"{name:8s} " + " ".join(row), flush=True)
         del ref, model, eager, compiled
+    print(f"(read bandwidth measured again after the runs: {read_bandwidth():.1f} GB/s)")
 
 
 def serve(scheduler: Scheduler, reqs: list[Request], concurrent: bool) -> tuple[float, list[float], int]:
@@ -299,7 +302,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slots", type=int, default=4, help="slots of the batch the batch-1 figures run in")
     ap.add_argument("--concurrent", type=int, default=8)
-    ap.add_argument("--compile", action="store_true", help="also time the compiled decode step")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled decode step (batch-1 table)")
+    ap.add_argument("--compile-concurrent", action="store_true", help="compile the concurrent runs' step too")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-concurrent", action="store_true")
     ap.add_argument("--app", action="store_true", help="also the real app through gradio_client on loopback")
@@ -309,9 +313,9 @@ def main() -> None:
         if not args.skip_decode:
             if not (BASELINES / "refstyle.py").is_file():
                 raise SystemExit(f"{BASELINES / 'refstyle.py'} not found (it ships in ../shared beside the repo)")
-            bench_decode(args.sizes, args.prompt, args.new, args.repeats, args.compile, read_bandwidth(), args.slots)
+            bench_decode(args.sizes, args.prompt, args.new, args.repeats, args.compile, args.slots)
         if not args.skip_concurrent:
-            bench_concurrent(args.concurrent_sizes, args.concurrent, args.prompt, args.new, args.compile)
+            bench_concurrent(args.concurrent_sizes, args.concurrent, args.prompt, args.new, args.compile_concurrent)
     if args.app:
         bench_app(args.concurrent, args.new)
 
