@@ -15,7 +15,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from ibllm.cli import add_weights_arguments, log_to_stderr, weights_kwargs  # noqa: E402
+from ibllm.cli import add_weights_arguments, show_logs, weights_kwargs  # noqa: E402
 from ibllm.factory import create_engine  # noqa: E402
 from ibllm.ui import build_demo, launch_options  # noqa: E402
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log_to_stderr()
+    show_logs()
     engine = create_engine(**weights_kwargs(args))
     demo = build_demo(engine)
     demo.launch(server_name=args.host, server_port=args.port, **launch_options())

@@ -4,8 +4,10 @@
     python bench/generate.py --7b                 # LLaMA-7B shape, random fp16 weights, CUDA: decode tok/s, GB/s
     python bench/generate.py --skip-llm --cache-n 300000
 
-LLM: prefill tokens/s, decode tokens/s (one token per step through the static KV cache), LoRA un-merged vs merged,
-peak memory. As gpt-fast, decode bandwidth = bytes of weights read per token x tokens/s.
+LLM: prefill tokens/s, decode tokens/s (one token per step through the static KV cache, by ``generate_tokens``: the
+serving decode step, ``DecodeBatch``, with one slot), LoRA un-merged vs merged, peak memory. Concurrent serving and
+the reference-style comparison: ``bench/serve.py``. As gpt-fast, decode bandwidth = bytes of weights read per token
+x tokens/s.
 Cache: a synthetic clustered cache (unit vectors around random centres, like image embeddings), exact IndexFlatIP vs
 HNSW32: single-query and 64-query latency, recall@10 against exact search, and the same extrapolated to the
 paper's 3M-row CC3M cache (exact search is linear in rows; HNSW grows roughly with log rows).
@@ -89,8 +91,7 @@ def bench_llm(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, prompt
         print(f"  {label:15s} prefill {prompt_len} tok: {prompt_len / prefill_s:9.0f} tok/s ({prefill_s * 1e3:7.1f} ms)"
               f" | decode: {decode_tps:7.1f} tok/s ({1e3 / decode_tps:6.2f} ms/tok), "
               f"{weight_bytes * decode_tps / 1e9:6.1f} GB/s of weights")
-    kv = sum(t.numel() * t.element_size() for layer in model.layers
-             for t in (layer.attention.cache_k, layer.attention.cache_v))
+    kv = model.kv_cache.nbytes
     print(f"  KV cache {kv / 2**20:.1f} MiB (1 x {cfg.max_seq_len}); peak {peak_memory(device)}")
 
 

@@ -39,15 +39,31 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on GPU, float32 on CPU")
     g.add_argument("--max-seq-len", type=int, default=512, help="context length of the official model")
+    g = parser.add_argument_group("serving")
+    g.add_argument("--max-batch", type=int, metavar="N",
+                   help="answers decoded together; more wait in line (env IBLLM_MAX_BATCH; default 4)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the batched decode step, warmed up at start-up (env IBLLM_COMPILE=1/0; "
+                        "default: on CUDA, off on CPU)")
 
 
 WEIGHTS_OPTIONS = ("llama_dir", "tokenizer", "adapter", "imagebind", "knn_index", "assets", "device", "dtype",
-                   "max_seq_len")
+                   "max_seq_len", "max_batch", "compile")
 
 
 def weights_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The weights options as ``create_engine`` keyword arguments."""
+    """The weights and serving options as ``create_engine`` keyword arguments."""
     return {name: getattr(args, name) for name in WEIGHTS_OPTIONS}
+
+
+def show_logs() -> None:
+    """ibllm's own log lines (compiled step, fallbacks) on stderr, without turning on other libraries' logs."""
+    logger = logging.getLogger("ibllm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(message)s]"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def overridden(config: Any, **values: Any) -> Any:
@@ -191,15 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def log_to_stderr() -> None:
-    """ibllm's own log lines (the memory plan, compile warm-up, ...) on stderr, without the libraries' chatter."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("ibllm").setLevel(logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log_to_stderr()
+    show_logs()
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -2,6 +2,9 @@
 
 One chat turn: files -> media loaders -> encoders (once per file content) -> fuse (weights) -> visual cache ->
 bind network -> gated LLaMA -> streamed text deltas. Nothing here knows about Gradio.
+
+Everything up to the bind network runs on the caller's thread; the language model runs in the engine's
+``Scheduler`` (ibllm/serving.py), where concurrent chats share ``max_batch`` decode slots and one batched step.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ibllm.bind import fuse
 from ibllm.cache import VisualCache
 from ibllm.config import GenerationConfig, ModelConfig, VisualCacheConfig
 from ibllm.kinds import KINDS
-from ibllm.llm.generate import generate_tokens
+from ibllm.llm.batching import DecodeBatch
 from ibllm.llm.prompt import build_chat_prompt
 from ibllm.llm.stream import TextStreamer
 from ibllm.llm.tokenizer import Tokenizer
@@ -27,6 +30,7 @@ from ibllm.media import detect_modality, load_media
 from ibllm.media.digest import file_digest
 from ibllm.media.errors import MediaError
 from ibllm.model import ImageBindLLM
+from ibllm.serving import Queued, Scheduler
 from ibllm.types import (
     Attachment,
     ChatEvent,
@@ -68,15 +72,19 @@ class EmbeddingMemo:
 
 
 class ChatEngine:
-    """The loaded model plus everything a chat needs: tokenizer, visual cache, the memo of encoded inputs, one lock.
+    """The loaded model plus everything a chat needs: tokenizer, visual cache, the memo of encoded inputs, and the
+    scheduler that decodes every chat in flight together.
 
     Four things here have "cache" in their name, each one job: ``visual_cache`` (the paper's retrieval cache of
-    image features), ``embeddings`` (the memo of encoder outputs per file content), the KV cache inside the
-    language model, and ``VisualCacheConfig`` (how a request uses the visual cache).
+    image features), ``embeddings`` (the memo of encoder outputs per file content), the KV cache of the decode
+    slots (``scheduler.batch.cache``), and ``VisualCacheConfig`` (how a request uses the visual cache).
+
+    ``max_batch``: decode slots, i.e. answers generated at the same time (more wait in line, FIFO). ``compile``:
+    compile the batched one-token step (``DecodeBatch.compile``; warmed up here, eager where it fails).
     """
 
     def __init__(self, net: ImageBindLLM, tokenizer: Tokenizer, *, visual_cache: VisualCache | None = None,
-                 info: ModelInfo | None = None):
+                 info: ModelInfo | None = None, max_batch: int = 4, compile: bool = False):
         self.net = net.eval()
         self.cfg: ModelConfig = net.cfg
         self.tokenizer = tokenizer
@@ -86,8 +94,15 @@ class ChatEngine:
         self.info = info or ModelInfo(name=self.cfg.name, weights="(unspecified)", device=str(self.device),
                                       dtype=str(self.dtype).replace("torch.", ""), is_default=False, trained=True)
         self.embeddings = EmbeddingMemo()
-        self._generate_lock = threading.Lock()  # one KV cache: one generation at a time
         self._blank: torch.Tensor | None = None
+        batch = DecodeBatch(net.llama, max_batch, vocab_limit=tokenizer.vocab_size)
+        if compile:
+            batch.compile()
+        self.scheduler = Scheduler(batch)
+
+    def close(self) -> None:
+        """Stop the decode thread (answers still in flight end with an error)."""
+        self.scheduler.close()
 
     # -- inputs -------------------------------------------------------------------------------------------------
 
@@ -178,33 +193,38 @@ class ChatEngine:
         timings.prompt_tokens = len(prompt.ids)
         notes = list(prompt.notes)
 
-        with self._generate_lock, torch.no_grad():
+        with torch.no_grad():
             t0 = time.perf_counter()
             injection = self.net.injection(feature.to(self.device))
             timings.bind = time.perf_counter() - t0
-            streamer = TextStreamer(self.tokenizer.decode)
-            tokens = generate_tokens(
-                self.net.llama, prompt.ids, injection, replace(generation, max_new_tokens=max_new),
-                eos_id=self.tokenizer.eos_id, vocab_limit=self.tokenizer.vocab_size, should_stop=should_stop)
-            t0 = time.perf_counter()
-            first = True
-            try:
-                for token in tokens:
-                    now = time.perf_counter()
-                    if first:
-                        timings.prefill, first = now - t0, False
-                    else:
-                        timings.decode += now - t0
-                    t0 = now
-                    timings.new_tokens += 1
-                    delta = streamer.put(token)
-                    if delta:
-                        yield ChatEvent(delta=delta, text=streamer.text, timings=replace(timings),  # a snapshot
-                                        neighbours=neighbours)
-            finally:
-                tokens.close()
-            if first:  # no token at all (immediate eos or stop): the time went into prefill
-                timings.prefill = time.perf_counter() - t0
+        stream = self.scheduler.submit(prompt.ids, injection, replace(generation, max_new_tokens=max_new),
+                                       eos_id=self.tokenizer.eos_id, should_stop=should_stop)
+        streamer = TextStreamer(self.tokenizer.decode)
+        first = True
+        try:
+            for item in stream:
+                if isinstance(item, Queued):
+                    yield ChatEvent(queue_position=item.position, timings=replace(timings), neighbours=neighbours)
+                    continue
+                if should_stop is not None and should_stop():
+                    break  # tokens the decode thread made before it saw the stop are not shown
+                now = time.perf_counter()
+                if first:
+                    timings.queued, first = stream.admitted - stream.submitted, False
+                    timings.prefill = now - stream.admitted
+                else:
+                    timings.decode += now - t0
+                t0 = now
+                timings.new_tokens += 1
+                delta = streamer.put(item)
+                if delta:
+                    yield ChatEvent(delta=delta, text=streamer.text, timings=replace(timings),  # a snapshot
+                                    neighbours=neighbours)
+        finally:
+            stream.close()  # a stop, an error or a closed generator (client gone) frees the slot at once
+        if first and stream.admitted is not None:  # no token at all (immediate eos or stop): prefill time
+            timings.queued = stream.admitted - stream.submitted
+            timings.prefill = time.perf_counter() - stream.admitted
         tail = streamer.flush()
         yield ChatEvent(delta=tail, text=streamer.text, done=True, timings=timings, neighbours=neighbours,
                         notes=notes)

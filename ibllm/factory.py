@@ -6,6 +6,9 @@
   the real model. ``adapter``/``imagebind``/``knn_index`` may be omitted to take them from the Hugging Face
   cache (``ibllm.weights.resolve``). Everything is built on the meta device and filled from memory-mapped files,
   so a 7B model needs about its own size in RAM.
+
+Serving: ``max_batch`` decode slots (env ``IBLLM_MAX_BATCH``; default 4) and ``compile`` for the batched decode
+step (env ``IBLLM_COMPILE`` = 1/0; default on CUDA, off on CPU — see ``default_compile``).
 """
 
 from __future__ import annotations
@@ -48,18 +51,44 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DEFAULT_MAX_BATCH = 4
+
+
+def serving_options(device: torch.device, max_batch: int | None = None,
+                    compile: bool | None = None) -> dict[str, int | bool]:
+    """``ChatEngine``'s ``max_batch``/``compile``: the arguments, else ``IBLLM_MAX_BATCH``/``IBLLM_COMPILE``, else
+    the defaults (4 slots; compile on CUDA only)."""
+    if max_batch is None:
+        max_batch = int(os.environ.get("IBLLM_MAX_BATCH", DEFAULT_MAX_BATCH))
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if compile is None:
+        env = os.environ.get("IBLLM_COMPILE", "").strip().lower()
+        compile = env in ("1", "true", "yes", "on") if env else default_compile(device)
+    return {"max_batch": max_batch, "compile": compile}
+
+
+def default_compile(device: torch.device) -> bool:
+    # On a GPU the step is launch-bound without it (CUDA graphs). On a CPU, measured on 2 cores: see README
+    # "Serving" — compiling costs more start-up time than a demo saves, so it is opt-in there.
+    return device.type == "cuda"
+
+
 def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merge_lora: bool) -> ImageBindLLM:
+    # No KV cache here: the engine's scheduler allocates its own, one row per decode slot.
     net = net.to(device=device, dtype=dtype).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     if merge_lora and net.cfg.llama.w_lora:
         net.llama.merge_lora()
-    net.llama.setup_cache(1, net.cfg.llama.max_seq_len)
+    if merge_lora or not net.cfg.llama.w_lora:
+        net.llama.fuse_projections()
     return net
 
 
 def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | None = None, dtype: str | None = None,
-                 merge_lora: bool = True, seed: int = 0) -> ChatEngine:
+                 merge_lora: bool = True, seed: int = 0, max_batch: int | None = None,
+                 compile: bool | None = None) -> ChatEngine:
     """The embedded toy model (random weights of the same architecture when it has not been trained yet)."""
     assets = Path(assets)
     dev = pick_device(device)
@@ -87,7 +116,7 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | No
     info = ModelInfo(name=f"toy ({cfg.name})", weights=description, device=str(dev), dtype=str(dt).split(".")[-1],
                      is_default=True, trained=trained, cache_entries=cache.index.ntotal if cache else 0,
                      how_to_load_real=HOW_TO_LOAD_REAL)
-    return ChatEngine(net, tokenizer, visual_cache=cache, info=info)
+    return ChatEngine(net, tokenizer, visual_cache=cache, info=info, **serving_options(dev, max_batch, compile))
 
 
 def config_from_adapter(adapter_state: dict[str, torch.Tensor], llama: LlamaConfig,
@@ -115,7 +144,8 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
                   imagebind: str | os.PathLike | None = None, knn_index: str | os.PathLike | None = None,
                   tokenizer: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
                   max_seq_len: int = 512, merge_lora: bool = True, use_cache: bool = True,
-                  imagebind_config: ImageBindConfig = IMAGEBIND_HUGE) -> ChatEngine:
+                  imagebind_config: ImageBindConfig = IMAGEBIND_HUGE, max_batch: int | None = None,
+                  compile: bool | None = None) -> ChatEngine:
     """The released ImageBind-LLM: Meta LLaMA + ``7B.pth`` + ``imagebind_w3D.pth`` (+ ``knn.index``).
 
     ``imagebind_config`` is ImageBind-Huge for the released files; tests pass the tiny sizes of their fixtures.
@@ -135,8 +165,9 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     # The adapter overrides the frozen base where both have a tensor (fine-tuned norms); the encoders come from
     # their own file (if an adapter carries encoder tensors too, the encoder file wins).
     base = {f"llama.{k}": v for k, v in meta.state_dict().items() if f"llama.{k}" not in adapter_state}
+    serving = serving_options(dev, max_batch, compile)
     plan = plan_memory([base, adapter_state, imagebind_state], dev, requested=dtype,
-                       kv_cache=(cfg.llama.n_layers, cfg.llama.dim, cfg.llama.max_seq_len, 1))
+                       kv_cache=(cfg.llama.n_layers, cfg.llama.dim, cfg.llama.max_seq_len, serving["max_batch"]))
     for line in plan.lines():
         log.info(line)
     if plan.dtype is None:
@@ -164,22 +195,25 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
         name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
         f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=str(dt).split(".")[-1],
         is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0, memory=plan.reason)
-    return ChatEngine(net, tok, visual_cache=cache, info=info)
+    return ChatEngine(net, tok, visual_cache=cache, info=info, **serving)
 
 
 def create_engine(*, llama_dir: str | None = None, adapter: str | None = None, imagebind: str | None = None,
                knn_index: str | None = None, tokenizer: str | None = None, assets: str | None = None,
                device: str | None = None, dtype: str | None = None, max_seq_len: int = 512,
-               merge_lora: bool = True) -> ChatEngine:
-    """The model the app and CLI serve: official weights when ``llama_dir`` is given, else the embedded default."""
+               merge_lora: bool = True, max_batch: int | None = None, compile: bool | None = None) -> ChatEngine:
+    """The model the app and CLI serve: official weights when ``llama_dir`` is given, else the embedded default.
+
+    ``max_batch``: answers decoded at the same time; ``compile``: compile the decode step (module docstring)."""
     if llama_dir:
         return load_official(llama_dir, adapter=adapter, imagebind=imagebind, knn_index=knn_index,
                              tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                             merge_lora=merge_lora)
+                             merge_lora=merge_lora, max_batch=max_batch, compile=compile)
     if adapter or imagebind or knn_index:
         raise WeightsError("the official adapter/encoders need the base LLaMA too: pass --llama-dir (Meta's 7B "
                            "folder with params.json and consolidated.00.pth)")
-    return load_default(assets or DEFAULT_ASSETS, device=device, dtype=dtype, merge_lora=merge_lora)
+    return load_default(assets or DEFAULT_ASSETS, device=device, dtype=dtype, merge_lora=merge_lora,
+                        max_batch=max_batch, compile=compile)
 
 
 __all__ = ["create_engine", "load_default", "load_official", "CheckpointError", "WeightsError", "HOW_TO_LOAD_REAL"]

@@ -39,6 +39,7 @@ class Timings:
     encode: float = 0.0
     cache: float = 0.0
     bind: float = 0.0
+    queued: float = 0.0  # waiting for a free decode slot
     prefill: float = 0.0
     decode: float = 0.0
     prompt_tokens: int = 0
@@ -50,7 +51,8 @@ class Timings:
         return (self.new_tokens - 1) / self.decode if self.decode > 0 and self.new_tokens > 1 else 0.0
 
     def summary(self) -> str:
-        return (f"encode {self.encode * 1000:.0f} ms · retrieve {self.cache * 1000:.0f} ms · "
+        waited = f"queued {self.queued * 1000:.0f} ms · " if self.queued >= 0.001 else ""
+        return waited + (f"encode {self.encode * 1000:.0f} ms · retrieve {self.cache * 1000:.0f} ms · "
                 f"bind {self.bind * 1000:.0f} ms · prefill {self.prefill * 1000:.0f} ms "
                 f"({self.prompt_tokens} tok) · decode {self.decode * 1000:.0f} ms "
                 f"({self.new_tokens} tok, {self.decode_tokens_per_s:.1f} tok/s)")
@@ -66,6 +68,9 @@ class ChatEvent:
     timings: Timings = field(default_factory=Timings)
     neighbours: list[Neighbour] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "dropped 2 oldest turns to fit the context"
+    # While the answer waits for a free decode slot: its place in line (1 = next; position - 1 requests ahead of
+    # it), in events with no text. 0 once it is being answered.
+    queue_position: int = 0
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ engine = load_official(sys.argv[1], adapter=sys.argv[2], imagebind=sys.argv[3], 
                        max_seq_len=64)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 served = sum(t.numel() * t.element_size() for t in [*engine.net.parameters(), *engine.net.buffers()])
-kv = sum(l.attention.cache_k.numel() * 2 * l.attention.cache_k.element_size() for l in engine.net.llama.layers)
+kv = engine.scheduler.batch.cache.nbytes  # the decode slots' KV cache
 print(json.dumps({"growth": peak - before, "served": served + kv, "dtype": str(engine.dtype)}))
 """
 

@@ -1,12 +1,12 @@
-"""The token engine: prompt ids in, token ids out. It knows nothing about text (see stream.py for that).
+"""Single-request generation and the reference's batch ``generate()``. Nothing here knows about text (stream.py).
 
-The model is anything callable as ``model(tokens (B, T), start_pos, injection, last_only=True) -> logits (B, V)``
-with a ``max_seq_len`` attribute — ``ibllm.llm.llama.Transformer``, or a mock in tests. A model with a
-``setup_cache`` method gets its static KV cache allocated here if it has none yet.
+``generate_tokens`` serves one prompt through ``batching.DecodeBatch`` (a batch of one, inline): the same prefill,
+decode step and sampling as the serving scheduler, so parity and tests exercise the code that serves chats.
+``generate_batch`` is the reference's own batched loop, kept step for step as the parity harness only.
 
-Sampling follows the reference (REFERENCE.md section 4): ``softmax(logits / temperature)``, then top-p (sort
-descending, drop tokens whose cumulative mass *before* them exceeds p, renormalise, sample); argmax at temperature
-0. A seeded ``torch.Generator`` makes sampled runs repeatable.
+The model is anything callable as ``model(tokens (B, T), start_pos, injection, last_only=True, cache=...) -> logits
+(B, V)`` with a ``max_seq_len`` attribute — ``ibllm.llm.llama.Transformer``, or a mock in tests. A model with a
+``setup_cache`` method gets its own static KV cache allocated here if it has none yet. Sampling: sampling.py.
 """
 
 from __future__ import annotations
@@ -17,40 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ibllm.config import GenerationConfig
+from ibllm.llm.batching import DecodeBatch, Request, model_device
+from ibllm.llm.sampling import make_generator, sample, sample_top_p
 
-
-def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) probabilities -> (B,) token ids from the smallest top set whose mass reaches p."""
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before > p, 0.0)
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
-    return torch.gather(order, -1, choice).squeeze(-1)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next tokens; greedy when temperature <= 0."""
-    if temperature <= 0:
-        return torch.argmax(logits, dim=-1)
-    return sample_top_p(torch.softmax(logits.float() / temperature, dim=-1), top_p, generator)
-
-
-def _generator(device: torch.device, seed: int | None) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
-
-
-def _device(model: Callable) -> torch.device:
-    try:
-        return next(model.parameters()).device  # type: ignore[attr-defined]
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
+__all__ = ["generate_tokens", "generate_batch", "BatchGeneration", "sample", "sample_top_p"]
 
 
 def _ensure_cache(model: Callable, batch: int) -> None:
@@ -60,7 +30,6 @@ def _ensure_cache(model: Callable, batch: int) -> None:
         model.setup_cache(max(batch, model.cfg.max_batch_size))
 
 
-@torch.no_grad()
 def generate_tokens(model: Callable, prompt_ids: Sequence[int], injection: torch.Tensor | None,
                     options: GenerationConfig, *, eos_id: int, vocab_limit: int | None = None,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
@@ -74,33 +43,15 @@ def generate_tokens(model: Callable, prompt_ids: Sequence[int], injection: torch
     ``should_stop()`` is true: it is checked before every model call, so cancelling costs at most the token in
     flight. Closing the iterator stops it as well. ``vocab_limit``: ids at or past it are never produced (a model
     whose vocabulary is padded past its tokenizer's pieces could otherwise emit ids that decode to nothing).
+    Runs in row 0 of the model's own KV cache (``setup_cache``), never in a serving scheduler's.
     """
-    if not prompt_ids:
-        raise ValueError("empty prompt (encode it with bos)")
-    temperature, top_p = options.temperature, options.top_p
-    budget = min(options.max_new_tokens, model.max_seq_len - len(prompt_ids))
-    if budget <= 0:
-        if len(prompt_ids) > model.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds max_seq_len {model.max_seq_len}")
-        return
+    request = Request(prompt_ids, injection, options, eos_id=eos_id, should_stop=should_stop)
     _ensure_cache(model, 1)
-    device = _device(model)
-    gen = _generator(device, options.seed)
-    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    pos = 0
-    for _ in range(budget):
-        if should_stop is not None and should_stop():
-            return
-        logits = model(tokens, pos, injection, last_only=True)
-        pos += tokens.shape[1]
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits[..., vocab_limit:] = float("-inf")
-        next_token = sample(logits, temperature, top_p, gen)
-        token = int(next_token[0])
-        if token == eos_id:
-            return
-        yield token
-        tokens = next_token.view(1, 1)
+    own = getattr(model, "kv_cache", None)
+    batch = DecodeBatch(model, 1, cache=own.rows(0, 1) if own is not None else None, max_seq_len=model.max_seq_len,
+                        vocab_limit=vocab_limit)
+    batch.check(request)  # a prompt that cannot fit fails here, not at the first next()
+    return batch.stream(request)
 
 
 @dataclass
@@ -126,8 +77,8 @@ def generate_batch(model: Callable, prompts: Sequence[Sequence[int]], injection:
     """
     bsz = len(prompts)
     _ensure_cache(model, bsz)
-    device = _device(model)
-    gen = _generator(device, seed)
+    device = model_device(model)
+    gen = make_generator(device, seed)
     min_len, max_len = min(len(p) for p in prompts), max(len(p) for p in prompts)
     total = min(model.max_seq_len, max_gen_len + max_len)
     tokens = torch.full((bsz, total), pad_id, dtype=torch.long, device=device)

@@ -19,8 +19,9 @@ class CountingModel:
         self.vocab, self.max_seq_len = vocab, max_seq_len
         self.calls: list[tuple[int, int]] = []  # (start_pos, number of tokens)
 
-    def __call__(self, tokens, start_pos, injection, last_only=True):
-        self.calls.append((start_pos, tokens.shape[1]))
+    def __call__(self, tokens, start_pos, injection, last_only=True, cache=None):
+        # prefill: an int position; decode steps: one position per row, as a tensor
+        self.calls.append((start_pos.tolist() if torch.is_tensor(start_pos) else start_pos, tokens.shape[1]))
         nxt = (tokens[:, -1] + 1) % self.vocab
         return torch.nn.functional.one_hot(nxt, self.vocab).float() * 10.0
 
@@ -29,7 +30,7 @@ def test_engine_prefills_once_then_one_token_per_step():
     model = CountingModel()
     out = list(generate_tokens(model, [1, 5, 6], None, GenerationConfig.greedy(4), eos_id=2))
     assert out == [7, 8, 9, 10]
-    assert model.calls == [(0, 3), (3, 1), (4, 1), (5, 1)]
+    assert model.calls == [(0, 3), ([3], 1), ([4], 1), ([5], 1)]
 
 
 def test_engine_stops_at_eos_and_at_max_seq_len():
@@ -146,8 +147,8 @@ def test_streaming_the_engine_output(tokenizer):
     target = tokenizer.encode("the cube 🙂 moves quickly", bos=False)
 
     class Scripted(CountingModel):  # emits `target` token by token, then eos
-        def __call__(self, tokens, start_pos, injection, last_only=True):
-            step = start_pos + tokens.shape[1] - 1  # prompt is [bos]
+        def __call__(self, tokens, start_pos, injection, last_only=True, cache=None):
+            step = int(start_pos) + tokens.shape[1] - 1  # prompt is [bos]
             nxt = target[step] if step < len(target) else 2
             return torch.nn.functional.one_hot(torch.tensor([nxt]), tokenizer.vocab_size).float()
 

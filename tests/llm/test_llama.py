@@ -89,6 +89,24 @@ def test_merge_lora_same_logits_fewer_modules():
     torch.testing.assert_close(merged.visual_injection(adapters), model.visual_injection(adapters))
 
 
+def test_fused_projections_same_logits_and_injection():
+    model = tiny()
+    fused = copy.deepcopy(model)
+    fused.merge_lora()
+    fused.fuse_projections()
+    attn = fused.layers[1].attention
+    assert attn.wq is None and fused.layers[1].feed_forward.w1 is None
+    assert attn.wv.weight.data_ptr() == attn.wqkv.weight[2 * 48:].data_ptr()  # wv is a view: no extra memory
+    x = tokens(2, 11)
+    inj = injection_for(model, 2)
+    torch.testing.assert_close(fused(x, 0, inj, use_cache=False), model(x, 0, inj, use_cache=False),
+                               atol=1e-5, rtol=0)
+    adapters = torch.randn(2, 2, 1, 48)
+    torch.testing.assert_close(fused.visual_injection(adapters), model.visual_injection(adapters))
+    with pytest.raises(ValueError, match="merge the LoRA"):
+        tiny().fuse_projections()
+
+
 def test_injection_is_gated_base_wv_per_head():
     model = tiny()
     adapters = torch.randn(2, 1, 1, 48)

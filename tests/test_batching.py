@@ -1,0 +1,181 @@
+"""Continuous batching at the token level (ibllm.llm.batching): every request in a batch gets exactly the tokens it
+gets alone — ragged prompts, its own injection, its own seeded sampling, stops, eos, admission mid-answer."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ibllm.config import GenerationConfig, LlamaConfig
+from ibllm.llm.batching import DONE, DecodeBatch, Request
+from ibllm.llm.generate import generate_tokens
+from tests.test_llama import TINY, injection_for, tiny
+
+CFG = replace(TINY, max_seq_len=64)
+GREEDY = GenerationConfig.greedy(12)
+SAMPLED = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny(CFG)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(3, CFG.vocab_size, (length - 1,), generator=g).tolist()]
+
+
+def requests(model, options=GREEDY, lengths=(3, 9, 5, 14), eos_id=-1) -> list[Request]:
+    return [Request(prompt(n, seed=i), injection_for(model, 1, seed=10 + i), replace(options, seed=100 + i), eos_id)
+            for i, n in enumerate(lengths)]
+
+
+def alone(model, request: Request) -> list[int]:
+    return list(generate_tokens(model, request.prompt, request.injection, request.options, eos_id=request.eos_id))
+
+
+def tokens_of(request: Request) -> list[int]:
+    return [t for t in iter(request.outbox.get, DONE)]
+
+
+def test_positions_per_row_equal_each_row_alone(model):
+    # Two rows of different lengths in one cache; one call with per-row positions == each row's own int-path step.
+    x = [prompt(4, 0), prompt(9, 1)]
+    inj = torch.cat([injection_for(model, 1, seed=3), injection_for(model, 1, seed=4)], dim=1)
+    cache = model.new_cache(2, 32)
+    with torch.no_grad():
+        for row, ids in enumerate(x):
+            model(torch.tensor([ids[:-1]]), 0, inj[:, row:row + 1], cache=cache.rows(row, row + 1))
+        step = model(torch.tensor([[x[0][-1]], [x[1][-1]]]), torch.tensor([3, 8]), inj, last_only=True, cache=cache)
+        for row, ids in enumerate(x):
+            full = model(torch.tensor([ids]), 0, inj[:, row:row + 1], use_cache=False)[0, -1]
+            torch.testing.assert_close(step[row], full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_a_batch_gives_every_request_its_tokens_alone(model, options):
+    # Ragged prompts (3..14 tokens), a different injection and seed per slot.
+    batch = requests(model, options)
+    want = [alone(model, r) for r in requests(model, options)]
+    assert DecodeBatch(model, 4).run(batch) == want
+    assert len({tuple(w) for w in want}) == 4  # four really different answers
+
+
+def test_more_requests_than_slots_wait_and_reuse_freed_slots(model):
+    reqs = requests(model, lengths=(3, 9, 5, 14, 7, 2))
+    reqs[1] = replace(reqs[1], options=GenerationConfig.greedy(3))  # finishes early: its slot is reused first
+    want = [alone(model, r) for r in reqs]
+    batch = DecodeBatch(model, 3)
+    assert batch.run(reqs) == want
+    assert batch.live == 0
+
+
+def test_text_only_and_visual_requests_share_a_step(model):
+    reqs = requests(model)
+    reqs[2] = replace(reqs[2], injection=None)
+    want = [alone(model, r) for r in reqs]
+    assert DecodeBatch(model, 4).run(reqs) == want
+    assert want[2] != alone(model, requests(model)[2])  # the zero row really is "no injection"
+
+
+def test_cancel_mid_decode_frees_the_slot_for_the_next_request(model):
+    a, b, c, d = requests(model, GenerationConfig.greedy(20), lengths=(3, 9, 5, 6))
+    want = {r.prompt[1]: alone(model, r) for r in (a, b, c, d)}
+    batch = DecodeBatch(model, 3)
+    for r in (a, b, c):
+        batch.admit(r)
+    for _ in range(4):
+        batch.step()
+    b.cancel()
+    batch.step()  # the stop is seen before this step: b takes no part in it
+    assert batch.slots[1] is None and batch.live == 2
+    batch.admit(d)  # joins while a and c are mid-answer, in b's old slot
+    assert batch.slots[1].request is d
+    while batch.live:
+        batch.step()
+    got_b = tokens_of(b)
+    assert got_b == want[b.prompt[1]][:5]  # its first token (prefill) + 4 steps, then nothing
+    for r in (a, c, d):
+        assert tokens_of(r) == want[r.prompt[1]]
+
+
+def test_eos_ends_one_request_early_and_the_others_go_on(model):
+    reqs = requests(model, GenerationConfig.greedy(12))
+    full = [alone(model, r) for r in reqs]
+    eos = full[1][4]  # request 1 meets "eos" at its 5th token
+    reqs[1] = replace(reqs[1], eos_id=eos)
+    got = DecodeBatch(model, 4).run(reqs)
+    assert got[1] == full[1][:full[1].index(eos)]
+    assert len(got[1]) < 12
+    assert [got[i] for i in (0, 2, 3)] == [full[i] for i in (0, 2, 3)]
+
+
+def test_should_stop_is_polled_before_every_model_call(model):
+    produced: list[int] = []
+    stream = generate_tokens(model, prompt(4, 0), None, GenerationConfig.greedy(20), eos_id=-1,
+                             should_stop=lambda: len(produced) >= 3)
+    produced.extend(stream)
+    assert len(produced) == 3
+
+
+def test_the_budget_stops_at_the_cache_length(model):
+    batch = DecodeBatch(model, 2, max_seq_len=16)
+    assert batch.max_seq_len == 16
+    long_prompt = Request(prompt(12, 0), None, GenerationConfig.greedy(50), -1)
+    short_prompt = Request(prompt(3, 1), None, GenerationConfig.greedy(50), -1)
+    out = batch.run([long_prompt, short_prompt])
+    assert [len(o) for o in out] == [4, 13]
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        batch.admit(Request(prompt(17, 2), None, GREEDY, -1))
+
+
+def test_vocab_limit_applies_to_every_row():
+    cfg = LlamaConfig(**{**CFG.__dict__, "vocab_size": 128})
+    model = tiny(cfg)
+    reqs = [Request(prompt(5, i), None, GenerationConfig(max_new_tokens=20, temperature=2.0, seed=i), -1)
+            for i in range(3)]
+    out = DecodeBatch(model, 3, vocab_limit=40).run(reqs)
+    assert all(t < 40 for row in out for t in row)
+
+
+def test_compile_falls_back_to_eager(model, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    batch = DecodeBatch(model, 2)
+    assert batch.compile() is False and not batch.compiled
+    assert "decoding eagerly" in caplog.text
+    reqs = requests(model, lengths=(3, 9))
+    assert batch.run(reqs) == [alone(model, r) for r in reqs]
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager(model):
+    eager, compiled = DecodeBatch(model, 3), DecodeBatch(model, 3)
+    assert compiled.compile(), "torch.compile (inductor) should work on this CPU"
+    served = {}
+    for batch in (eager, compiled):
+        served[batch] = requests(model, lengths=(3, 9, 5))
+        for r in served[batch]:
+            batch.admit(r)
+    for _ in range(6):  # the step's logits, then the step itself (which writes the same keys/values again)
+        logits = []
+        for batch in (eager, compiled):
+            tokens = torch.tensor([[s.last] for s in batch.slots])
+            positions = torch.tensor([s.position for s in batch.slots])
+            with torch.no_grad():
+                logits.append(batch._forward(tokens, positions, batch.injection, batch.cache))
+        torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+        eager.step()
+        compiled.step()
+    for batch in (eager, compiled):
+        while batch.live:
+            batch.step()
+    assert [tokens_of(r) for r in served[compiled]] == [tokens_of(r) for r in served[eager]]
+    assert compiled.widths == (1, 2, 3)  # on a CPU: a graph per width, so one request steps one row
+    lone = requests(model, SAMPLED, lengths=(6,))
+    assert compiled.run(lone) == [alone(model, lone[0])]
