@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ibllm.bind import fuse
+from ibllm.config import GenerationConfig
+from ibllm.llm.batching import DecodeBatch, Request
 from ibllm.llm.prompt import format_prompt
 from ibllm.train import toyworld as tw
 from ibllm.train.common import progress
@@ -34,28 +36,14 @@ COLUMNS = (*tw.LATENTS, "describe")
 @torch.no_grad()
 def greedy_batch(llama: Any, prompt: list[int], injection: torch.Tensor, max_new_tokens: int,
                  eos_id: int, vocab_limit: int | None = None) -> list[list[int]]:
-    """Greedy continuations of one prompt under B injections (query_layer, B, H, 1, hd); ids at or past
-    ``vocab_limit`` are never picked, as in the engine."""
+    """Greedy continuations of one prompt under B injections (query_layer, B, H, 1, hd), decoded together by the
+    engine's own decode loop (``DecodeBatch``, with its own KV cache); ids at or past ``vocab_limit`` are never
+    picked, as in the engine."""
     b = injection.shape[1]
-    total = min(len(prompt) + max_new_tokens, 2 * llama.cfg.max_seq_len)
-    llama.setup_cache(b, total)
-    tokens = torch.tensor([prompt] * b, dtype=torch.long, device=injection.device)
-    logits = llama(tokens, 0, injection, last_only=True)
-    pos = len(prompt)
-    out = torch.zeros(b, 0, dtype=torch.long, device=injection.device)
-    done = torch.zeros(b, dtype=torch.bool, device=injection.device)
-    while pos < total:
-        nxt = logits[..., :vocab_limit].argmax(dim=-1)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        done |= nxt == eos_id
-        if bool(done.all()):
-            break
-        logits = llama(nxt[:, None], pos, injection, last_only=True)
-        pos += 1
-    rows = []
-    for row in out.tolist():
-        rows.append(row[:row.index(eos_id)] if eos_id in row else row)
-    return rows
+    batch = DecodeBatch(llama, b, max_seq_len=min(len(prompt) + max_new_tokens, 2 * llama.cfg.max_seq_len),
+                        vocab_limit=vocab_limit)
+    greedy = GenerationConfig.greedy(max_new_tokens)
+    return batch.run([Request(prompt, injection[:, i:i + 1], greedy, eos_id) for i in range(b)])
 
 
 def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: int | None = None,
@@ -114,7 +102,6 @@ def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: i
                                                      "wrong_examples": dict(examples)}
         results["modalities"][m] = per_mode
     bar.close()
-    net.llama.setup_cache(1, net.cfg.llama.max_seq_len)
     return results
 
 

@@ -23,7 +23,8 @@ from ibllm.ui.settings import Controls, cache_controls, generation_controls
 
 TITLE = "ImageBind-LLM"
 # Every event that runs the model joins this concurrency group, so the UI chat, the API, example clicks and the
-# cache-off comparison take turns on the one model instead of each getting its own slot.
+# cache-off comparison share the engine's decode slots (as many run at once as the engine decodes together; the
+# rest wait in Gradio's queue and then in the engine's, which says where they are in line).
 MODEL_GROUP = "model"
 # Pickle-based files are let through the upload filter only so the media loader can say why they are refused
 # (Gradio's own filter would just answer "invalid file type").
@@ -53,6 +54,12 @@ def accepted_markdown() -> str:
 
     return (accepted_table() + "\n\nA file that could be read several ways (a PNG as a photo, depth or thermal map) "
             "gets a *read as* choice in its panel. Thermal images are never guessed: pick *thermal* yourself.")
+
+
+def model_slots(engine: ChatEngine) -> int:
+    """How many answers the engine decodes together (its scheduler's slots; 1 for an engine without one)."""
+    scheduler = getattr(engine, "scheduler", None)
+    return int(getattr(scheduler, "slots", 1))
 
 
 def model_markdown(info: ModelInfo) -> str:
@@ -240,7 +247,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
     joined = _join_model_group(demo, [respond, lookup_neighbours, compare_without_cache])
     if joined < 4:
         raise RuntimeError(f"only {joined} model events found: gradio's ChatInterface wiring changed")
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=model_slots(engine))
     return demo
 
 

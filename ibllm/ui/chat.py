@@ -115,6 +115,9 @@ class ChatHandler:
                     break
                 if event.delta:
                     yield event.text, *_skips(5)
+                elif event.queue_position and not event.text:  # waiting for a decode slot
+                    ahead = event.queue_position - 1
+                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *_skips(5)
             thumbs = neighbour_thumbnails(last.neighbours)
             timings = timings_markdown(last, cache, self.engine.info.cache_entries)
             yield (last.text, timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)),

@@ -13,7 +13,7 @@ def demo() -> gr.Blocks:
     from ibllm import create_engine
     from ibllm.ui import build_demo
 
-    return build_demo(create_engine(), gallery=None)
+    return build_demo(create_engine(max_batch=3), gallery=None)
 
 
 def test_blocks_are_offline_and_share_one_model_slot(demo):
@@ -25,7 +25,7 @@ def test_blocks_are_offline_and_share_one_model_slot(demo):
     assert opts["share"] is False and opts["ssr_mode"] is False
     model_events = [f for f in demo.fns.values() if f.concurrency_id == MODEL_GROUP]
     assert {f.api_name for f in model_events} >= {"chat", "neighbours", "compare_without_cache"}
-    assert demo._queue.default_concurrency_limit == 1
+    assert demo._queue.default_concurrency_limit == 3  # as many as the engine decodes together (max_batch)
 
 
 def test_the_endpoints_take_the_documented_parameters(demo):
