@@ -17,8 +17,7 @@ from ibllm.llm.batching import DecodeBatch
 from ibllm.serving import Queued, Scheduler
 from ibllm.types import Attachment
 from tests.conftest import REPO
-from tests.test_batching import CFG, alone, prompt, requests
-from tests.test_llama import tiny
+from tests.tiny_llama import CFG, alone, prompt, requests, tiny
 
 EXAMPLES = REPO / "examples" / "toy"
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from ibllm.config import LlamaConfig
+from ibllm.config import GenerationConfig, LlamaConfig
+from ibllm.llm.batching import Request
+from ibllm.llm.generate import generate_tokens
 from ibllm.llm.llama import Transformer, init_weights
 
 # Deliberately not the parity sizes: 3 heads of 16, odd vocabulary, FFN hidden rounded to 32.
@@ -25,3 +29,23 @@ def injection_for(model: Transformer, batch: int, seed: int = 1) -> torch.Tensor
 
 def tokens(batch: int, length: int, vocab: int = TINY.vocab_size, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# Requests for the decode-loop and scheduler tests: ragged prompts, one injection and one seed each.
+CFG = replace(TINY, max_seq_len=64)
+GREEDY = GenerationConfig.greedy(12)
+SAMPLED = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(3, CFG.vocab_size, (length - 1,), generator=g).tolist()]
+
+
+def requests(model, options=GREEDY, lengths=(3, 9, 5, 14), eos_id=-1) -> list[Request]:
+    return [Request(prompt(n, seed=i), injection_for(model, 1, seed=10 + i), replace(options, seed=100 + i), eos_id)
+            for i, n in enumerate(lengths)]
+
+
+def alone(model, request: Request) -> list[int]:
+    return list(generate_tokens(model, request.prompt, request.injection, request.options, eos_id=request.eos_id))

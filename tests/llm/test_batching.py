@@ -11,30 +11,12 @@ import torch
 from ibllm.config import GenerationConfig, LlamaConfig
 from ibllm.llm.batching import DONE, DecodeBatch, Request
 from ibllm.llm.generate import generate_tokens
-from tests.test_llama import TINY, injection_for, tiny
-
-CFG = replace(TINY, max_seq_len=64)
-GREEDY = GenerationConfig.greedy(12)
-SAMPLED = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9)
+from tests.tiny_llama import CFG, GREEDY, SAMPLED, alone, injection_for, prompt, requests, tiny
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny(CFG)
-
-
-def prompt(length: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return [1, *torch.randint(3, CFG.vocab_size, (length - 1,), generator=g).tolist()]
-
-
-def requests(model, options=GREEDY, lengths=(3, 9, 5, 14), eos_id=-1) -> list[Request]:
-    return [Request(prompt(n, seed=i), injection_for(model, 1, seed=10 + i), replace(options, seed=100 + i), eos_id)
-            for i, n in enumerate(lengths)]
-
-
-def alone(model, request: Request) -> list[int]:
-    return list(generate_tokens(model, request.prompt, request.injection, request.options, eos_id=request.eos_id))
 
 
 def tokens_of(request: Request) -> list[int]:
