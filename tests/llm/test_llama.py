@@ -81,12 +81,17 @@ def test_merge_lora_same_logits_fewer_modules():
     keys = set(merged.state_dict())
     assert not any(".lora_" in k and "lora_wv_" not in k for k in keys)  # wv keeps its LoRA for the injection
     assert sum(p.numel() for p in merged.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_same_outputs(merged, model)
+
+
+def assert_same_outputs(rewritten: Transformer, model: Transformer) -> None:
+    """Same logits and the same visual injection as the model it was rewritten from (merged or fused)."""
     x = tokens(2, 11)
     inj = injection_for(model, 2)
-    torch.testing.assert_close(merged(x, 0, inj, use_cache=False), model(x, 0, inj, use_cache=False),
+    torch.testing.assert_close(rewritten(x, 0, inj, use_cache=False), model(x, 0, inj, use_cache=False),
                                atol=1e-5, rtol=0)
     adapters = torch.randn(2, 2, 1, 48)
-    torch.testing.assert_close(merged.visual_injection(adapters), model.visual_injection(adapters))
+    torch.testing.assert_close(rewritten.visual_injection(adapters), model.visual_injection(adapters))
 
 
 def test_fused_projections_same_logits_and_injection():
@@ -97,12 +102,7 @@ def test_fused_projections_same_logits_and_injection():
     attn = fused.layers[1].attention
     assert attn.wq is None and fused.layers[1].feed_forward.w1 is None
     assert attn.wv.weight.data_ptr() == attn.wqkv.weight[2 * 48:].data_ptr()  # wv is a view: no extra memory
-    x = tokens(2, 11)
-    inj = injection_for(model, 2)
-    torch.testing.assert_close(fused(x, 0, inj, use_cache=False), model(x, 0, inj, use_cache=False),
-                               atol=1e-5, rtol=0)
-    adapters = torch.randn(2, 2, 1, 48)
-    torch.testing.assert_close(fused.visual_injection(adapters), model.visual_injection(adapters))
+    assert_same_outputs(fused, model)
     with pytest.raises(ValueError, match="merge the LoRA"):
         tiny().fuse_projections()
 

@@ -79,4 +79,6 @@ def test_a_fixture_whose_cloud_is_not_normalised(parity_dir, tmp_path):
         assert result.returncode == 0, result.stdout
         row = next(line for line in result.stdout.splitlines() if " e2e.point_npy " in line or
                    "preprocessing.point_npy" in line)
-        assert "not normalised (radius 1.36 about a centroid 0.611" in row, row
+        radius = float(np.sqrt(((raw - raw.mean(axis=0)) ** 2).sum(axis=1)).max())
+        offset = float(np.linalg.norm(raw.mean(axis=0)))
+        assert f"not normalised (radius {radius:.3g} about a centroid {offset:.3g}" in row, row
