@@ -1,6 +1,7 @@
 """``python -m ibllm.train``: train, evaluate and ship the embedded default model.
 
     python -m ibllm.train run --out runs/toy [--smoke] [--ship assets/toy]   # the whole pipeline, resumable
+    python -m ibllm.train run --out runs/lang --towers-from assets/toy      # the language stages only
     python -m ibllm.train eval --model assets/toy [--data runs/toy/data]      # the per-modality table
     python -m ibllm.train ship --run runs/toy --to assets/toy                 # copy a finished run's model
 
@@ -21,7 +22,7 @@ import torch
 from ibllm.factory import load_default
 from ibllm.train.common import write_json
 from ibllm.train.evaluate import ensure_heldout, evaluate, markdown
-from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, ship
+from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, reuse_towers, ship
 
 
 def _threads(n: int | None) -> int:
@@ -51,6 +52,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides["workers"] = args.workers
     run = dataclasses.replace(run, **overrides)
+    if args.towers_from:
+        if any((args.out / "ckpt").glob("*.safetensors")):
+            raise SystemExit(f"{args.out / 'ckpt'} already has checkpoints: --towers-from starts a new run")
+        print(f"towers from {args.towers_from}: {reuse_towers(args.out, args.towers_from, run)}", file=sys.stderr)
     pipe = Pipeline(args.out, run)
     pipe.run_all(evaluate=not args.no_eval)
     if args.ship and pipe.dist.main:
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     run.add_argument("--workers", type=int, help="processes for data generation / loading")
     run.add_argument("--threads", type=int, help="torch threads (default: the cores not already busy)")
+    run.add_argument("--towers-from", type=Path, metavar="MODEL_DIR",
+                     help="skip the encoder stages: take the ImageBind towers of this model (e.g. assets/toy)")
     run.add_argument("--set", action="append", metavar="KEY=JSON",
                      help="override a RunConfig field, e.g. --set s2_steps=1000 (repeatable)")
     run.set_defaults(func=cmd_run)

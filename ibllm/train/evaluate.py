@@ -1,15 +1,26 @@
-"""Evaluation: the paper's claim in miniature. Per modality, on held-out scenes (latent combinations never seen in
-training), how often the greedy answer names the right shape / colour / motion — only what that modality carries
-(``toyworld.CARRIES``) — with the visual cache on and off.
+"""Evaluation: the paper's claim in miniature, asked the way people chat. Per input kind and visual-cache mode, on
+held-out scenes (latent combinations never seen in training), with the strict judge (``toyworld.judge``: the right
+value named and no other value of the same latent):
 
-Every answer goes through the engine's own path: the file through ``ChatEngine.embed`` (media loader ->
-encoder), ``fuse`` of the single input, the visual cache's ``mix`` (cache on, the UI's default settings), the
-bind network, then greedy decoding of the Alpaca prompt. Decoding is batched over scenes that share a question
-(same prompt, one injection per row), which gives the same tokens as one-by-one greedy decoding.
+- ``trained``: one question per latent the input carries, from the training part of the question grammar;
+- ``heldout``: the same from the grammar's held-out ``test`` part (whole templates training never saw);
+- ``followup``: a conversation of held-out phrasings: a first question, the model's own answer, then a question
+  about another latent (turn 2), the model's answer, then a third (turn 3); turns 2 and 3 are judged;
+- ``cannot_tell``: a held-out question about a latent the input does not carry; right = "I cannot tell ..."
+  naming no value of it;
+- ``describe``: a held-out "describe" question; right = every carried latent named right.
 
-Questions are ``toyworld.questions_for(modality, scene)`` without a generator: the first phrasing for each
-carried latent, plus "Describe it." (correct when the description names every carried latent). The headline
-figure per modality is the mean over its carried latents among shape, colour and motion.
+Inputs: each modality's file alone, and mixes of two held-out scenes' files whose modalities carry disjoint
+latents (a point cloud of one scene with an IMU trace of another: the shape comes from one, the motion from the
+other).
+
+Every answer goes through the engine's own path: each file through ``ChatEngine.embed`` (media loader ->
+encoder), ``fuse`` of the inputs, the visual cache's ``mix`` (cache on: the model's own settings), the bind
+network, the chat prompt of ``llm.prompt.build_chat_prompt`` (history included), and greedy decoding (the toy
+model's default) through the engine's decode loop (``DecodeBatch``), all scenes of one question step together.
+
+The headline per input is the held-out figure over its carried latents among shape, colour and motion. Questions
+are drawn per scene from a generator seeded by the scene's index, so every model is asked the same questions.
 """
 
 from __future__ import annotations
@@ -18,89 +29,173 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ibllm.bind import fuse
 from ibllm.config import GenerationConfig
 from ibllm.llm.batching import DecodeBatch, Request
-from ibllm.llm.prompt import format_prompt
+from ibllm.llm.prompt import build_chat_prompt
 from ibllm.train import toyworld as tw
 from ibllm.train.common import progress
-from ibllm.types import Attachment
+from ibllm.types import Attachment, Turn
 
 HEADLINE = ("shape", "colour", "motion")
-TARGETS = {"image": 0.90, "text": 0.90, "video": 0.85, "point": 0.80, "audio": 0.70, "imu": 0.70}
-COLUMNS = (*tw.LATENTS, "describe")
+TARGETS = {"image": 0.90, "text": 0.90, "video": 0.85, "point": 0.90, "audio": 0.85, "imu": 0.80}
+SUITES = ("trained", "heldout", "followup", "cannot_tell", "describe")
+# Mixed inputs: two held-out scenes, one file each, of modalities that carry disjoint latents.
+MIXES = (("point", "imu"), ("audio", "imu"), ("depth", "imu"))
+FOLLOWUP_TARGET = 0.85
+CANNOT_TELL_TARGET = 0.90
+SLOTS = 32  # decode rows at once
 
 
 @torch.no_grad()
-def greedy_batch(llama: Any, prompt: list[int], injection: torch.Tensor, max_new_tokens: int,
-                 eos_id: int, vocab_limit: int | None = None) -> list[list[int]]:
-    """Greedy continuations of one prompt under B injections (query_layer, B, H, 1, hd), decoded together by the
-    engine's own decode loop (``DecodeBatch``, with its own KV cache); ids at or past ``vocab_limit`` are never
-    picked, as in the engine."""
-    b = injection.shape[1]
-    batch = DecodeBatch(llama, b, max_seq_len=min(len(prompt) + max_new_tokens, 2 * llama.cfg.max_seq_len),
-                        vocab_limit=vocab_limit)
+def answer_all(engine: Any, questions: list[str], histories: list[list[Turn]], injection: torch.Tensor,
+               max_new_tokens: int) -> list[str]:
+    """Greedy answers, one per row of ``injection`` (query_layer, B, H, 1, hd), each to its own question after
+    its own history, prompted exactly as the chat prompts (``build_chat_prompt``) and decoded together."""
+    llama, tok = engine.net.llama, engine.tokenizer
+    max_prompt = llama.cfg.max_seq_len - max_new_tokens
+    prompts = [build_chat_prompt(q, h, tok, max_prompt).ids for q, h in zip(questions, histories, strict=True)]
+    batch = DecodeBatch(llama, min(SLOTS, len(prompts)), max_seq_len=llama.cfg.max_seq_len,
+                        vocab_limit=tok.vocab_size)
     greedy = GenerationConfig.greedy(max_new_tokens)
-    return batch.run([Request(prompt, injection[:, i:i + 1], greedy, eos_id) for i in range(b)])
+    requests = [Request(p, injection[:, i:i + 1], greedy, tok.eos_id) for i, p in enumerate(prompts)]
+    return [tok.decode(ids) for ids in batch.run(requests)]
+
+
+class _Tally:
+    """Right / asked per (suite, latent), and a few wrong answers per suite to show."""
+
+    def __init__(self, keep: int):
+        self.right: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+        self.wrong: dict[str, list[dict[str, str]]] = defaultdict(list)
+        self.keep = keep
+
+    def add(self, suite: str, latent: str, ok: bool, scene: tw.Scene, question: str, answer: str,
+            history: list[Turn] | None = None) -> None:
+        self.right[suite][latent].append(ok)
+        if not ok and len(self.wrong[suite]) < self.keep:
+            item = {"scene": repr(scene), "question": question, "answer": answer}
+            if history:
+                item["history"] = " / ".join(f"{t.user} -> {t.assistant}" for t in history)
+            self.wrong[suite].append(item)
+
+    def summary(self, carried: tuple[str, ...]) -> dict[str, Any]:
+        def rate(values: list[bool]) -> float | None:
+            return sum(values) / len(values) if values else None
+
+        judged = [n for n in HEADLINE if n in carried]
+        out: dict[str, Any] = {"judged": judged, "accuracy": {}, "wrong_examples": dict(self.wrong)}
+        for suite, per in self.right.items():
+            out["accuracy"][suite] = {latent: rate(v) for latent, v in per.items()}
+            out["accuracy"][suite]["all"] = rate([x for v in per.values() for x in v])
+        for suite in ("trained", "heldout"):
+            per = self.right.get(suite, {})
+            out.setdefault("headline", {})[suite] = rate([x for n in judged for x in per.get(n, [])])
+        return out
+
+
+def _ask_suite(engine: Any, tally: _Tally, suite: str, scenes: list[tw.Scene], carried: tuple[str, ...],
+               injection: torch.Tensor, latents_per_scene: list[list[str]], part: str, max_new: int,
+               rngs: list[np.random.Generator]) -> None:
+    """One question per scene per round: round r asks scene i about ``latents_per_scene[i][r]``."""
+    rounds = max(len(x) for x in latents_per_scene)
+    for r in range(rounds):
+        rows = [i for i, x in enumerate(latents_per_scene) if r < len(x)]
+        questions = [tw.draw(latents_per_scene[i][r], rngs[i], part) for i in rows]
+        answers = answer_all(engine, questions, [[] for _ in rows], injection[:, rows], max_new)
+        for i, q, a in zip(rows, questions, answers, strict=True):
+            latent = latents_per_scene[i][r]
+            tally.add(suite, latent, tw.judge(a, scenes[i], latent, carried), scenes[i], q, a)
+
+
+def _ask_followups(engine: Any, tally: _Tally, scenes: list[tw.Scene], carried: tuple[str, ...],
+                   injection: torch.Tensor, max_new: int, rngs: list[np.random.Generator]) -> None:
+    """Three-turn conversations about different latents (carried ones and "describe"); turns 2 and 3 judged."""
+    plans = [list(rng.permutation([*carried, "describe"]))[:3] for rng in rngs]
+    histories: list[list[Turn]] = [[] for _ in scenes]
+    for turn in range(3):
+        rows = [i for i, p in enumerate(plans) if turn < len(p)]
+        if not rows:
+            break
+        questions = [tw.draw(str(plans[i][turn]), rngs[i], "test") for i in rows]
+        answers = answer_all(engine, questions, [histories[i] for i in rows], injection[:, rows], max_new)
+        for i, q, a in zip(rows, questions, answers, strict=True):
+            latent = str(plans[i][turn])
+            if turn:
+                tally.add("followup", f"turn{turn + 1}", tw.judge(a, scenes[i], latent, carried), scenes[i], q,
+                          a, histories[i])
+            histories[i] = [*histories[i], Turn(q, a)]
+
+
+def _evaluate_input(engine: Any, feature: torch.Tensor, scenes: list[tw.Scene], carried: tuple[str, ...],
+                    max_new: int, keep: int) -> dict[str, Any]:
+    injection = engine.net.injection(feature.to(engine.device))
+    n = len(scenes)
+
+    def rngs(salt: int) -> list[np.random.Generator]:
+        return [np.random.default_rng([i, salt]) for i in range(n)]
+
+    tally = _Tally(keep)
+    asked = [[*carried] for _ in scenes]
+    _ask_suite(engine, tally, "trained", scenes, carried, injection, asked, "train", max_new, rngs(1))
+    _ask_suite(engine, tally, "heldout", scenes, carried, injection, asked, "test", max_new, rngs(2))
+    _ask_suite(engine, tally, "describe", scenes, carried, injection, [["describe"]] * n, "test", max_new, rngs(3))
+    missing = [name for name in tw.LATENTS if name not in carried]
+    if missing:
+        pick = [[missing[int(r.integers(len(missing)))]] for r in rngs(4)]
+        _ask_suite(engine, tally, "cannot_tell", scenes, carried, injection, pick, "test", max_new, rngs(5))
+    _ask_followups(engine, tally, scenes, carried, injection, max_new, rngs(6))
+    return tally.summary(carried)
 
 
 def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: int | None = None,
-             modalities: tuple[str, ...] = tw.MODALITIES, cache_modes: tuple[bool, ...] = (False, True),
-             max_new_tokens: int = 40, show: bool = True, keep_answers: int = 3) -> dict[str, Any]:
-    """Accuracy per modality, cache mode and latent. ``engine`` is a ``ChatEngine`` (e.g. ``load_default``)."""
+             modalities: tuple[str, ...] = tw.MODALITIES, mixes: tuple[tuple[str, str], ...] = MIXES,
+             cache_modes: tuple[bool, ...] = (False, True), max_new_tokens: int = 40, show: bool = True,
+             keep_answers: int = 3) -> dict[str, Any]:
+    """Every suite per input and cache mode. ``engine`` is a ``ChatEngine`` (e.g. ``load_default``)."""
     records = tw.read_manifest(Path(data_root) / f"{split}.jsonl")[:n]
     scenes: list[tw.Scene] = [r["scene"] for r in records]
     opts = engine.cfg.visual_cache
-    net, tok = engine.net, engine.tokenizer
-    device = engine.device
     results: dict[str, Any] = {"n_scenes": len(scenes), "split": split, "cache_options": vars(opts),
-                               "modalities": {}}
+                               "inputs": {}}
     has_cache = engine.visual_cache is not None
-    work = sum(len(records) for m in modalities if m in records[0]["files"]) if records else 0
-    bar = progress(work, "eval: encode", disable=not show, unit="file")
-    features: dict[str, torch.Tensor] = {}
-    for m in modalities:
-        if not records or m not in records[0]["files"]:
-            continue
+    present = [m for m in modalities if records and m in records[0]["files"]]
+    bar = progress(len(records) * len(present), "eval: encode", disable=not show, unit="file")
+    embeddings: dict[str, torch.Tensor] = {}
+    for m in present:
         rows = []
         for r in records:
-            rows.append(fuse([engine.embed(Attachment(str(r["files"][m]), m))[None]], [1.0]))
+            rows.append(engine.embed(Attachment(str(r["files"][m]), m))[None])
             bar.update()
-        features[m] = torch.cat(rows)
+        embeddings[m] = torch.cat(rows)
     bar.close()
-    n_batches = sum(len(tw.CARRIES[m]) + 1 for m in features) * len([c for c in cache_modes if has_cache or not c])
-    bar = progress(n_batches, "eval: answer", disable=not show, unit="question")
-    for m, feat in features.items():
-        per_mode: dict[str, Any] = {}
-        for cache_on in cache_modes:
-            if cache_on and not has_cache:
-                continue
-            cache = engine.visual_cache
-            f = cache.mix(feat, min(opts.top_k, len(cache)), opts.temperature, opts.weight) if cache_on else feat
-            injection = net.injection(f.to(device))
-            items_per_scene = [tw.questions_for(m, s) for s in scenes]
-            correct: dict[str, list[bool]] = defaultdict(list)
-            examples: dict[str, list[dict[str, str]]] = defaultdict(list)
-            for q_index, item0 in enumerate(items_per_scene[0]):
-                prompt = tok.encode(format_prompt(item0["question"]), bos=True, eos=False)
-                answers = [tok.decode(ids) for ids in greedy_batch(net.llama, prompt, injection, max_new_tokens,
-                                                                       tok.eos_id, tok.vocab_size)]
-                for s, items, answer in zip(scenes, items_per_scene, answers, strict=True):
-                    item = items[q_index]
-                    ok = tw.answer_is_correct(answer, item["expected"])
-                    correct[item["latent"]].append(ok)
-                    if len(examples[item["latent"]]) < keep_answers and not ok:
-                        examples[item["latent"]].append({"scene": repr(s), "question": item["question"],
-                                                         "answer": answer, "expected": " ".join(item["expected"])})
-                bar.update()
-            acc = {latent: sum(v) / len(v) for latent, v in correct.items()}
-            judged = [latent for latent in HEADLINE if latent in tw.CARRIES[m]]
-            headline = sum(sum(correct[latent]) for latent in judged) / sum(len(correct[latent]) for latent in judged)
-            per_mode["on" if cache_on else "off"] = {"accuracy": acc, "headline": headline, "judged": judged,
-                                                     "wrong_examples": dict(examples)}
-        results["modalities"][m] = per_mode
+
+    inputs: dict[str, tuple[torch.Tensor, list[tw.Scene], tuple[str, ...]]] = {}
+    for m in present:
+        inputs[m] = fuse([embeddings[m]], [1.0]), scenes, tw.carried_by(m)
+    shifted = scenes[1:] + scenes[:1]  # the second input of a mix shows the next scene
+    for a, b in mixes:
+        if a in embeddings and b in embeddings and len(scenes) > 1:
+            mixed = [tw.mixed_scene([(s, a), (t, b)]) for s, t in zip(scenes, shifted, strict=True)]
+            other = torch.cat([embeddings[b][1:], embeddings[b][:1]])
+            inputs[f"{a}+{b}"] = fuse([embeddings[a], other], [1.0, 1.0]), [s for s, _ in mixed], mixed[0][1]
+
+    modes = [c for c in cache_modes if has_cache or not c]
+    bar = progress(len(inputs) * len(modes), "eval: answer", disable=not show, unit="input")
+    for name, (feature, input_scenes, carried) in inputs.items():
+        per_mode = {}
+        for cache_on in modes:
+            f = feature
+            if cache_on:
+                f = engine.visual_cache.mix(feature, min(opts.top_k, len(engine.visual_cache)), opts.temperature,
+                                            opts.weight)
+            per_mode["on" if cache_on else "off"] = _evaluate_input(engine, f, input_scenes, carried,
+                                                                    max_new_tokens, keep_answers)
+            bar.update()
+        results["inputs"][name] = per_mode
     bar.close()
     return results
 
@@ -109,33 +204,46 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f} %"
 
 
+def _pair(per: dict[str, Any], get: Any) -> str:
+    values = [get(per[k]) for k in ("off", "on") if k in per]
+    return " / ".join(_pct(v) for v in values)
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """The README table (headline per modality, cache off/on) and the per-latent breakdown."""
-    mods = results["modalities"]
-    n = results["n_scenes"]
+    """README's tables: every suite per input (cache off / on), then the held-out figure per latent."""
+    inputs = results["inputs"]
     opts = results["cache_options"]
     lines = [
-        f"Held-out toy-world scenes (latent combinations never seen in training), {n} per modality, greedy "
-        f"answers. Judged on the modality's carried latents among shape / colour / motion. Cache on: top-"
-        f"{opts['top_k']}, temperature {opts['temperature']:g}, weight {opts['weight']:g}.",
+        f"Held-out toy-world scenes (latent combinations never seen in training), {results['n_scenes']} per input, "
+        "greedy answers through the chat's own prompt and decode path, strict judge. Each cell: cache off / on "
+        f"(top-{opts['top_k']}, temperature {opts['temperature']:g}, weight {opts['weight']:g}). "
+        "*Trained* and *held-out phrasings*: mean over the input's carried latents among shape / colour / motion; "
+        "*follow-ups*: turns 2 and 3 of a held-out-phrased conversation; *can't tell*: asked about a latent the "
+        "input does not carry; *describe*: every carried latent named.",
         "",
-        "| input | judged on | cache off | cache on | target |",
-        "|---|---|---|---|---|",
+        "| input | judged on | trained phrasings | held-out phrasings | follow-ups | can't tell | describe | target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for m, per in mods.items():
-        off, on = per.get("off"), per.get("on")
-        judged = ", ".join((off or on)["judged"])
-        target = f"≥ {100 * TARGETS[m]:.0f} %" if m in TARGETS else "–"
-        lines.append(f"| {m} | {judged} | {_pct(off and off['headline'])} | {_pct(on and on['headline'])} | "
-                     f"{target} |")
-    lines += ["", "Every carried latent (cache off / on):", "",
-              "| input | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    for m, per in mods.items():
+    for name, per in inputs.items():
+        first = per.get("off") or per.get("on")
+        target = f"≥ {100 * TARGETS[name]:.0f} %" if name in TARGETS else "–"
+        lines.append(
+            f"| {name} | {', '.join(first['judged'])} "
+            f"| {_pair(per, lambda r: r['headline']['trained'])} "
+            f"| {_pair(per, lambda r: r['headline']['heldout'])} "
+            f"| {_pair(per, lambda r: r['accuracy'].get('followup', {}).get('all'))} "
+            f"| {_pair(per, lambda r: r['accuracy'].get('cannot_tell', {}).get('all'))} "
+            f"| {_pair(per, lambda r: r['accuracy'].get('describe', {}).get('all'))} | {target} |")
+    targets = f"follow-ups ≥ {100 * FOLLOWUP_TARGET:.0f} %, can't tell ≥ {100 * CANNOT_TELL_TARGET:.0f} %"
+    lines += ["", f"Targets: {targets}.",
+              "", "Held-out phrasings, every carried latent (cache off / on):", "",
+              "| input | " + " | ".join(tw.LATENTS) + " |", "|---|" + "---|" * len(tw.LATENTS)]
+    for name, per in inputs.items():
         cells = []
-        for c in COLUMNS:
-            vals = [per[k]["accuracy"].get(c) for k in ("off", "on") if k in per]
-            cells.append(" / ".join(_pct(v) for v in vals) if vals and vals[0] is not None else "")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        for latent in tw.LATENTS:
+            first = (per.get("off") or per.get("on"))["accuracy"]["heldout"].get(latent)
+            cells.append(_pair(per, lambda r, n=latent: r["accuracy"]["heldout"].get(n)) if first is not None else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

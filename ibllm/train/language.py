@@ -32,12 +32,14 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ibllm.bind import fuse
 from ibllm.llm.llama import init_weights
 from ibllm.llm.lora import from_peft, mark_stage2_trainable, to_peft
-from ibllm.llm.prompt import format_prompt
+from ibllm.llm.prompt import format_prompt, render_chat
 from ibllm.llm.tokenizer import Tokenizer
 from ibllm.model import ImageBindLLM
 from ibllm.train import toyworld as tw
@@ -54,16 +56,30 @@ class Example:
     answer: list[int]  # ends with eos
     feature: int  # row of the image-embedding table; -1 = the all-zero image; -2 = no visual input at all
     view: str = "image"  # "image": that row's embedding; a modality name: the centroid view of that row's scene
+    mix: tuple[int, str] | None = None  # (row, view) of a second input fused with the first (bind.fuse)
+
+
+# How many earlier turns a stage-2 dialogue has before the question that is trained on (weights of 0, 1, 2, 3).
+HISTORY_WEIGHTS = (0.4, 0.25, 0.2, 0.15)
+# Of the questions about a view that lacks some latents, the share asking about one it does not carry.
+CANNOT_TELL_FRACTION = 0.2
+# Latents asked about, with "describe" drawn twice as often as any one latent (it names all of them at once).
+ASK_WEIGHTS = {**{latent: 1.0 for latent in tw.LATENTS}, "describe": 2.0}
 
 
 class TextMaker:
-    """Draws tokenised examples of a set of scenes (prompt and answer ids are cached by string)."""
+    """Draws tokenised examples of a set of scenes (prompt and answer ids are cached by string).
+
+    Questions come from the training part of the question grammar (``toyworld.questions``); a Q&A example is a
+    dialogue in the chat format the app serves (``llm.prompt.render_chat``): up to three earlier turns about
+    other latents of the same inputs, answered in the model's own style, then the question trained on."""
 
     def __init__(self, tokenizer: Tokenizer, records: list[dict[str, Any]], seed: int = 0):
         self.tok = tokenizer
         self.scenes: list[tw.Scene] = [r["scene"] for r in records]
         self.captions: list[list[str]] = [r["caption_variants"] for r in records]
         self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one maker per stage; the cache dies with it
     def _prompt(self, instruction: str, context: str | None) -> tuple[int, ...]:
@@ -76,18 +92,63 @@ class TextMaker:
     def _pick(self, n: int) -> int:
         return int(torch.randint(0, n, (1,), generator=self.gen))
 
+    def _chance(self, p: float) -> bool:
+        return float(torch.rand(1, generator=self.gen)) < p
+
     def caption(self, i: int, feature: int) -> Example:
         text = self.captions[i][self._pick(len(self.captions[i]))]
         return Example(list(self._prompt(CAPTION_INSTRUCTION, None)), list(self._answer(text)), feature)
 
-    def qa(self, i: int, feature: int, reading: bool = False, view: str = "image") -> Example:
-        scene = self.scenes[i]
-        latents = QA_LATENTS if view == "image" else (*tw.CARRIES[view], "describe")
-        latent = latents[self._pick(len(latents))]
-        question = tw.QUESTIONS[latent][self._pick(len(tw.QUESTIONS[latent]))]
-        answer = tw.answer_for(scene, latent, "text" if view == "image" else view, question)
-        context = self.captions[i][self._pick(len(self.captions[i]))] if reading else None
-        return Example(list(self._prompt(question, context)), list(self._answer(answer)), feature, view)
+    def _latent(self, carried: tuple[str, ...], avoid: set[str]) -> str:
+        """A latent to ask about: mostly one the input carries (or "describe"), sometimes one it cannot."""
+        missing = [n for n in tw.LATENTS if n not in carried and n not in avoid]
+        if missing and self._chance(CANNOT_TELL_FRACTION):
+            return missing[self._pick(len(missing))]
+        options = [n for n in (*carried, "describe") if n not in avoid] or [*carried, "describe"]
+        weights = torch.tensor([ASK_WEIGHTS[n] for n in options])
+        return options[int(torch.multinomial(weights, 1, generator=self.gen))]
+
+    def _turn(self, scene: tw.Scene, carried: tuple[str, ...], avoid: set[str]) -> tuple[str, str, str]:
+        latent = self._latent(carried, avoid)
+        question = tw.draw(latent, self.rng)
+        return latent, question, tw.answer_for(scene, latent, carried, question)
+
+    def history_length(self) -> int:
+        """How many earlier turns a dialogue has (HISTORY_WEIGHTS). Drawn once per batch by the training loops,
+        so the rows of a batch have similar lengths and little padding."""
+        return int(torch.multinomial(torch.tensor(HISTORY_WEIGHTS), 1, generator=self.gen))
+
+    def qa(self, i: int, feature: int, reading: bool = False, view: str = "image",
+           mix: tuple[int, str] | None = None, n_history: int | None = None) -> Example:
+        """A question about scene ``i`` as ``view`` (+ ``mix``), after ``n_history`` earlier turns (default: drawn;
+        none when ``reading``)."""
+        scene, carried = self.scene_as(i, view, mix)
+        if reading:  # text-only instruction data: the caption is the Alpaca input, one turn
+            _, question, answer = self._turn(scene, carried, set())
+            context = self.captions[i][self._pick(len(self.captions[i]))]
+            return Example(list(self._prompt(question, context)), list(self._answer(answer)), feature)
+        if n_history is None:
+            n_history = self.history_length()
+        asked: set[str] = set()
+        history = []
+        for _ in range(n_history):
+            latent, question, answer = self._turn(scene, carried, asked)
+            asked.add(latent)
+            history.append((question, answer))
+        _, question, answer = self._turn(scene, carried, asked)
+        prompt = tuple(self.tok.encode(render_chat(question, history), bos=True, eos=False)) if history else \
+            self._prompt(question, None)
+        return Example(list(prompt), list(self._answer(answer)), feature, view, mix)
+
+    def scene_as(self, i: int, view: str, mix: tuple[int, str] | None = None
+                 ) -> tuple[tw.Scene, tuple[str, ...]]:
+        """The scene the inputs show and the latents they carry: an image carries everything; a centroid view
+        what its modality carries; a mix of two views with disjoint latents each latent from the view that
+        carries it (the rest from the first)."""
+        parts = [(self.scenes[i], "text" if view == "image" else view)]
+        if mix is not None:
+            parts.append((self.scenes[mix[0]], mix[1]))
+        return tw.mixed_scene(parts)
 
     def view(self, centroid_fraction: float) -> str:
         """The view of one visual example: a centroid view (one of CENTROID_VIEWS at random) with probability
@@ -95,6 +156,17 @@ class TextMaker:
         if centroid_fraction <= 0 or float(torch.rand(1, generator=self.gen)) >= centroid_fraction:
             return "image"
         return CENTROID_VIEWS[self._pick(len(CENTROID_VIEWS))]
+
+    def mix_for(self, view: str, n: int) -> tuple[int, str] | None:
+        """A second input for a centroid view, with probability MIX_FRACTION: an IMU trace of another scene
+        with a view that carries no motion (a point cloud, sound, depth or thermal map), or None."""
+        if view in ("image", "imu") or not self._chance(MIX_FRACTION):
+            return None
+        return self._pick(n), "imu"
+
+
+# Of the centroid views that carry no motion, the share mixed with an IMU view of another scene.
+MIX_FRACTION = 0.25
 
 
 # Modalities whose centroid views the language side reads in training (those that carry some latents only).
@@ -150,10 +222,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _features(examples: list[Example], image_emb: torch.Tensor, blank: torch.Tensor,
               centroids: Centroids | None = None) -> torch.Tensor:
+    def one(i: int, view: str) -> torch.Tensor:
+        return image_emb[i] if view == "image" else centroids(i, view)
+
     def row(e: Example) -> torch.Tensor:
         if e.feature < 0:
             return blank[0]
-        return image_emb[e.feature] if e.view == "image" else centroids(e.feature, e.view)
+        if e.mix is None:
+            return one(e.feature, e.view)
+        return fuse([one(e.feature, e.view)[None], one(*e.mix)[None]], [1.0, 1.0])[0]  # as the chat fuses inputs
 
     return torch.stack([row(e) for e in examples])
 
@@ -189,10 +266,13 @@ def pretrain_lm(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]]
 
     def loss_fn(step: int) -> torch.Tensor:
         examples = []
+        turns = maker.history_length()
         for _ in range(batch):
             i = maker._pick(n)
             kind = maker._pick(3)
-            examples.append(maker.caption(i, -2) if kind == 0 else maker.qa(i, -2, reading=kind == 2))
+            examples.append(maker.caption(i, -2) if kind == 0 else
+                            maker.qa(i, -2, reading=kind == 2, view="image" if kind == 2 else maker.view(0.25),
+                                     n_history=turns))
         examples = examples[dist.rank::dist.world]
         tokens, targets = collate(examples, tok.eos_id, loss_on_prompt=True)
         logits = llama(tokens.to(dist.device), 0, None, use_cache=False)
@@ -254,11 +334,13 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
 
     def loss_fn(step: int) -> torch.Tensor:
         examples = []
+        turns = maker.history_length()
         for _ in range(batch):
             i = maker._pick(n)
             reading = float(torch.rand(1, generator=maker.gen)) < text_only_fraction
             view = "image" if reading else maker.view(centroid_fraction)
-            examples.append(maker.qa(i, -1 if reading else i, reading=reading, view=view))
+            examples.append(maker.qa(i, -1 if reading else i, reading=reading, view=view,
+                                     mix=maker.mix_for(view, n), n_history=turns))
         examples = examples[dist.rank::dist.world]
         return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, dist.device, centroids)
 

@@ -352,6 +352,27 @@ class Pipeline:
         return self.report
 
 
+def reuse_towers(out: str | Path, model_dir: str | Path, run: RunConfig | None = None) -> Path:
+    """Start a run at its language stages with the ImageBind towers of an earlier run's model (e.g. assets/toy).
+
+    Writes ``OUT/ckpt/<last encoder stage>.safetensors``: the network exactly as a from-scratch run builds it
+    (same seed), with every ``image_bind`` weight replaced by the model's, so the resumed pipeline goes on with
+    ``embed``, ``lm``, ``stage1``, ``stage2``, export and evaluation. The towers come as the model stores them
+    (fp16-rounded). ``OUT/ckpt/towers.json`` records where they came from."""
+    out, model_dir = Path(out), Path(model_dir)
+    run = run or RunConfig()
+    cfg = ModelConfig.load(model_dir / "config.json")
+    torch.manual_seed(run.seed)  # as Pipeline._build_net
+    net = ImageBindLLM(cfg)
+    init_llama(net, run.seed)
+    shipped = ImageBindLLM(cfg)
+    shipped.load_official(read_state_dict(model_dir / "model.safetensors"), what=str(model_dir))
+    net.image_bind.load_state_dict({k: v.float() for k, v in shipped.image_bind.state_dict().items()})
+    path = common.save_official(net, _ckpt(out, ENCODER_STAGES[-1]))
+    common.write_json(out / "ckpt" / "towers.json", {"from": str(model_dir), "stage": ENCODER_STAGES[-1]})
+    return path
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its finished children (data workers)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -1,6 +1,7 @@
 """The toy model's own SentencePiece vocabulary, trained on the toy world's text (DESIGN.md, "The toy world").
 
-The corpus is every caption template and Q&A answer of sampled training scenes plus the Alpaca prompt templates
+The corpus is every caption template and Q&A answer of sampled training scenes (questions from the
+training part of the question grammar), the "cannot tell" answers plus the Alpaca prompt templates
 and the chat transcript markers, so that prompts tokenise into few pieces. LLaMA's conventions are kept: unk 0,
 bos 1, eos 2, no pad piece, byte fallback (any UTF-8 input encodes, nothing maps to unk).
 
@@ -30,6 +31,8 @@ def corpus_lines(n_scenes: int = 4000, seed: int = 0) -> list[str]:
         for item in toyworld.questions_for("text", scene, rng, per_latent=2):
             lines.append(item["question"])
             lines.append(item["answer"])
+    for modality, carried in toyworld.CARRIES.items():  # the honest "I cannot tell ..." answers
+        lines.extend(toyworld.cannot_tell(latent, modality) for latent in toyworld.LATENTS if latent not in carried)
     for template in (PROMPT_NO_INPUT, PROMPT_WITH_INPUT):
         lines.extend(template.format(instruction="Describe it.", input="User: Hi\nAssistant: Hello.").splitlines())
     lines.append("Generate caption of this image")

@@ -10,7 +10,8 @@ importing only those above it:
 - ``formats``: the files a scene becomes: extension per modality, image size, frame and sample rates, counts.
 - ``latents``: the latents and :class:`Scene`, which latents each modality carries (``CARRIES``), the
   train / held-out split, ``SEED_ORDER`` and the per-modality random streams.
-- ``captions``: captions and instruction Q&A, and how an answer is checked.
+- ``questions``: the question grammar: templates per latent in a training, a validation and a held-out part.
+- ``captions``: captions, answers (including "I cannot tell ..."), and how an answer is judged.
 - ``geometry``: the 3D shapes: signed distances, surface samples, rotations.
 - ``sprite``: one object sphere-traced into a sprite; ``compositing``: stamps pasted onto the canvas.
 - ``render``: image, video, depth and thermal maps (one renderer per scene).
@@ -24,9 +25,14 @@ from ibllm.train.toyworld.captions import (
     QUESTIONS,
     answer_for,
     answer_is_correct,
+    cannot_tell,
     caption_for,
+    carried_by,
     expected_words,
+    judge,
+    mixed_scene,
     questions_for,
+    value_words,
 )
 from ibllm.train.toyworld.cli import benchmark, main
 from ibllm.train.toyworld.dataset import make_dataset, manifest_record, read_manifest, sample_scenes, write_scene
@@ -67,6 +73,7 @@ from ibllm.train.toyworld.latents import (
     split_of,
 )
 from ibllm.train.toyworld.points import render_points
+from ibllm.train.toyworld.questions import ASKED, IT, NOUNS, PARTS, draw, is_yes_no, part_of, phrasings, templates
 from ibllm.train.toyworld.render import render_depth, render_image, render_thermal, render_video
 from ibllm.train.toyworld.sound import render_audio
 
@@ -78,7 +85,10 @@ __all__ = [
     "EXTENSIONS", "IMAGE_SIZE", "VIDEO_FPS", "VIDEO_FRAMES", "MOTION_PX", "SPIN_DEG", "AUDIO_RATE", "AUDIO_SECONDS",
     "POINTS", "IMU_RATE", "IMU_SAMPLES", "DEPTH_BACKGROUND_MM", "GRAVITY",
     # captions
-    "QUESTIONS", "caption_for", "answer_for", "expected_words", "questions_for", "answer_is_correct",
+    "QUESTIONS", "caption_for", "answer_for", "expected_words", "questions_for", "answer_is_correct", "cannot_tell",
+    "carried_by", "judge", "mixed_scene", "value_words",
+    # the question grammar
+    "ASKED", "IT", "NOUNS", "PARTS", "draw", "is_yes_no", "part_of", "phrasings", "templates",
     # geometry and the renderers
     "surface_points", "render_image", "render_video", "render_depth", "render_thermal", "render_points",
     "render_audio", "render_imu",

@@ -1,0 +1,154 @@
+"""Questions about a scene, from a small grammar: whole templates per latent, with a held-out part.
+
+A question is a *template* with slots, filled with words. Templates are either shared frames that take the
+latent's noun ("What is the {noun} of {it}?", "And its {noun}?", "{Noun}?") or frames of one latent ("How big is
+{it}?", "Where is {it} going?"). Every template belongs to one *part* of the grammar:
+
+- ``train``: the only phrasings training ever sees;
+- ``validation``: for choosing schedules and settings;
+- ``test``: whole templates held out for the evaluation's "held-out phrasings" and follow-up figures.
+
+Slot words (the latents' nouns, the referents) are shared by all parts; a held-out frame recombines them into a
+sentence training has not seen, with a few words of its own, as users do ("Please give the colour.", "Where is it
+located?"). A held-out figure measures generalisation over phrasing.
+
+``yes_no`` templates ("Is it moving?") get an answer that starts with "Yes," or "No," (``captions.answer_for``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+PARTS = ("train", "validation", "test")
+ASKED = ("shape", "colour", "size", "position", "count", "motion", "describe")
+
+# Slot words. ``{it}`` is the thing asked about; ``{noun}`` the latent's name (``NOUNS``).
+IT = ("it", "the object", "the thing", "this object")
+NOUNS: dict[str, tuple[str, ...]] = {
+    "shape": ("shape", "form"),
+    "colour": ("colour", "color"),
+    "size": ("size",),
+    "position": ("position", "location"),
+    "count": ("number of objects",),
+    "motion": ("motion", "movement", "direction"),
+}
+
+# Frames every latent with a noun takes, by part.
+SHARED: dict[str, tuple[str, ...]] = {
+    "train": ("What is the {noun} of {it}?", "Tell me the {noun} of {it}.", "{Noun}?", "And its {noun}?",
+              "What about the {noun}?", "Can you tell me the {noun}?", "Name the {noun}.",
+              "What's the {noun}?"),
+    "validation": ("I would like to know the {noun}.", "Say the {noun} of {it}."),
+    "test": ("How about its {noun}?", "Do you know the {noun} of {it}?", "Please give the {noun}.",
+             "And what is the {noun}?"),
+}
+
+# Frames of one latent, by part.
+OWN: dict[str, dict[str, tuple[str, ...]]] = {
+    "shape": {
+        "train": ("What shape is {it}?", "What kind of object is this?", "What object is this?",
+                  "Which shape do you see?", "What is {it} shaped like?", "What sort of object is {it}?",
+                  "What form does {it} take?"),
+        "validation": ("Which object is it?",),
+        "test": ("What form does {it} have?", "Which shape is {it}?", "What kind of thing do you see?"),
+    },
+    "colour": {
+        "train": ("What colour is {it}?", "What color is {it}?", "Which colour is {it}?",
+                  "What colour do you see?", "Which color does {it} have?"),
+        "validation": ("What color do you see?",),
+        "test": ("What colour does {it} have?", "Which color is {it}?", "What colour is {it} painted?"),
+    },
+    "size": {
+        "train": ("How big is {it}?", "Is {it} large or small?", "What size is {it}?", "How large is {it}?",
+                  "Is {it} big or small?"),
+        "validation": ("Is {it} small or large?",),
+        "test": ("How big is {it}, large or small?", "What size does {it} have?", "Is {it} small or big?"),
+    },
+    "position": {
+        "train": ("Where is {it}?", "Is {it} on the left, in the centre or on the right?",
+                  "Where do you see {it}?", "On which side is {it}?", "Where is {it} placed?"),
+        "validation": ("Where can you see {it}?",),
+        "test": ("Where is {it} located?", "Which side is {it} on?", "Is {it} on the left or on the right?"),
+    },
+    "count": {
+        "train": ("How many objects are there?", "How many are there?", "How many things do you see?",
+                  "How many do you see?", "Count the objects.", "How many?"),
+        "validation": ("How many objects can you count?",),
+        "test": ("How many objects do you see?", "Count them.", "How many things are there?"),
+    },
+    "motion": {
+        "train": ("Which way does {it} move?", "How is {it} moving?", "Is {it} moving?", "What is {it} doing?",
+                  "Where is {it} going?", "In which direction does {it} move?", "Where does {it} go?"),
+        "validation": ("Which way is {it} heading?",),
+        "test": ("Which way is {it} going?", "Where does {it} move?", "Does {it} move?",
+                 "In which direction is {it} going?"),
+    },
+    "describe": {
+        "train": ("Describe it.", "Describe the scene.", "What do you see?", "Describe what you see.",
+                  "Tell me about it.", "Can you describe it?", "Give me a description."),
+        "validation": ("Describe this.",),
+        "test": ("Describe the object.", "What can you see?", "Please describe it.", "Tell me what you see."),
+    },
+}
+
+_YES_NO_START = ("is ", "does ", "are ")  # not "do you know ...?": that asks for the value
+_CHOICE = (" or ", )  # "Is it large or small?" is a choice, not a yes/no question
+
+
+@dataclass(frozen=True)
+class Template:
+    latent: str
+    text: str
+    part: str
+
+    @property
+    def yes_no(self) -> bool:
+        low = self.text.lower()
+        return low.startswith(_YES_NO_START) and not any(c in low for c in _CHOICE)
+
+    def phrasings(self) -> tuple[str, ...]:
+        """Every question this template makes (each slot filled with each of its words)."""
+        nouns = NOUNS.get(self.latent, ("",))
+        out = []
+        for it, noun in itertools.product(IT if "{it}" in self.text else ("",),
+                                          nouns if "{noun}" in self.text.lower() else ("",)):
+            text = self.text.format(it=it, noun=noun, Noun=noun[:1].upper() + noun[1:])
+            out.append(text[0].upper() + text[1:])
+        return tuple(dict.fromkeys(out))
+
+
+def templates(latent: str, part: str) -> tuple[Template, ...]:
+    if latent not in ASKED:
+        raise ValueError(f"unknown latent {latent!r}; known: {ASKED}")
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; known: {PARTS}")
+    shared = SHARED[part] if latent in NOUNS else ()
+    return tuple(Template(latent, t, part) for t in (*OWN[latent][part], *shared))
+
+
+def phrasings(latent: str, part: str = "train") -> tuple[str, ...]:
+    """Every question of ``part`` about ``latent``, in a fixed order."""
+    return tuple(q for t in templates(latent, part) for q in t.phrasings())
+
+
+def is_yes_no(question: str) -> bool:
+    low = question.lower()
+    return low.startswith(_YES_NO_START) and not any(c in low for c in _CHOICE)
+
+
+def draw(latent: str, rng: np.random.Generator, part: str = "train") -> str:
+    """One question about ``latent``: a template of ``part`` at random, then its words at random."""
+    ts = templates(latent, part)
+    options = ts[int(rng.integers(len(ts)))].phrasings()
+    return options[int(rng.integers(len(options)))]
+
+
+def part_of(question: str) -> str | None:
+    """Which part of the grammar makes ``question`` (None: none does)."""
+    for part in PARTS:
+        if any(question in phrasings(latent, part) for latent in ASKED):
+            return part
+    return None

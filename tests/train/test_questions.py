@@ -1,0 +1,147 @@
+"""The question grammar, the honest "cannot tell" answers, the strict judge and the stage-2 dialogues."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from ibllm.llm.prompt import build_chat_prompt
+from ibllm.llm.tokenizer import Tokenizer
+from ibllm.train import toyworld as tw
+from ibllm.train.language import TextMaker
+from tests.conftest import REPO
+
+TOY_TOKENIZER = REPO / "assets" / "toy" / "tokenizer.model"
+WORD = re.compile(r"[a-z']+")
+
+
+def _words(texts: list[str] | tuple[str, ...]) -> set[str]:
+    return {w for t in texts for w in WORD.findall(t.lower())}
+
+
+@pytest.mark.parametrize("latent", tw.ASKED)
+def test_parts_of_the_grammar_share_no_template_and_no_phrasing(latent: str) -> None:
+    parts = {p: tw.phrasings(latent, p) for p in tw.PARTS}
+    templates = {p: {t.text for t in tw.templates(latent, p)} for p in tw.PARTS}
+    for a in tw.PARTS:
+        assert parts[a], (latent, a)
+        for b in tw.PARTS:
+            if a < b:
+                assert not set(parts[a]) & set(parts[b]), (latent, a, b)
+                assert not templates[a] & templates[b], (latent, a, b)
+    for q in parts["test"]:
+        assert tw.part_of(q) == "test"
+
+
+def test_every_latent_noun_of_the_held_out_part_is_one_training_uses() -> None:
+    """Held out are whole frames: the slot words (the latents' nouns, the referents) are the training ones."""
+    train = _words([q for latent in tw.ASKED for q in tw.phrasings(latent, "train")])
+    assert _words([n for nouns in tw.NOUNS.values() for n in nouns] + list(tw.IT)) <= train
+    test = _words([q for latent in tw.ASKED for q in tw.phrasings(latent, "test")])
+    assert 0 < len(test - train) <= 8, test - train  # a few words of the frames' own ("please", "located")
+
+
+def test_the_grammar_says_things_several_ways() -> None:
+    colour = tw.phrasings("colour")
+    assert any("color" in q for q in colour) and any("colour" in q for q in colour)
+    assert "Colour?" in colour and "And its shape?" in tw.phrasings("shape")
+    assert "Where is it going?" in tw.phrasings("motion") and "How many do you see?" in tw.phrasings("count")
+    assert any("the object" in q for q in tw.phrasings("shape"))
+    assert all(len(tw.phrasings(latent)) >= 7 for latent in tw.ASKED)
+
+
+def test_draw_stays_in_its_part() -> None:
+    rng = np.random.default_rng(0)
+    for part in tw.PARTS:
+        for latent in tw.ASKED:
+            allowed = set(tw.phrasings(latent, part))
+            assert all(tw.draw(latent, rng, part) in allowed for _ in range(20))
+
+
+@pytest.mark.parametrize(("question", "yes_no"), [
+    ("Is it moving?", True), ("Does the object move?", True), ("Is it large or small?", False),
+    ("Is it on the left, in the centre or on the right?", False), ("Do you know the colour of it?", False),
+    ("Which way does it move?", False)])
+def test_yes_no_questions(question: str, yes_no: bool) -> None:
+    assert tw.is_yes_no(question) is yes_no
+    scene = tw.Scene("cube", "red", "large", "left", 1, "still")
+    answer = tw.answer_for(scene, "motion", "text", question)
+    assert answer.startswith("No,") is yes_no
+
+
+@pytest.mark.parametrize("modality", ["point", "audio", "depth", "thermal", "imu"])
+def test_cannot_tell_what_the_input_does_not_carry(modality: str) -> None:
+    scene = tw.Scene("torus", "blue", "small", "right", 1, "up")
+    for latent in tw.LATENTS:
+        answer = tw.answer_for(scene, latent, modality, "What about it?")
+        carried = latent in tw.CARRIES[modality]
+        assert ("cannot tell" in answer) is not carried, answer
+        assert tw.judge(answer, scene, latent, modality), (latent, answer)
+        if not carried:  # names what it can tell, and no value of what it cannot
+            assert all(name in answer for name in ("shape", "motion") if name in tw.CARRIES[modality])
+            guess = tw.answer_for(scene, latent, "image")
+            assert not tw.judge(guess, scene, latent, modality), guess
+
+
+def test_the_strict_judge_refuses_a_second_value() -> None:
+    scene = tw.Scene("cone", "green", "small", "left", 1, "right")
+    assert tw.judge("It is green.", scene, "colour")
+    assert not tw.judge("It is green and red.", scene, "colour")
+    assert tw.judge("It is on the left.", scene, "position")
+    assert not tw.judge("It is moving left.", scene, "position")
+    assert not tw.judge("It is on the left or on the right.", scene, "position")
+    assert tw.judge("A small green cone on the left, moving right.", scene, "describe")
+    assert not tw.judge("A small green cone on the right, moving right.", scene, "describe")
+    assert tw.judge("A cone, moving right.", scene, "describe", ("shape", "motion"))
+
+
+def test_a_mix_takes_each_latent_from_the_input_that_carries_it() -> None:
+    a = tw.Scene("cube", "red", "large", "left", 1, "left")
+    b = tw.Scene("torus", "blue", "small", "centre", 3, "up")
+    scene, carried = tw.mixed_scene([(a, "point"), (b, "imu")])
+    assert carried == ("shape", "motion") and (scene.shape, scene.motion) == ("cube", "up")
+    assert tw.answer_for(scene, "describe", carried) == "A cube moving up."
+    assert "cannot tell" in tw.answer_for(scene, "colour", carried)
+    scene, carried = tw.mixed_scene([(b, "depth"), (a, "imu")])
+    assert (scene.count, scene.position, scene.motion) == (3, "centre", "left")
+
+
+def _scenes(n: int) -> list[tw.Scene]:
+    rng = np.random.default_rng(1)
+    return [tw.sample_scene(rng, "train") for _ in range(n)]
+
+
+def _latent_of(question: str) -> str:
+    (latent,) = [n for n in tw.ASKED if question in tw.QUESTIONS[n]]
+    return latent
+
+
+@pytest.mark.skipif(not TOY_TOKENIZER.is_file(), reason="the shipped toy tokenizer is absent")
+@pytest.mark.parametrize("view", ["image", "imu", "point", "depth"])
+def test_stage2_dialogues_are_prompted_as_the_chat_prompts(view: str) -> None:
+    """Every example is the chat's own prompt (build_chat_prompt) of earlier turns about other latents, answered
+    in the model's style, and a training-part question about the same inputs, answered as the view allows."""
+    tok = Tokenizer(TOY_TOKENIZER)
+    scenes = _scenes(6)
+    maker = TextMaker(tok, [{"scene": s, "caption_variants": [tw.caption_for(s)]} for s in scenes], seed=0)
+    lengths = set()
+    refused = 0
+    for k in range(60):
+        i = k % len(scenes)
+        ex = maker.qa(i, i, view=view, mix=maker.mix_for(view, len(scenes)))
+        scene, carried = maker.scene_as(i, view, ex.mix)
+        text = tok.decode(ex.prompt)
+        question = text.split("### Instruction:")[1].split("###")[0].strip()
+        turns = re.findall(r"User: (.*?)\nAssistant: (.*?)(?:\n|$)", text.split("### Input:")[1]) if \
+            "### Input:" in text else []
+        assert ex.prompt == build_chat_prompt(question, turns, tok, 10_000).ids
+        asked = [_latent_of(q) for q, _ in turns] + [_latent_of(question)]
+        assert len(set(asked)) == len(asked), asked
+        for (q, a), latent in zip([*turns, (question, tok.decode(ex.answer[:-1]))], asked, strict=True):
+            assert a == tw.answer_for(scene, latent, carried, q)
+        lengths.add(len(turns))
+        refused += "cannot tell" in tok.decode(ex.answer)
+    assert lengths == {0, 1, 2, 3}
+    assert (refused > 0) is (view != "image")
