@@ -6,7 +6,8 @@ Every example is a fixed Scene rendered by ibllm.train.toyworld, so rerunning re
 seeds are above 2**31, outside the range ``sample_scene`` draws from, so no example file is ever a training
 file (the latent combination may still be a training one: gallery.json says which split it belongs to).
 gallery.json lists, per example: the files and their modality, the question, the reference answer and the
-words a correct answer must contain (case-insensitive substrings).
+words a correct answer must contain (case-insensitive substrings); a two-turn example also has a ``followup``
+(question, answer, expect) asked after the first answer.
 """
 
 from __future__ import annotations
@@ -59,6 +60,23 @@ EXAMPLES: list[tuple[str, tuple, tuple[str, ...], str, str]] = [
 ]
 
 
+# Two-turn examples: after the example's question, a follow-up about another latent of the same inputs (one the
+# inputs may not carry: then the right answer says it cannot tell). (latent, question) by example name.
+FOLLOWUPS: dict[str, tuple[str, str]] = {
+    "red_cube": ("shape", "And its shape?"),
+    "cone_moving_left": ("colour", "What colour is it?"),
+    "bell_torus": ("colour", "And its colour?"),
+    "pyramid": ("motion", "Is it moving?"),
+}
+
+
+def _followup(scene: Scene, modalities: tuple[str, ...], latent: str, question: str) -> dict:
+    carried = tuple(n for n in tw.LATENTS if any(n in tw.CARRIES[m] for m in modalities))
+    answer = tw.answer_for(scene, latent, carried, question)
+    expect = tw.expected_words(scene, latent, carried) if latent in carried else ["cannot tell"]
+    return {"question": question, "answer": answer, "expect": expect, "latent": latent}
+
+
 def make_gallery(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -79,6 +97,7 @@ def make_gallery(out: Path) -> dict:
             "latent": latent,
             "scene": scene.to_dict(),
             "split": scene.split,
+            **({"followup": _followup(scene, modalities, *FOLLOWUPS[name])} if name in FOLLOWUPS else {}),
         })
     # Drop files of examples that no longer exist, so the folder is exactly the gallery.
     for path in out.iterdir():

@@ -43,12 +43,14 @@ def gallery() -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in json.loads(GALLERY.read_text())["examples"]}
 
 
-def _ask(engine: Any, entry: dict[str, Any], cache: bool = True) -> str:
+def _ask(engine: Any, entry: dict[str, Any], cache: bool = True, question: str | None = None,
+         history: tuple[Any, ...] = ()) -> str:
     from ibllm.config import GenerationConfig, VisualCacheConfig
     from ibllm.types import Attachment
 
     files = [Attachment(str(GALLERY.parent / f["path"]), f["modality"], f["weight"]) for f in entry["files"]]
-    return engine.answer(entry["question"], attachments=files, visual_cache=VisualCacheConfig(enabled=cache),
+    return engine.answer(question or entry["question"], history=history, attachments=files,
+                         visual_cache=VisualCacheConfig(enabled=cache),
                          generation=GenerationConfig(temperature=0.0, max_new_tokens=32))
 
 
@@ -66,6 +68,29 @@ def test_gallery_answer_names_the_right_thing(engine: Any, gallery: dict[str, di
     answer = _ask(engine, entry)
     low = answer.lower()
     assert all(word.lower() in low for word in entry["expect"]), f"{name}: {entry['question']!r} -> {answer!r}"
+
+
+TWO_TURN = ("red_cube", "cone_moving_left", "bell_torus", "pyramid")
+
+
+@pytest.mark.parametrize("name", TWO_TURN)
+def test_two_turn_example_follow_up_is_answered_in_context(engine: Any, gallery: dict[str, dict[str, Any]],
+                                                           name: str) -> None:
+    """The example's question, the model's own answer as history, then the follow-up (another latent, or one
+    the inputs do not carry: then the right answer says it cannot tell)."""
+    from ibllm.types import Turn
+
+    entry = gallery[name]
+    first = _ask(engine, entry)
+    followup = entry["followup"]
+    answer = _ask(engine, entry, question=followup["question"], history=(Turn(entry["question"], first),))
+    low = answer.lower()
+    assert all(w.lower() in low for w in followup["expect"]), f"{name}: {first!r}, {followup['question']!r} -> " \
+                                                              f"{answer!r}"
+
+
+def test_two_turn_examples_are_the_gallery_ones(gallery: dict[str, dict[str, Any]]) -> None:
+    assert {name for name, e in gallery.items() if "followup" in e} == set(TWO_TURN)
 
 
 def test_text_only_question_gets_an_answer(engine: Any) -> None:

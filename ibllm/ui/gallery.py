@@ -35,11 +35,13 @@ class Example:
     modalities: list[str]
     expected: list[str] = field(default_factory=list)
     title: str = ""
+    followup: str = ""  # a two-turn example: the question to ask after the first answer
 
     @property
     def label(self) -> str:
         kinds = " + ".join(dict.fromkeys(m or "file" for m in self.modalities))
-        return f"{kinds}: {self.title or self.question}"
+        label = f"{kinds}: {self.title or self.question}"
+        return f"{label} (then ask: {self.followup})" if self.followup else label
 
     def message(self) -> dict[str, Any]:
         """The multimodal textbox value the example fills in."""
@@ -59,6 +61,11 @@ def _file_entries(entry: Mapping[str, Any]) -> list[tuple[str, str]]:
         elif isinstance(f, Mapping):
             out.append((str(f.get("path") or f.get("file") or ""), str(f.get("modality", ""))))
     return out
+
+
+def _followup_question(entry: Mapping[str, Any]) -> str:
+    followup = entry.get("followup")
+    return str(followup.get("question") or "") if isinstance(followup, Mapping) else ""
 
 
 def load_gallery(path: str | Path = DEFAULT_GALLERY) -> list[Example]:
@@ -86,5 +93,5 @@ def load_gallery(path: str | Path = DEFAULT_GALLERY) -> list[Example]:
         expected = entry.get("expect") or entry.get("expected") or entry.get("expected_words") or []
         examples.append(Example(question=question, files=files, modalities=[m for _, m in pairs],
                                 expected=[str(w) for w in (expected if isinstance(expected, list) else [expected])],
-                                title=str(entry.get("title") or "")))
+                                title=str(entry.get("title") or ""), followup=_followup_question(entry)))
     return examples

@@ -18,9 +18,12 @@ def test_gallery_loading(tmp_path):
         {"files": [{"path": "a.png", "modality": "image"}, {"path": "b.wav", "modality": "audio"}],
          "question": "What shape is it?", "expect": ["cube"]},
         {"files": [{"path": "missing.png", "modality": "image"}], "question": "skipped"},
+        {"files": [{"path": "a.png", "modality": "image"}], "question": "What shape is it?",
+         "followup": {"question": "And its colour?", "expect": ["red"]}},
     ]}))
-    (ex,) = load_gallery(tmp_path / "gallery.json")
+    ex, two_turn = load_gallery(tmp_path / "gallery.json")
     assert ex.label == "image + audio: What shape is it?" and ex.expected == ["cube"]
+    assert two_turn.label == "image: What shape is it? (then ask: And its colour?)"
     assert ex.message() == {"text": "What shape is it?", "files": [str(tmp_path / "a.png"), str(tmp_path / "b.wav")]}
     assert load_gallery(tmp_path / "absent.json") == []
 
