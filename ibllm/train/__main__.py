@@ -74,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     engine = load_default(args.model)
     if not engine.info.trained:
         print(f"warning: {args.model} has no trained weights; evaluating random weights", file=sys.stderr)
-    results = evaluate(engine, args.data, n=args.n)
+    results = evaluate(engine, args.data, n=args.n, split=args.split, part=args.part)
     table = markdown(results)
     print(table)
     if args.json:
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", default="assets/toy", help="a model folder as load_default reads it")
     ev.add_argument("--data", default="runs/toy/data", help="toy-world folder with heldout.jsonl (made if absent)")
     ev.add_argument("--n", type=int, help="held-out scenes to use (default: all, 120 when generating)")
+    ev.add_argument("--split", default="heldout", help="scenes: heldout (default) or another manifest in --data")
+    ev.add_argument("--part", default="test", choices=("train", "validation", "test"),
+                    help="grammar part of the held-out-phrasing questions (validation: for choosing settings)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--workers", type=int, default=1)
     ev.add_argument("--threads", type=int)

@@ -284,6 +284,46 @@ def train_bound_to_image(ib: ImageBind, modality: str, x: torch.Tensor, image_em
     return {**log.summary(), "trainable": count(named), "temperature": temperature}
 
 
+def train_toward_centroids(ib: ImageBind, modality: str, x: torch.Tensor, targets: torch.Tensor, *, steps: int,
+                           batch: int, lr: float, weight_decay: float, gen: torch.Generator, dist: Dist = SINGLE,
+                           show: bool = True) -> dict[str, float]:
+    """Pull one tower's embeddings onto fixed unit targets (cosine loss): for a modality that carries only some
+    latents, the centre of the training images that agree with its scene on those (``centroid_targets``).
+
+    InfoNCE against the paired image leaves an IMU trace's embedding wherever its batches happened to push what the
+    trace cannot know (the colour); the language side was taught that the centre of the images an input cannot
+    tell apart means "that latent is not in this input" (stage 2's centroid views). This puts the towers there."""
+    branch = BRANCH[modality]
+    named = set_trainable(ib, (branch,))
+    ib.train()
+    batches = epoch_batches(len(x), batch, steps, gen)
+    device = dist.device
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = dist.shard(next(batches))
+        emb = F.normalize(ib(branch, x[idx].to(device)), dim=-1)
+        return 1 - (emb * targets[idx].to(device)).sum(-1).mean()
+
+    log = train_loop(f"centre {modality}", steps, named, loss_fn, lr=lr, weight_decay=weight_decay, dist=dist,
+                     show=show)
+    ib.eval()
+    for p in ib.parameters():
+        p.requires_grad_(False)
+    return {**log.summary(), "trainable": count(named)}
+
+
+def centroid_targets(scenes: list[tw.Scene], bank_scenes: list[tw.Scene], bank: torch.Tensor,
+                     modality: str) -> torch.Tensor:
+    """Per scene, the re-normalised mean of the ``bank`` image embeddings whose scenes agree with it on every
+    latent ``modality`` carries (every such image, no subsampling)."""
+    carried = tw.CARRIES[modality]
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, s in enumerate(bank_scenes):
+        groups.setdefault(tuple(getattr(s, n) for n in carried), []).append(i)
+    means = {k: F.normalize(bank[v].float().mean(0), dim=-1) for k, v in groups.items()}
+    return torch.stack([means[tuple(getattr(s, n) for n in carried)] for s in scenes])
+
+
 def retrieval_accuracy(query: torch.Tensor, image_emb: torch.Tensor, scenes: list[tw.Scene],
                        modality: str) -> dict[str, float]:
     """Top-1 held-out image for each query; correct when it agrees on every latent ``modality`` carries."""

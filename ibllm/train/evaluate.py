@@ -112,7 +112,7 @@ def _ask_suite(engine: Any, tally: _Tally, suite: str, scenes: list[tw.Scene], c
 
 
 def _ask_followups(engine: Any, tally: _Tally, scenes: list[tw.Scene], carried: tuple[str, ...],
-                   injection: torch.Tensor, max_new: int, rngs: list[np.random.Generator]) -> None:
+                   injection: torch.Tensor, max_new: int, rngs: list[np.random.Generator], part: str) -> None:
     """Three-turn conversations about different latents (carried ones and "describe"); turns 2 and 3 judged."""
     plans = [list(rng.permutation([*carried, "describe"]))[:3] for rng in rngs]
     histories: list[list[Turn]] = [[] for _ in scenes]
@@ -120,7 +120,7 @@ def _ask_followups(engine: Any, tally: _Tally, scenes: list[tw.Scene], carried: 
         rows = [i for i, p in enumerate(plans) if turn < len(p)]
         if not rows:
             break
-        questions = [tw.draw(str(plans[i][turn]), rngs[i], "test") for i in rows]
+        questions = [tw.draw(str(plans[i][turn]), rngs[i], part) for i in rows]
         answers = answer_all(engine, questions, [histories[i] for i in rows], injection[:, rows], max_new)
         for i, q, a in zip(rows, questions, answers, strict=True):
             latent = str(plans[i][turn])
@@ -131,7 +131,7 @@ def _ask_followups(engine: Any, tally: _Tally, scenes: list[tw.Scene], carried: 
 
 
 def _evaluate_input(engine: Any, feature: torch.Tensor, scenes: list[tw.Scene], carried: tuple[str, ...],
-                    max_new: int, keep: int) -> dict[str, Any]:
+                    max_new: int, keep: int, part: str) -> dict[str, Any]:
     injection = engine.net.injection(feature.to(engine.device))
     n = len(scenes)
 
@@ -141,26 +141,29 @@ def _evaluate_input(engine: Any, feature: torch.Tensor, scenes: list[tw.Scene], 
     tally = _Tally(keep)
     asked = [[*carried] for _ in scenes]
     _ask_suite(engine, tally, "trained", scenes, carried, injection, asked, "train", max_new, rngs(1))
-    _ask_suite(engine, tally, "heldout", scenes, carried, injection, asked, "test", max_new, rngs(2))
-    _ask_suite(engine, tally, "describe", scenes, carried, injection, [["describe"]] * n, "test", max_new, rngs(3))
+    _ask_suite(engine, tally, "heldout", scenes, carried, injection, asked, part, max_new, rngs(2))
+    _ask_suite(engine, tally, "describe", scenes, carried, injection, [["describe"]] * n, part, max_new, rngs(3))
     missing = [name for name in tw.LATENTS if name not in carried]
     if missing:
         pick = [[missing[int(r.integers(len(missing)))]] for r in rngs(4)]
-        _ask_suite(engine, tally, "cannot_tell", scenes, carried, injection, pick, "test", max_new, rngs(5))
-    _ask_followups(engine, tally, scenes, carried, injection, max_new, rngs(6))
+        _ask_suite(engine, tally, "cannot_tell", scenes, carried, injection, pick, part, max_new, rngs(5))
+    _ask_followups(engine, tally, scenes, carried, injection, max_new, rngs(6), part)
     return tally.summary(carried)
 
 
 def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: int | None = None,
              modalities: tuple[str, ...] = tw.MODALITIES, mixes: tuple[tuple[str, str], ...] = MIXES,
              cache_modes: tuple[bool, ...] = (False, True), max_new_tokens: int = 40, show: bool = True,
-             keep_answers: int = 3) -> dict[str, Any]:
-    """Every suite per input and cache mode. ``engine`` is a ``ChatEngine`` (e.g. ``load_default``)."""
+             keep_answers: int = 3, part: str = "test") -> dict[str, Any]:
+    """Every suite per input and cache mode. ``engine`` is a ``ChatEngine`` (e.g. ``load_default``).
+
+    ``part``: the grammar part of the held-out questions ("test"; "validation" with a validation ``split`` for
+    choosing settings without touching the reported figures)."""
     records = tw.read_manifest(Path(data_root) / f"{split}.jsonl")[:n]
     scenes: list[tw.Scene] = [r["scene"] for r in records]
     opts = engine.cfg.visual_cache
-    results: dict[str, Any] = {"n_scenes": len(scenes), "split": split, "cache_options": vars(opts),
-                               "inputs": {}}
+    results: dict[str, Any] = {"n_scenes": len(scenes), "split": split, "part": part,
+                               "cache_options": vars(opts), "inputs": {}}
     has_cache = engine.visual_cache is not None
     present = [m for m in modalities if records and m in records[0]["files"]]
     bar = progress(len(records) * len(present), "eval: encode", disable=not show, unit="file")
@@ -193,7 +196,7 @@ def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: i
                 f = engine.visual_cache.mix(feature, min(opts.top_k, len(engine.visual_cache)), opts.temperature,
                                             opts.weight)
             per_mode["on" if cache_on else "off"] = _evaluate_input(engine, f, input_scenes, carried,
-                                                                    max_new_tokens, keep_answers)
+                                                                    max_new_tokens, keep_answers, part)
             bar.update()
         results["inputs"][name] = per_mode
     bar.close()

@@ -61,7 +61,7 @@ class Example:
 
 # How many earlier turns a stage-2 dialogue has before the question that is trained on (weights of 0, 1, 2, 3).
 HISTORY_WEIGHTS = (0.4, 0.25, 0.2, 0.15)
-# Of the questions about a view that lacks some latents, the share asking about one it does not carry.
+# Of the questions about a view that lacks some latents, the share asking about one it does not carry (default).
 CANNOT_TELL_FRACTION = 0.2
 # Latents asked about, with "describe" drawn twice as often as any one latent (it names all of them at once).
 ASK_WEIGHTS = {**{latent: 1.0 for latent in tw.LATENTS}, "describe": 2.0}
@@ -74,7 +74,9 @@ class TextMaker:
     dialogue in the chat format the app serves (``llm.prompt.render_chat``): up to three earlier turns about
     other latents of the same inputs, answered in the model's own style, then the question trained on."""
 
-    def __init__(self, tokenizer: Tokenizer, records: list[dict[str, Any]], seed: int = 0):
+    def __init__(self, tokenizer: Tokenizer, records: list[dict[str, Any]], seed: int = 0,
+                 cannot_tell_fraction: float = CANNOT_TELL_FRACTION):
+        self.cannot_tell_fraction = cannot_tell_fraction
         self.tok = tokenizer
         self.scenes: list[tw.Scene] = [r["scene"] for r in records]
         self.captions: list[list[str]] = [r["caption_variants"] for r in records]
@@ -102,7 +104,7 @@ class TextMaker:
     def _latent(self, carried: tuple[str, ...], avoid: set[str]) -> str:
         """A latent to ask about: mostly one the input carries (or "describe"), sometimes one it cannot."""
         missing = [n for n in tw.LATENTS if n not in carried and n not in avoid]
-        if missing and self._chance(CANNOT_TELL_FRACTION):
+        if missing and self._chance(self.cannot_tell_fraction):
             return missing[self._pick(len(missing))]
         options = [n for n in (*carried, "describe") if n not in avoid] or [*carried, "describe"]
         weights = torch.tensor([ASK_WEIGHTS[n] for n in options])
@@ -317,7 +319,8 @@ def stage1(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
 
 def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
            steps: int, batch: int, lr: float, weight_decay: float, seed: int, text_only_fraction: float = 0.2,
-           centroid_fraction: float = 0.0, dist: Dist = SINGLE, show: bool = True) -> dict[str, float]:
+           centroid_fraction: float = 0.0, cannot_tell_fraction: float = CANNOT_TELL_FRACTION, dist: Dist = SINGLE,
+           show: bool = True) -> dict[str, float]:
     """Instruction tuning: LoRA (peft) + biases + norms of LLaMA; bind network, prefix queries and gates frozen."""
     net.llama.clear_cache()
     for p in net.parameters():
@@ -325,7 +328,7 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
     peft_model = to_peft(net.llama)
     mark_stage2_trainable(peft_model)
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    maker = TextMaker(tok, records, seed + 2)
+    maker = TextMaker(tok, records, seed + 2, cannot_tell_fraction)
     gen = torch.Generator().manual_seed(seed + 12)
     centroids = Centroids(maker.scenes, image_emb, gen)
     blank = net.blank_feature()

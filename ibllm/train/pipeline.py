@@ -12,6 +12,8 @@ embed                 image embeddings of the training scenes (+ held-out retrie
 lm                    tiny LLaMA pre-trained as a language model of the toy world's text
 stage1                image-caption: bind network, prefix queries, gates
 stage2                instructions (images + text-only with an all-zero image): LoRA (peft), biases, norms
+centre_towers         each tower of a modality that carries some latents only -> the centre of the images
+                      that agree on those (align.train_toward_centroids); no language stage reads these towers
 export                fp16 weights in the official layout, config, visual cache            -> OUT/model/
 eval                  per-modality accuracy on held-out scenes, cache off / on            -> OUT/eval.{json,md}
 ====================  ==========================================================================================
@@ -50,7 +52,9 @@ from ibllm.train.tokenizer import train_tokenizer
 ENCODER_STAGES = ("align_image_text", "align_image_classes", "align_audio", "align_depth", "align_thermal",
                   "align_imu", "align_point")
 LANGUAGE_STAGES = ("lm", "stage1", "stage2")
-TRAINING_STAGES = (*ENCODER_STAGES, *LANGUAGE_STAGES)
+# Last, since it needs the image embeddings and no language stage reads the towers it changes.
+CENTRE_STAGE = "centre_towers"
+TRAINING_STAGES = (*ENCODER_STAGES, *LANGUAGE_STAGES, CENTRE_STAGE)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,11 @@ class RunConfig:
     s2_lr: float = 1e-3
     text_only_fraction: float = 0.2
     cache_size: int = 8000  # visual-cache entries shipped (training images)
-    centroid_fraction: float = 0.25  # stage-2 visual examples that are centroid views (language.Centroids)
+    centroid_fraction: float = 0.4  # stage-2 visual examples that are centroid views (language.Centroids)
+    cannot_tell_fraction: float = 0.35  # questions about a centroid view that ask what it does not carry
+    centre_steps: dict[str, int] = field(default_factory=lambda: {
+        "audio": 150, "depth": 100, "thermal": 100, "imu": 300, "point": 60})
+    centre_lr: float = 5e-4
     eval_n: int | None = None  # held-out scenes to evaluate (None: all)
     eval_max_new_tokens: int = 40
 
@@ -100,6 +108,7 @@ PRESETS: dict[str, RunConfig] = {
         n_train=8, n_heldout=3, n_extra=4, workers=1, it_steps=4, it_class_steps=2, it_batch=8,
         bound_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2}, bound_batch=8,
         lm_steps=10, lm_batch=8, lm_lr=3e-3, s1_steps=3, s1_batch=8, s2_steps=3, s2_batch=8,
+        centre_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2},
         eval_n=2, eval_max_new_tokens=4,
     ),
 }
@@ -295,8 +304,26 @@ class Pipeline:
             t0 = clock()
             metrics = language.stage2(self.net, tok, recs, image_emb, steps=r.s2_steps, batch=r.s2_batch,
                                       lr=r.s2_lr, seed=r.seed, text_only_fraction=r.text_only_fraction,
-                                      centroid_fraction=r.centroid_fraction, **common_kw)
+                                      centroid_fraction=r.centroid_fraction,
+                                      cannot_tell_fraction=r.cannot_tell_fraction, **common_kw)
             self._stage_done("stage2", metrics, t0)
+
+    def stage_centre(self, image_emb: torch.Tensor) -> None:
+        if CENTRE_STAGE in self.done:
+            return
+        t0 = clock()
+        ib = self.net.image_bind
+        bank_scenes = [r["scene"] for r in self.image_records()]  # rows match image_emb
+        train = [r["scene"] for r in records(self.data, "train")]
+        metrics: dict[str, Any] = {}
+        for m, steps in self.run.centre_steps.items():
+            targets = align.centroid_targets(train, bank_scenes, image_emb, m)
+            metrics[m] = align.train_toward_centroids(
+                ib, m, load_tensor(self.data, "train", m), targets, steps=steps, batch=self.run.bound_batch,
+                lr=self.run.centre_lr, weight_decay=self.run.weight_decay, gen=self._gen(CENTRE_STAGE),
+                dist=self.dist, show=self.show)
+        metrics["retrieval"] = self._retrieval(tuple(self.run.centre_steps))
+        self._stage_done(CENTRE_STAGE, metrics, t0)
 
     def stage_export(self, image_emb: torch.Tensor) -> Path:
         """OUT/model: config.json, model.safetensors (fp16, official layout), tokenizer.model, cache/."""
@@ -342,6 +369,7 @@ class Pipeline:
         self.stage_align()
         image_emb = self.stage_embed()
         self.stage_language(image_emb, tokenizer_path)
+        self.stage_centre(image_emb)
         self.stage_export(image_emb)
         if evaluate and self.dist.main:
             self.stage_eval()
