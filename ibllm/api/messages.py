@@ -86,7 +86,7 @@ class _Writer:
 
     def __init__(self, folder: Path, max_file_bytes: int):
         self.folder, self.max_file_bytes = folder, max_file_bytes
-        self.count = 0
+        self._unnamed: dict[tuple[str, str, str], str] = {}  # (prefix, content hash, extension) -> path of a file sent unnamed
 
     def write(self, name: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()[:16]
@@ -95,6 +95,14 @@ class _Writer:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         return str(path)
+
+    def write_unnamed(self, prefix: str, ext: str, data: bytes) -> str:
+        """A file sent without a name (images, sounds): named ``<prefix><n><ext>``, n counting distinct files."""
+        key = (prefix, hashlib.sha256(data).hexdigest(), ext)
+        if key not in self._unnamed:
+            n = 1 + sum(k[0] == prefix for k in self._unnamed)
+            self._unnamed[key] = self.write(f"{prefix}{n}{ext}", data)
+        return self._unnamed[key]
 
     def part(self, part: Any, where: str) -> str | dict[str, str]:
         """One content part as the chat holds it: its text, or ``{"path": ...}`` of the file written."""
@@ -111,7 +119,6 @@ class _Writer:
         if kind not in PART_TYPES:
             raise bad_request(f"{where}: unsupported content part type {kind!r}; accepted: {', '.join(PART_TYPES)}",
                               where)
-        self.count += 1
         if kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, Mapping) else image
@@ -120,7 +127,7 @@ class _Writer:
             if ext is None:
                 raise bad_request(f"{where}.image_url.url: a data URL of an image is needed (data:image/png;base64,"
                                   f"...; types: {', '.join(IMAGE_TYPES)}), got {mime or 'no type'!r}", where)
-            return {"path": self.write(f"image{self.count}{ext}", data)}
+            return {"path": self.write_unnamed("image", ext, data)}
         if kind == "input_audio":
             audio = part.get("input_audio")
             if not isinstance(audio, Mapping):
@@ -130,7 +137,7 @@ class _Writer:
                 accepted = ", ".join(e.lstrip(".") for e in KINDS["audio"].extensions)
                 raise bad_request(f"{where}.input_audio.format must be one of {accepted}; got {fmt or 'none'!r}", where)
             _, data = decode_base64(audio.get("data"), f"{where}.input_audio.data", self.max_file_bytes)
-            return {"path": self.write(f"audio{self.count}.{fmt}", data)}
+            return {"path": self.write_unnamed("audio", f".{fmt}", data)}
         file = part.get("file")
         if not isinstance(file, Mapping):
             raise bad_request(f"{where}.file must be an object with 'file_data' and 'filename'", where)
@@ -144,8 +151,9 @@ class _Writer:
             if ext not in ALL_EXTENSIONS:
                 raise bad_request(f"{where}.file needs a filename whose extension says what it is (e.g. scan.ply, "
                                   "clip.mp4, walk.npy)", where)
-            stem = os.path.splitext(name)[0] if file.get("filename") else f"file{self.count}"
-            name = stem + ext
+            if not file.get("filename"):
+                return {"path": self.write_unnamed("file", ext, data)}
+            name += ext
         return {"path": self.write(name, data)}
 
 
