@@ -2,8 +2,9 @@
 
 With no arguments it serves the small default model shipped in ``assets/``; the weights flags (the same as
 ``python -m ibllm generate``) select the real ImageBind-LLM files. The same server answers the OpenAI-compatible API
-(``/v1/chat/completions``, ``/v1/models``) from the same engine; ``IBLLM_API_KEY`` makes it ask for a key. ``--host``/``--port`` or the usual
-``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` choose where it listens (Hugging Face Spaces sets those).
+(``/v1/chat/completions``, ``/v1/models``) from the same engine; ``IBLLM_API_KEY`` makes it ask for a key.
+``--host``/``--port`` or the usual ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` choose where it listens (Hugging
+Face Spaces sets those).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def with_settings(base: Any, values: Mapping[str, Any] | None, what: str) -> Any
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or (not isinstance(value, bool) and value < 0) or (name == "top_p" and value > 1):
+        if not ok or (not isinstance(value, bool) and value < 0) or (name == "top_p" and not 0 < value <= 1):
             wanted = {"bool": "true or false", "int": "a whole number >= 0"}.get(kind.split(" ")[0], "a number >= 0")
             raise ValueError(f"{what} setting {name!r} must be {'in (0, 1]' if name == 'top_p' else wanted}, "
                              f"got {value!r}")

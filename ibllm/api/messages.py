@@ -86,7 +86,8 @@ class _Writer:
 
     def __init__(self, folder: Path, max_file_bytes: int):
         self.folder, self.max_file_bytes = folder, max_file_bytes
-        self._unnamed: dict[tuple[str, str, str], str] = {}  # (prefix, content hash, extension) -> path of a file sent unnamed
+        # (prefix, content hash, extension) -> path, for files sent without a name
+        self._unnamed: dict[tuple[str, str, str], str] = {}
 
     def write(self, name: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()[:16]
