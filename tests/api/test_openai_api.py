@@ -317,3 +317,36 @@ def test_the_browser_chat_and_the_api_share_one_server_and_engine(client, api, u
     results["api"] = ask(client, api.model, user(file_part(POINT), "What shape is it?")).choices[0].message.content
     thread.join(timeout=60)
     assert results["ui"] == results["api"] and "pyramid" in results["api"]
+
+
+def test_python_app_py_serves_the_chat_and_the_api_with_the_key_from_the_environment(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.app_helpers import free_port
+    from tests.conftest import REPO
+
+    port = free_port()
+    env = {**os.environ, "IBLLM_API_KEY": "from-env", "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "app.log").open("w")
+    app = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return app.poll() is not None  # stop waiting if it died
+        assert wait_until(up, timeout=120) and app.poll() is None, (tmp_path / "app.log").read_text()
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+        keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="from-env", max_retries=0)
+        answer = ask(keyed, "toy", user(file_part(POINT), "What shape is it?")).choices[0].message.content
+        assert "pyramid" in answer
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+        log.close()
