@@ -10,7 +10,7 @@ Each line of the requests file is one question (JSON)::
 
 Only ``id`` and a question or an input are needed: an input may be a bare path, its modality is detected when not
 given, its weight is 1 by default; relative paths are read from the requests file's folder. Generation and visual
-cache settings default to the model's own.
+cache settings default to the model's own. Other fields are errors (a misspelt "qestion" must not pass unseen).
 
 The answers file gets one line per request as it is answered (in the order answers finish):
 ``{"id", "answer", "prompt_tokens", "completion_tokens", "notes"}``, or ``{"id", "line", "error"}`` for a line that
@@ -215,8 +215,11 @@ def run_batch(engine: ChatEngine, requests: str | Path, out: str | Path, *, retr
                 else:
                     seen.add(key)
                     if len(pending) >= 2 * workers:  # read ahead only a little: the requests file may be long
-                        _, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            future.result()  # an answers file that cannot be written stops the run
                     pending.add(pool.submit(attempt, number, value))
-            wait(pending)
+            for future in wait(pending).done:
+                future.result()
     bar.close()
     return report

@@ -207,7 +207,7 @@ class OpenAIApi:
         model = body.get("model")
         if model is not None:
             self._check_model(model)
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise bad_request("n must be 1: one answer per request", "n")
         values: dict[str, Any] = {}
         for name, setting in (("max_completion_tokens", "max_new_tokens"), ("max_tokens", "max_new_tokens"),
@@ -220,9 +220,9 @@ class OpenAIApi:
             raise bad_request("max_tokens must be at least 1", "max_tokens")
         try:
             generation = with_settings(self.engine.cfg.generation, values, "generation")
-        except ValueError as e:
-            raise bad_request(str(e).replace("generation setting 'max_new_tokens'", "max_tokens")
-                              .replace("generation setting ", "")) from e
+        except ValueError as e:  # said with OpenAI's names
+            message = str(e).replace("generation setting ", "").replace("'max_new_tokens'", "max_tokens")
+            raise bad_request(message) from e
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop or []
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:

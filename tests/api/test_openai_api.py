@@ -230,6 +230,11 @@ def test_max_tokens_stop_seed_and_temperature_are_honoured(client, api):
     sampled = [ask(client, api.model, point, temperature=2.0, top_p=1.0, seed=s, max_tokens=12).choices[0]
                .message.content for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]
+    for wrong, says in (({"top_p": 5}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n must be 1"),
+                        ({"temperature": 3}, "temperature")):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(client, api.model, point, **wrong)
+        assert says in e.value.message
 
 
 def test_the_extension_field_sets_weights_modalities_and_the_visual_cache(client, api, engine):
