@@ -17,6 +17,7 @@ engine's line is full).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -153,10 +154,14 @@ class OpenAIApi:
         if options.stream:
             return StreamingResponse(reply.chunks(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # A stream learns that its client left from Starlette; a whole answer watches for it here.
+        watcher = asyncio.create_task(_cancel_when_gone(request, completion))
         try:
             return JSONResponse(await reply.whole())
         except Exception as e:  # noqa: BLE001 - the engine failed mid-answer
             return _error(ApiError(500, f"{type(e).__name__}: {e}"))
+        finally:
+            watcher.cancel()
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
@@ -255,6 +260,13 @@ class OpenAIApi:
         except BaseException:  # the folder is otherwise removed by the call's Completion, after the answer
             shutil.rmtree(folder, ignore_errors=True)
             raise
+
+
+async def _cancel_when_gone(request: Request, completion: Completion) -> None:
+    """Stop ``completion`` when the client disconnects (its body is read: the next message can only be that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    completion.cancel()
 
 
 def _error(error: ApiError) -> JSONResponse:

@@ -285,6 +285,20 @@ def test_cancelling_a_stream_frees_the_decode_slot(client, api, engine):
     assert after_cancel <= 5, f"the cancelled answer went on for {after_cancel} more steps (of ~{100 - at_close})"
 
 
+def test_a_client_that_leaves_before_a_whole_answer_frees_the_slot(url, api, engine):
+    import httpx
+
+    body = {"model": api.model, "messages": [user(file_part(POINT), "What is it?")], "temperature": 2.0,
+            "top_p": 1.0, "seed": 0, "max_tokens": 100}  # 100 tokens when left alone (the test above)
+    with slow_decode(engine, 0.05) as calls:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+        at_leaving = len(calls)
+        assert wait_until(lambda: engine.scheduler.batch.live == 0, timeout=10)
+        after = len(calls) - at_leaving
+    assert at_leaving < 50 and after <= 5, f"{after} more steps after the client left (at step {at_leaving})"
+
+
 def test_a_full_line_is_429_and_the_line_frees_up(client, settings, engine):
     settings.settings = replace(settings.settings, max_queue=0)
     with slow_decode(engine, 0.05):
