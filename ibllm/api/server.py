@@ -25,8 +25,7 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,12 @@ from starlette.routing import BaseRoute
 from ibllm.api.completion import ChatCall, Completion
 from ibllm.api.errors import ApiError, bad_request
 from ibllm.api.messages import read_messages, too_large
+from ibllm.api.replies import Reply
 from ibllm.config import GenerationConfig, with_settings
 from ibllm.engine import MIN_ANSWER_TOKENS, ChatEngine
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import DEFAULT_LIMITS
-from ibllm.types import ChatEvent, ModelInfo
+from ibllm.types import ModelInfo
 from ibllm.ui.history import normalise_history
 from ibllm.ui.inputs import Detector, RequestError, plan_attachments
 from ibllm.ui.session import ChatSession
@@ -150,7 +150,8 @@ class OpenAIApi:
             if completion is not None:
                 completion.cancel()
             return _error(ApiError(500, f"{type(e).__name__}: {e}"))
-        reply = _Reply(self, completion, options, first)
+        reply = Reply(completion, first, model=self.model, budget=self._budget(options.generation),
+                      include_usage=options.include_usage)
         if options.stream:
             return StreamingResponse(reply.chunks(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -167,6 +168,11 @@ class OpenAIApi:
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "ibllm"}
+
+    def _budget(self, generation: GenerationConfig) -> Callable[[int], int]:
+        """prompt tokens -> the most answer tokens the engine gives (its own caps: context, room for an answer)."""
+        context = self.engine.cfg.llama.max_seq_len
+        return lambda prompt: min(generation.max_new_tokens, context - MIN_ANSWER_TOKENS, context - prompt)
 
     def _check_key(self, request: Request) -> None:
         key = self.settings.api_key
@@ -271,82 +277,3 @@ async def _cancel_when_gone(request: Request, completion: Completion) -> None:
 
 def _error(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
-
-
-class _Reply:
-    """One request's answer in OpenAI's shapes: a ``chat.completion`` or a stream of ``chat.completion.chunk``."""
-
-    def __init__(self, api: OpenAIApi, completion: Completion, options: _Options, first: str | None):
-        self.api, self.completion, self.options, self.first = api, completion, options, first
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def _finish_reason(self, last: ChatEvent) -> str:
-        if self.completion.answer.stopped_by_string:
-            return "stop"
-        context = self.api.engine.cfg.llama.max_seq_len
-        budget = min(self.options.generation.max_new_tokens, context - MIN_ANSWER_TOKENS,
-                     context - last.timings.prompt_tokens)
-        return "length" if last.timings.new_tokens >= budget else "stop"
-
-    def _usage(self, last: ChatEvent) -> dict[str, int]:
-        t = last.timings
-        return {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.new_tokens,
-                "total_tokens": t.prompt_tokens + t.new_tokens}
-
-    def _extension(self, last: ChatEvent) -> dict[str, Any]:
-        t = last.timings
-        timings = {"encode": t.encode, "retrieve": t.cache, "bind": t.bind, "queued": t.queued,
-                   "prefill": t.prefill, "decode": t.decode, "decode_tokens_per_s": t.decode_tokens_per_s}
-        neighbours = [{"index": n.index, "similarity": n.similarity, "caption": n.caption} for n in last.neighbours]
-        return {"timings": timings, "neighbours": neighbours, "notes": list(last.notes)}
-
-    async def whole(self) -> dict[str, Any]:
-        delta = self.first
-        try:
-            while delta is not None:
-                delta = await self.completion.next_delta()
-        finally:
-            self.completion.cancel()  # a no-op once the answer is complete; frees the slot if this was cancelled
-        answer = self.completion.answer
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.api.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
-                             "logprobs": None, "finish_reason": self._finish_reason(answer.last)}],
-                "usage": self._usage(answer.last), "ibllm": self._extension(answer.last)}
-
-    def _chunk(self, delta: dict[str, Any] | None, finish_reason: str | None = None,
-               usage: dict[str, int] | None = None) -> str:
-        """One event; ``delta`` None: the usage chunk (no choices) that ``stream_options.include_usage`` asks for."""
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
-                                             "finish_reason": finish_reason}]
-        chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                 "model": self.api.model, "choices": choices}
-        if self.options.include_usage:
-            chunk["usage"] = usage
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    async def chunks(self) -> AsyncIterator[str]:
-        """Server-sent events: a role chunk, content chunks, a finish chunk (a usage chunk when asked), [DONE].
-        While the answer waits for a decode slot, SSE comments say where it is in line. A client that goes away
-        ends this generator (Starlette cancels it), which stops the answer and frees its slot."""
-        completion = self.completion
-        try:
-            yield self._chunk({"role": "assistant", "content": ""})
-            delta = self.first
-            while delta is not None:
-                if delta:
-                    yield self._chunk({"content": delta})
-                elif completion.queue_position:
-                    yield f": waiting for a free decode slot, {completion.queue_position - 1} ahead\n\n"
-                try:
-                    delta = await completion.next_delta()
-                except Exception as e:  # noqa: BLE001 - the engine failed mid-answer: an error event, as OpenAI's
-                    yield f"data: {json.dumps(ApiError(500, f'{type(e).__name__}: {e}').body())}\n\n"
-                    return
-            last = completion.answer.last
-            yield self._chunk({}, self._finish_reason(last))
-            if self.options.include_usage:
-                yield self._chunk(None, usage=self._usage(last))
-            yield "data: [DONE]\n\n"
-        finally:
-            completion.cancel()
