@@ -312,6 +312,28 @@ def test_a_full_line_is_429_and_the_line_frees_up(client, settings, engine):
     assert ask(client, settings.model, user(file_part(POINT), "What shape is it?")).choices[0].message.content
 
 
+def test_a_stream_waiting_for_the_slot_says_where_it_is_in_line_then_answers(client, url, api, engine):
+    import httpx
+
+    body = {"model": api.model, "stream": True, "temperature": 0,
+            "messages": [user(file_part(POINT), "What shape is it?")]}
+    with slow_decode(engine, 0.05):
+        first = _long_request(client, api.model, stream=True)
+        next(c for c in first if c.choices and c.choices[0].delta.content)  # it holds the only slot
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as waiting:
+            lines = waiting.iter_lines()
+            notices = []
+            for line in lines:
+                if line.startswith(":"):
+                    notices.append(line)
+                    first.close()  # the slot frees up; the waiting answer goes on
+                elif line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break
+            rest = [line for line in lines if line]
+    assert notices == [": waiting for a free decode slot, 0 ahead"]
+    assert rest[-1] == "data: [DONE]"
+
+
 def test_a_key_is_required_when_set(url, settings):
     settings.settings = replace(settings.settings, api_key="s3cret")
     wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0)
