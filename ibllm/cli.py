@@ -1,4 +1,4 @@
-"""``python -m ibllm COMMAND``: generate, doctor, parity, merge-chinese, build-cache.
+"""``python -m ibllm COMMAND``: generate, batch, doctor, parity, merge-chinese, build-cache.
 
 The weights options (``add_weights_arguments``) are the ones ``app.py`` takes too: none serve the embedded
 default model. Generation and visual-cache options default to ``None``, meaning "the loaded model's own
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ibllm.batch import run_batch
 from ibllm.cache import VisualCache
 from ibllm.doctor import doctor
 from ibllm.factory import create_engine
@@ -113,6 +114,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    if not Path(args.requests).is_file():
+        print(f"error: {args.requests}: no such requests file", file=sys.stderr)
+        return 2
+    model = create_engine(**weights_kwargs(args))
+    print(f"[{model.info.name}: {model.info.weights}; {model.info.device} {model.info.dtype}; "
+          f"{model.scheduler.slots} decode slots]", file=sys.stderr)
+    try:
+        report = run_batch(model, args.requests, args.out, retry_failed=args.retry_failed)
+    finally:
+        model.close()
+    print(f"[{report.answered} answered, {report.failed} failed, {report.skipped} skipped (already in {args.out})]",
+          file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(llama_dir=args.llama_dir, adapter=args.adapter, imagebind=args.imagebind,
                   knn_index=args.knn_index, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
@@ -180,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-weight", type=float, help="mix weight of the retrieved feature")
     add_weights_arguments(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("batch", help="answer a JSONL file of requests (resumable); see ibllm/batch.py for the format",
+                       description="Answer every line of REQUESTS (JSON: id, question, inputs, history, generation, "
+                                   "visual_cache) into --out, several at once through the engine's batch. Resumable: "
+                                   "ids already in --out are skipped. A failed line is recorded with its error.")
+    p.add_argument("requests", help="JSONL file, one request per line (relative paths: from its folder)")
+    p.add_argument("--out", required=True, help="JSONL answers file (appended to)")
+    p.add_argument("--retry-failed", action="store_true", help="answer again the ids recorded as failed")
+    add_weights_arguments(p)
+    p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("doctor", help="check an official weights setup (files, shapes, base LLaMA version)")
     add_weights_arguments(p)

@@ -9,6 +9,7 @@ these. The "huge"/"7B" numbers come from ../shared/REFERENCE.md (ImageBind-Huge,
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,37 @@ class GenerationConfig:
     def greedy(cls, max_new_tokens: int) -> GenerationConfig:
         """Argmax decoding of at most ``max_new_tokens`` (evaluation, parity, tests)."""
         return cls(max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+def with_settings(base: Any, values: Mapping[str, Any] | None, what: str) -> Any:
+    """``base`` (a ``GenerationConfig`` or ``VisualCacheConfig``) with the fields in ``values`` replaced: request
+    settings given as JSON (the OpenAI-compatible API, batch files). Each value is checked against its field (type,
+    not negative, ``top_p`` at most 1); ValueError names the setting and what it accepts."""
+    if not values:
+        return base
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{what} must be an object of settings, got {type(values).__name__}")
+    known = {f.name: str(f.type) for f in fields(base)}
+    changes = {}
+    for name, value in values.items():
+        kind = known.get(name)
+        if kind is None:
+            raise ValueError(f"unknown {what} setting {name!r}; known: {', '.join(known)}")
+        if value is None and "None" in kind:
+            changes[name] = None
+            continue
+        if kind.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or (not isinstance(value, bool) and value < 0) or (name == "top_p" and not 0 < value <= 1):
+            wanted = {"bool": "true or false", "int": "a whole number >= 0"}.get(kind.split(" ")[0], "a number >= 0")
+            raise ValueError(f"{what} setting {name!r} must be {'in (0, 1]' if name == 'top_p' else wanted}, "
+                             f"got {value!r}")
+        changes[name] = float(value) if kind.startswith("float") else value
+    return replace(base, **changes)
 
 
 @dataclass(frozen=True)
@@ -297,5 +329,5 @@ def from_reference_json(path: str | Path) -> ModelConfig:
 
 __all__ = [
     "TrunkConfig", "PointConfig", "ImageBindConfig", "LlamaConfig", "AdapterConfig", "VisualCacheConfig",
-    "GenerationConfig", "ModelConfig", "PRESETS", "from_name", "from_reference_json", "replace",
+    "GenerationConfig", "with_settings", "ModelConfig", "PRESETS", "from_name", "from_reference_json", "replace",
 ]

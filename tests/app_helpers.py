@@ -112,12 +112,15 @@ def load_engine() -> Any:
     return create_engine()
 
 
-def launch(engine: Any) -> tuple[Any, str]:
+def launch(engine: Any, api: Any = None) -> tuple[Any, str]:
+    """The app around ``engine`` on a free port of 127.0.0.1, as ``app.py`` serves it; with ``api`` (an
+    ``ibllm.api.OpenAIApi``) its routes too. Returns (demo, url)."""
     from ibllm.ui import build_demo, launch_options
 
     demo = build_demo(engine)
+    extra = {"app_kwargs": api.app_kwargs()} if api is not None else {}
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            **launch_options())
+                            **launch_options(), **extra)
     return demo, url
 
 

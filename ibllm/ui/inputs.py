@@ -70,17 +70,31 @@ class Detector:
         return self._known[key]
 
 
-def parse_weights(text: str | None) -> dict[str, float] | list[float]:
-    """Weights given through the API: a JSON object keyed by file name, modality or position, or a JSON list.
+# Weights and modalities as API callers give them: JSON text (the /chat endpoint) or its parsed value (the
+# OpenAI-compatible API's extension field, batch files).
+Given = str | Mapping | Sequence | None
 
-    Raises ``RequestError`` (shown in the chat) when the text is not such JSON.
-    """
-    if not text or not str(text).strip():
-        return {}
+
+def _parsed(given: Given, what: str, example: str) -> object:
+    if not isinstance(given, str):
+        return given
+    if not given.strip():
+        return None
     try:
-        value = json.loads(text)
+        return json.loads(given)
     except json.JSONDecodeError as e:
-        raise RequestError(f'weights must be JSON such as {{"photo.png": 1.0, "audio": 0.5}} or [1.0, 0.5]: {e}') from e
+        raise RequestError(f"{what} must be JSON such as {example}: {e}") from e
+
+
+def parse_weights(given: Given) -> dict[str, float] | list[float]:
+    """Weights given through the API: an object keyed by file name, modality or position, or a list (as JSON text
+    or already parsed).
+
+    Raises ``RequestError`` (shown in the chat) when it is neither.
+    """
+    value = _parsed(given, "weights", '{"photo.png": 1.0, "audio": 0.5} or [1.0, 0.5]')
+    if not value:
+        return {}
     if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
         return [float(v) for v in value]
     if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
@@ -88,14 +102,12 @@ def parse_weights(text: str | None) -> dict[str, float] | list[float]:
     raise RequestError('weights must map file names, modalities or positions to numbers, e.g. {"audio": 0.5}')
 
 
-def parse_modalities(text: str | None) -> dict[str, str] | list[str]:
-    """Modalities given through the API: a JSON object keyed by file name or position, or a JSON list."""
-    if not text or not str(text).strip():
+def parse_modalities(given: Given) -> dict[str, str] | list[str]:
+    """Modalities given through the API: an object keyed by file name or position, or a list (JSON text or
+    parsed)."""
+    value = _parsed(given, "modalities", '{"scan.png": "depth"} or ["image", "depth"]')
+    if not value:
         return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RequestError(f'modalities must be JSON such as {{"scan.png": "depth"}} or ["image", "depth"]: {e}') from e
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
@@ -130,8 +142,8 @@ def resolve_weight(index: int, item: SessionInput, modality: str,
     return item.weight
 
 
-def plan_attachments(inputs: Sequence[SessionInput], weights_text: str | None = None,
-                     modalities_text: str | None = None) -> list[Attachment]:
+def plan_attachments(inputs: Sequence[SessionInput], weights_text: Given = None,
+                     modalities_text: Given = None) -> list[Attachment]:
     """The engine's attachments for ``inputs``, in order, read and weighed as the session and the API say; weight 0
     drops an input, as the mixing sliders promise.
 
