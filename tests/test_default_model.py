@@ -71,9 +71,14 @@ def test_gallery_answer_names_the_right_thing(engine: Any, gallery: dict[str, di
 
 
 TWO_TURN = ("red_cube", "cone_moving_left", "bell_torus", "pyramid")
+# Known wrong: after "It is red." the shipped model calls the red cube a cylinder (README's evaluation: image shape
+# in follow-ups is not at its target). Strict: the test fails once the answer is right, so this list stays honest.
+WRONG_FOLLOW_UPS = {"red_cube"}
 
 
-@pytest.mark.parametrize("name", TWO_TURN)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    strict=True, reason="known wrong follow-up answer of the shipped model")) if n in WRONG_FOLLOW_UPS else n
+    for n in TWO_TURN])
 def test_two_turn_example_follow_up_is_answered_in_context(engine: Any, gallery: dict[str, dict[str, Any]],
                                                            name: str) -> None:
     """The example's question, the model's own answer as history, then the follow-up (another latent, or one
