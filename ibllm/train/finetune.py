@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ibllm.config import IMAGEBIND_HUGE, ImageBindConfig
 from ibllm.engine import ChatEngine
 from ibllm.factory import DEFAULT_ASSETS, load_default, load_official
 from ibllm.kinds import MEDIA_KINDS
@@ -170,21 +171,32 @@ def parse_pair(record: Any, line: int, root: Path, where: str) -> Pair:
     return Pair(line, tuple(attachments), record["question"].strip(), record["answer"].strip())
 
 
+def _raise_collected(errors: Sequence[str], what: str, limit: int = 20) -> None:
+    if errors:
+        more = f"\n(+{len(errors) - limit} more)" if len(errors) > limit else ""
+        head = f"{len(errors)} lines of {what} cannot be used:\n" if len(errors) > 1 else ""
+        raise DataError(head + "\n".join(errors[:limit]) + more)
+
+
 def read_pairs(path: str | Path) -> list[Pair]:
-    """Every line of a pairs file (blank lines skipped); the first bad line raises DataError naming it."""
+    """Every line of a pairs file (blank lines skipped); DataError naming every bad line (file, line number)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"pairs file not found: {path}")
-    pairs = []
+    pairs, errors = [], []
     for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():
             continue
         where = f"{path}, line {number}"
         try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        pairs.append(parse_pair(record, number, path.parent, where))
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            pairs.append(parse_pair(record, number, path.parent, where))
+        except DataError as exc:
+            errors.append(str(exc))
+    _raise_collected(errors, str(path))
     if not pairs:
         raise DataError(f"{path}: no examples")
     return pairs
@@ -198,7 +210,7 @@ def _memo_key(key: tuple[str, str]) -> str:
     return f"{key[0]}:{key[1]}"
 
 
-def encode_pairs(engine: ChatEngine, pairs: Sequence[Pair], memo: Path, *, show: bool = True
+def encode_pairs(engine: ChatEngine, pairs: Sequence[Pair], memo: Path, *, source: str = "pairs", show: bool = True
                  ) -> tuple[torch.Tensor, list[bool], int, int]:
     """(N, E) fused features (rows of text-only pairs are zeros), which rows have one, files encoded, files reused.
 
@@ -210,40 +222,43 @@ def encode_pairs(engine: ChatEngine, pairs: Sequence[Pair], memo: Path, *, show:
         digest, _, modality = name.rpartition(":")
         engine.embeddings.put((digest, modality), value)
     before = len(engine.embeddings)
-    rows, has = [], []
+    rows, has, errors = [], [], []
     bar = progress(len(pairs), "encoding inputs", disable=not show, unit="pair")
     for pair in pairs:
         try:
             feature = engine.fused_feature(pair.attachments)
         except MediaError as exc:
-            bar.close()
-            raise DataError(f"line {pair.line}: {exc}") from None
+            errors.append(f"{source}, line {pair.line}: {exc}")
+            feature = None
         has.append(feature is not None)
         rows.append(feature[0].float() if feature is not None else None)
         bar.update()
     bar.close()
     encoded = len(engine.embeddings) - before
-    dim = engine.cfg.imagebind.out_embed_dim
-    table = torch.stack([r if r is not None else torch.zeros(dim) for r in rows])
-    if encoded:
+    if encoded:  # kept even when some lines failed: after fixing them, a rerun encodes only those
         tmp = memo.with_name(memo.name + ".tmp")
         save_file({_memo_key(k): v.contiguous() for k, v in engine.embeddings.items()}, str(tmp))
         tmp.replace(memo)
+    _raise_collected(errors, source)
+    dim = engine.cfg.imagebind.out_embed_dim
+    table = torch.stack([r if r is not None else torch.zeros(dim) for r in rows])
     files = len({(a.path, a.modality) for p in pairs for a in p.attachments if a.weight > 0})
     return table, has, encoded, max(0, files - encoded)
 
 
-def make_examples(engine: ChatEngine, pairs: Sequence[Pair], has_feature: Sequence[bool]) -> list[Example]:
+def make_examples(engine: ChatEngine, pairs: Sequence[Pair], has_feature: Sequence[bool], source: str = "pairs"
+                  ) -> list[Example]:
     """Prompt and answer ids as the chat sees them; ``feature`` is the pair's row, -1 for the all-zero image."""
     tok, limit = engine.tokenizer, engine.cfg.llama.max_seq_len
-    examples = []
+    examples, errors = [], []
     for i, pair in enumerate(pairs):
         prompt = build_chat_prompt(pair.question, (), tok, 1 << 30).ids
         answer = tok.encode(pair.answer, bos=False, eos=True)
         if len(prompt) + len(answer) > limit:
-            raise DataError(f"line {pair.line}: question and answer are {len(prompt) + len(answer)} tokens; the "
-                            f"model's context is {limit}")
+            errors.append(f"{source}, line {pair.line}: question and answer are {len(prompt) + len(answer)} "
+                          f"tokens; the model's context is {limit}")
         examples.append(Example(prompt, answer, i if has_feature[i] else -1))
+    _raise_collected(errors, source)
     return examples
 
 
@@ -273,11 +288,13 @@ def batch_at(step: int, train: Sequence[int], batch: int, seed: int) -> list[int
 
 def load_base(base: str, *, llama_dir: str | None = None, imagebind: str | None = None,
               tokenizer: str | None = None, assets: str | None = None, device: str | None = None,
-              dtype: str | None = None, max_seq_len: int = 512) -> tuple[ChatEngine, bool]:
+              dtype: str | None = None, max_seq_len: int = 512,
+              imagebind_config: ImageBindConfig = IMAGEBIND_HUGE) -> tuple[ChatEngine, bool]:
     """The engine to fine-tune (LoRA not merged) and whether it is the official model.
 
     ``base``: a toy-format model folder (``assets/toy``), or an adapter file: the official ``7B.pth`` over
-    ``llama_dir``, or without ``llama_dir`` an earlier fine-tune's ``adapter.pth`` over the toy model ``assets``."""
+    ``llama_dir``, or without ``llama_dir`` an earlier fine-tune's ``adapter.pth`` over the toy model ``assets``.
+    ``imagebind_config``: the encoders' sizes under the official files (ImageBind-Huge; tests pass tiny ones)."""
     path = Path(base)
     if path.is_dir():
         return load_default(path, device=device, dtype=dtype, merge_lora=False, max_batch=1, compile=False), False
@@ -286,7 +303,7 @@ def load_base(base: str, *, llama_dir: str | None = None, imagebind: str | None 
     if llama_dir:
         return load_official(llama_dir, adapter=path, imagebind=imagebind, tokenizer=tokenizer, device=device,
                              dtype=dtype or "float32", max_seq_len=max_seq_len, merge_lora=False, use_cache=False,
-                             max_batch=1, compile=False), True
+                             max_batch=1, compile=False, imagebind_config=imagebind_config), True
     return load_default(assets or DEFAULT_ASSETS, adapter=path, device=device, dtype=dtype, merge_lora=False,
                         max_batch=1, compile=False), False
 
@@ -358,11 +375,12 @@ def finetune(data: str | Path, out: str | Path, *, base: str = str(DEFAULT_ASSET
     t0 = time.perf_counter()
     memo = out / "embeddings.safetensors"
     if dist.main:  # rank 0 encodes and stores; the others then find every file in the memo
-        features, has, report.encoded_files, report.reused_files = encode_pairs(engine, pairs, memo, show=show)
+        features, has, report.encoded_files, report.reused_files = encode_pairs(engine, pairs, memo, source=str(data),
+                                                                                 show=show)
     dist.barrier()
     if not dist.main:
-        features, has, _, _ = encode_pairs(engine, pairs, memo, show=False)
-    examples = make_examples(engine, pairs, has)
+        features, has, _, _ = encode_pairs(engine, pairs, memo, source=str(data), show=False)
+    examples = make_examples(engine, pairs, has, str(data))
     features = features.to(dist.device)
     timings["encode"] = time.perf_counter() - t0
 
