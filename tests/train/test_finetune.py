@@ -147,7 +147,8 @@ def test_teaches_a_new_word_for_one_shape(tmp_path):
     rng = np.random.default_rng(7)
     held = {}
     for i, shape in enumerate(["cube", "sphere", "cube", "cone", "cube", "torus", "cube", "cylinder"]):
-        held[tw.write_scene(_scene(shape, 50_000 + i, rng), tmp_path / "held", ["image"], stem=f"h{i}")["image"]] = shape
+        path = tw.write_scene(_scene(shape, 50_000 + i, rng), tmp_path / "held", ["image"], stem=f"h{i}")["image"]
+        held[path] = shape
     before = {path: _ask(base, path) for path in held}
     base.close()
     tuned = create_engine(adapter=str(out / "adapter.pth"), max_batch=1)
