@@ -8,6 +8,10 @@ the model sees what the camera sees (mirroring a webcam video would also need an
 
 from __future__ import annotations
 
+import functools
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -19,18 +23,34 @@ from ibllm.ui.history import message_parts
 WEBCAM = gr.WebcamOptions(mirror=False, constraints={"video": {"width": {"ideal": 640}, "height": {"ideal": 480}}})
 
 
-def add_capture(path: str | None, message: Any) -> tuple[Any, Any]:
-    """The textbox value with ``path`` added to its files, and the capture widget emptied for the next one."""
+def named_capture(path: str, kind: str) -> str:
+    """A copy of a capture beside it (in Gradio's upload cache) named for what it is and when it was taken: every
+    webcam photo arrives as ``image.png`` and every recording as ``sample.webm``, which the chat and the inputs
+    panel could not tell apart."""
+    src = Path(path)
+    stem = f"webcam-{kind}-{time.strftime('%H%M%S')}"
+    dst, n = src.with_name(stem + src.suffix), 1
+    while dst.exists():
+        n += 1
+        dst = src.with_name(f"{stem}-{n}{src.suffix}")
+    shutil.copyfile(src, dst)
+    return str(dst)
+
+
+def add_capture(path: str | None, message: Any, kind: str) -> tuple[Any, Any]:
+    """The textbox value with the capture at ``path`` added to its files, and the capture widget emptied for the
+    next one."""
     if not path:  # the widget was cleared (by us or by its own x button): nothing to add
         return gr.skip(), gr.skip()
     text, files = message_parts(message)
-    if path not in files:
-        files = [*files, path]
-    return {"text": text, "files": files}, None
+    return {"text": text, "files": [*files, named_capture(path, kind)]}, None
 
 
-def camera_fold(textbox: gr.MultimodalTextbox) -> tuple[gr.Image, gr.Video]:
-    """The camera fold (a photo and a short video from the webcam), wired to add each capture to ``textbox``."""
+def camera_fold(textbox: gr.MultimodalTextbox) -> list[Any]:
+    """The camera fold (a photo and a short video from the webcam), wired to add each capture to ``textbox``.
+
+    Returns the two capture events: a value written into the textbox by an event does not fire the textbox's
+    own ``.change``, so whatever follows the textbox must also follow these (``.then``)."""
     internal = {"show_progress": "hidden", "api_visibility": "undocumented"}
     fold = gr.Accordion("Camera: take a photo or record a short video", open=False, elem_id="ibllm-camera")
     with fold, gr.Row(equal_height=True):
@@ -40,6 +60,6 @@ def camera_fold(textbox: gr.MultimodalTextbox) -> tuple[gr.Image, gr.Video]:
         clip = gr.Video(sources=["webcam"], label="short video (a few seconds is enough)", height=260,
                         include_audio=True, webcam_options=WEBCAM,
                         elem_id="ibllm-camera-video")
-    photo.input(add_capture, [photo, textbox], [textbox, photo], **internal)
-    clip.change(add_capture, [clip, textbox], [textbox, clip], **internal)
-    return photo, clip
+    # A photo is taken by the person (.input); a recording arrives as a change once the browser has uploaded it.
+    return [photo.input(functools.partial(add_capture, kind="photo"), [photo, textbox], [textbox, photo], **internal),
+            clip.change(functools.partial(add_capture, kind="video"), [clip, textbox], [textbox, clip], **internal)]
