@@ -167,13 +167,19 @@ def test_browser_live_capture(app_url, tmp_path: Path):
             page.get_by_test_id("textbox").first.wait_for(timeout=60_000)
             page.get_by_text("Camera: take a photo").click()
 
+            def camera_live(elem_id: str) -> None:  # the preview shows frames: a capture now has a picture
+                page.wait_for_function(f"document.querySelector('#{elem_id} video')?.readyState >= 2",
+                                       timeout=30_000)
+
             photo = page.locator("#ibllm-camera-photo")
             photo.get_by_text("Click to Access Webcam").click()
+            camera_live("ibllm-camera-photo")
             photo.get_by_label("capture photo").click()
             page.get_by_text(re.compile(r"webcam-photo-\d+\.png · image")).first.wait_for(timeout=30_000)
 
             video = page.locator("#ibllm-camera-video")
             video.get_by_text("Click to Access Webcam").click()
+            camera_live("ibllm-camera-video")
             video.get_by_label("start recording").click()
             time.sleep(2.5)
             video.locator("button", has_text="Stop").click()
