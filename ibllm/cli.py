@@ -32,7 +32,8 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("weights (none: the embedded default model)")
     g.add_argument("--llama-dir", help="Meta-format LLaMA-7B folder (params.json, consolidated.00.pth)")
     g.add_argument("--tokenizer", help="tokenizer.model (default: in --llama-dir or its parent)")
-    g.add_argument("--adapter", help="ImageBind-LLM 7B.pth (default: the Hugging Face cache)")
+    g.add_argument("--adapter", help="ImageBind-LLM 7B.pth (default: the Hugging Face cache), or a fine-tune's "
+                   "adapter.pth (python -m ibllm.train finetune; without --llama-dir: over the toy model)")
     g.add_argument("--imagebind", help="imagebind_w3D.pth (default: the Hugging Face cache)")
     g.add_argument("--knn-index", help="knn.index or a cache folder from build-cache (default: the HF cache)")
     g.add_argument("--assets", help="folder of a toy-format model (default: assets/toy)")

@@ -67,6 +67,11 @@ class EmbeddingMemo:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
+    def items(self) -> list[tuple[tuple[str, str], torch.Tensor]]:
+        """A snapshot of the entries, oldest first (fine-tuning keeps them on disk between runs)."""
+        with self._lock:
+            return list(self._items.items())
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -1,7 +1,8 @@
 """``create_engine``: the embedded default, or the official ImageBind-LLM weights.
 
 - No weights arguments: the toy model in ``assets/toy/`` (trained by ``python -m ibllm.train``). If its weights
-  are absent, the same architecture with random weights (the UI says so).
+  are absent, the same architecture with random weights (the UI says so). ``adapter`` alone: that adapter file
+  (e.g. ``python -m ibllm.train finetune``'s ``adapter.pth``) over the toy model's weights.
 - ``llama_dir`` (Meta layout) + ``adapter`` (7B.pth) + ``imagebind`` (imagebind_w3D.pth) [+ ``knn_index``]:
   the real model. ``adapter``/``imagebind``/``knn_index`` may be omitted to take them from the Hugging Face
   cache (``ibllm.weights.resolve``). Everything is built on the meta device and filled from memory-mapped files,
@@ -87,10 +88,11 @@ def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merg
     return net
 
 
-def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | None = None, dtype: str | None = None,
-                 merge_lora: bool = True, seed: int = 0, max_batch: int | None = None,
-                 compile: bool | None = None) -> ChatEngine:
-    """The embedded toy model (random weights of the same architecture when it has not been trained yet)."""
+def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, adapter: str | os.PathLike | None = None,
+                 device: str | None = None, dtype: str | None = None, merge_lora: bool = True, seed: int = 0,
+                 max_batch: int | None = None, compile: bool | None = None) -> ChatEngine:
+    """The embedded toy model (random weights of the same architecture when it has not been trained yet);
+    ``adapter``: an adapter file in the official layout replacing the model's own adapter tensors."""
     assets = Path(assets)
     dev = pick_device(device)
     dt = parse_dtype(dtype) if dtype else torch.float32  # the toy model is small: float32 everywhere
@@ -111,6 +113,9 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | No
             if assets.is_relative_to(REPO) else f"toy model from {weights}"
     else:
         description = "random weights of the toy architecture (no trained weights in assets/toy yet)"
+    if adapter is not None:
+        net.load_adapter(read_state_dict(adapter), what=str(adapter))
+        description += f" with the adapter {adapter}"
     cache_dir = assets / "cache"
     cache = VisualCache.load(cache_dir) if cache_dir.exists() else None
     net = _finish(net, dev, dt, merge_lora=merge_lora)
@@ -205,17 +210,18 @@ def create_engine(*, llama_dir: str | None = None, adapter: str | None = None, i
                knn_index: str | None = None, tokenizer: str | None = None, assets: str | None = None,
                device: str | None = None, dtype: str | None = None, max_seq_len: int = 512,
                merge_lora: bool = True, max_batch: int | None = None, compile: bool | None = None) -> ChatEngine:
-    """The model the app and CLI serve: official weights when ``llama_dir`` is given, else the embedded default.
+    """The model the app and CLI serve: official weights when ``llama_dir`` is given, else the embedded default
+    (with ``adapter`` over it when given: a fine-tune of the toy model).
 
     ``max_batch``: answers decoded at the same time; ``compile``: compile the decode step (module docstring)."""
     if llama_dir:
         return load_official(llama_dir, adapter=adapter, imagebind=imagebind, knn_index=knn_index,
                              tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len,
                              merge_lora=merge_lora, max_batch=max_batch, compile=compile)
-    if adapter or imagebind or knn_index:
-        raise WeightsError("the official adapter/encoders need the base LLaMA too: pass --llama-dir (Meta's 7B "
+    if imagebind or knn_index:
+        raise WeightsError("the official encoders/cache need the base LLaMA too: pass --llama-dir (Meta's 7B "
                            "folder with params.json and consolidated.00.pth)")
-    return load_default(assets or DEFAULT_ASSETS, device=device, dtype=dtype, merge_lora=merge_lora,
+    return load_default(assets or DEFAULT_ASSETS, adapter=adapter, device=device, dtype=dtype, merge_lora=merge_lora,
                         max_batch=max_batch, compile=compile)
 
 

@@ -15,11 +15,22 @@ import torch
 from torch import nn
 
 from ibllm.bind import BindNetwork, PrefixQuery, bind_key_table
-from ibllm.checkpoint import KeyTable, load_strict
+from ibllm.checkpoint import CheckpointError, KeyTable, load_strict
 from ibllm.config import ModelConfig
 from ibllm.encoders import ImageBind
 from ibllm.llm.llama import OFFICIAL_KEYS as llama_keys
-from ibllm.llm.llama import Transformer
+from ibllm.llm.llama import Transformer, is_finetuned
+
+
+def is_adapter_key(official: str) -> bool:
+    """Whether an official name belongs in an adapter file (``7B.pth``): the bind network, the prefix queries, the
+    gates and what stage 2 fine-tunes of LLaMA (LoRA, biases, norms); not the frozen LLaMA base, not the encoders."""
+    if official.startswith("image_bind."):
+        return False
+    if not official.startswith("llama."):
+        return True
+    name = official.removeprefix("llama.")
+    return is_finetuned(name) or name.endswith(".attention.gate")
 
 
 class ImageBindLLM(nn.Module):
@@ -70,3 +81,16 @@ class ImageBindLLM(nn.Module):
         ``allow_missing`` (official name prefixes, e.g. ``("image_bind.",)`` when the encoders come from their own
         file) allowed."""
         return load_strict(self, state, what, table=self.key_table(), allow_missing=allow_missing, assign=assign)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the official names (``is_adapter_key``): what an adapter file holds."""
+        return {k: v for k, v in self.to_official().items() if is_adapter_key(k)}
+
+    def load_adapter(self, state: Mapping[str, torch.Tensor], *, what: str = "adapter") -> None:
+        """Replace the adapter's tensors with an adapter file's (e.g. a fine-tune's ``adapter.pth``) over weights
+        already loaded. Every adapter key must be there; unknown keys and shape mismatches are errors."""
+        missing = [k for k in self.adapter_state() if k not in state]
+        if missing:
+            more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+            raise CheckpointError(f"{what} is not a complete ImageBind-LLM adapter: missing {missing[:10]}{more}")
+        self.load_official(state, what=what, allow_missing=("",))  # the rest keeps the weights already loaded

@@ -7,8 +7,11 @@ that need it, imported there because it needs libusb preloaded).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -44,13 +47,36 @@ def write_sound(path: Path, seconds: float = 1.0, rate: int = 22050, channels: i
     return path
 
 
+class _Stream(io.RawIOBase):
+    """A file that cannot seek, as a browser's MediaRecorder writes: the muxer cannot go back to fill in the
+    duration or write an index."""
+
+    def __init__(self, f: Any):
+        self.f = f
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return self.f.write(b)
+
+
 def write_av(path: Path, *, video: str | None = "libx264", w: int = 96, h: int = 64, fps: int = 10,
              seconds: float = 1.0, audio: str | None = None, rate: int = 44100, fmt: str | None = None,
-             options: dict | None = None) -> Path:
-    """A video (moving bars) and/or a sine soundtrack with PyAV."""
+             options: dict | None = None, streamed: bool = False) -> Path:
+    """A video (moving bars) and/or a sine soundtrack with PyAV; ``streamed``: written as a live recording is (no
+    seeking: no duration, no index; give ``fmt``)."""
     import av
 
-    with av.open(str(path), "w", format=fmt, options=options or {}) as c:
+    with contextlib.ExitStack() as stack:
+        target = _Stream(stack.enter_context(open(path, "wb"))) if streamed else str(path)
+        _write_av(av, target, video, w, h, fps, seconds, audio, rate, fmt, options)
+    return path
+
+
+def _write_av(av: Any, target: Any, video: str | None, w: int, h: int, fps: int, seconds: float, audio: str | None,
+              rate: int, fmt: str | None, options: dict | None) -> None:
+    with av.open(target, "w", format=fmt, options=options or {}) as c:
         vs = None
         if video:
             vs = c.add_stream(video, rate=fps)
@@ -72,7 +98,6 @@ def write_av(path: Path, *, video: str | None = "libx264", w: int = 96, h: int =
         if a is not None:
             sig = tone(seconds, rate, 1)[:, 0]
             _encode_audio(c, a, np.stack([sig, sig]), rate, "stereo")
-    return path
 
 
 def sphere_points(n: int, seed: int = 0, radius: float = 3.0, centre=(5.0, -2.0, 1.0)) -> np.ndarray:

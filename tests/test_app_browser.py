@@ -1,12 +1,14 @@
 """The app in a real browser: headless Debian Chromium driven by the ``playwright`` pip package (no browser download).
 
 One walk through the page, as a person would: open it, click a gallery example and watch the answer stream, attach a
-point cloud and ask about it, then check the page logged no errors and asked nothing of any host but this one.
+point cloud and ask about it, then check the page logged no errors and asked nothing of any host but this one. Then
+live capture with Chromium's fake camera and microphone: a webcam photo, a webcam video and a voice recording.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.app_helpers import TOY, SpyEngine, example_for, launch, load_engine
+from tests.app_helpers import ERROR_MARK, TOY, SpyEngine, example_for, launch, load_engine
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -140,4 +142,73 @@ def test_browser_walkthrough(app_url, tmp_path: Path):
             assert spy.stopped.wait(30), "the answer went on after the tab was closed"
         finally:
             spy.delay = 0.05
+            browser.close()
+
+
+# Chromium's stand-ins for a camera and a microphone (a moving pattern and a beep), granted without a prompt.
+FAKE_MEDIA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+
+
+def test_browser_live_capture(app_url, tmp_path: Path):
+    """A photo and a short video from the webcam and a recording from the microphone, then a question about them:
+    each capture lands in the message like an upload and the engine gets all three."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    url, spy = app_url
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + FAKE_MEDIA, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                          permissions=["camera", "microphone"])
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.goto(url, wait_until="domcontentloaded")
+            page.get_by_test_id("textbox").first.wait_for(timeout=60_000)
+            page.get_by_text("Camera: take a photo").click()
+
+            def camera_live(elem_id: str) -> None:  # the preview shows frames: a capture now has a picture
+                page.wait_for_function(f"document.querySelector('#{elem_id} video')?.readyState >= 2",
+                                       timeout=30_000)
+
+            photo = page.locator("#ibllm-camera-photo")
+            photo.get_by_text("Click to Access Webcam").click()
+            camera_live("ibllm-camera-photo")
+            photo.get_by_label("capture photo").click()
+            page.get_by_text(re.compile(r"webcam-photo-\d+\.png · image")).first.wait_for(timeout=30_000)
+
+            video = page.locator("#ibllm-camera-video")
+            video.get_by_text("Click to Access Webcam").click()
+            camera_live("ibllm-camera-video")
+            video.get_by_label("start recording").click()
+            time.sleep(2.5)
+            video.locator("button", has_text="Stop").click()
+            page.get_by_text(re.compile(r"webcam-video-\d+\.webm · video")).first.wait_for(timeout=60_000)
+
+            page.get_by_test_id("microphone-button").click()
+            page.get_by_label("Start recording").click()
+            time.sleep(2)
+            page.get_by_label("Stop recording").first.click()
+            page.get_by_label("Attach audio").click()
+            page.get_by_text(re.compile(r"\.wav · audio")).first.wait_for(timeout=30_000)
+
+            calls = len(spy.calls)
+            box = page.get_by_test_id("textbox").first
+            box.fill("What shape is it?")
+            box.press("Enter")
+            answer = watch_answer(page, 0)[-1]
+            assert len(spy.calls) == calls + 1
+            last = spy.calls[-1]
+            assert [a.modality for a in last["attachments"]] == ["image", "video", "audio"]
+            assert [Path(a.path).suffix for a in last["attachments"]] == [".png", ".webm", ".wav"]
+            assert answer and ERROR_MARK not in answer and answer.split()[0] in last["answer"], answer
+
+            shot = tmp_path / "capture.png"
+            page.screenshot(path=str(shot), full_page=True)
+            keep = os.environ.get("IBLLM_CAPTURE_SCREENSHOT")
+            if keep:
+                shutil.copy(shot, keep)
+            real_errors = [e for e in errors if not any(b in e for b in BENIGN_CONSOLE)]
+            assert not real_errors, real_errors
+        finally:
             browser.close()

@@ -49,6 +49,12 @@ OFFICIAL_KEYS = KeyTable([("layers.{}.attention.gate", "layers.{}.attention.gate
 """Official LLaMA-adapter names <-> this module's: only the gate differs (a ``TanhGate`` holds it)."""
 
 
+def is_finetuned(name: str) -> bool:
+    """Whether stage 2 trains this LLaMA parameter (its name in this module): norms, biases and LoRA only
+    (REFERENCE.md section 6). The gates are trained in stage 1."""
+    return "lora_" in name or name.endswith(".bias") or name.endswith("norm.weight")
+
+
 class RMSNorm(nn.Module):
     """Meta's RMSNorm: normalise in float32, cast back, then scale (the cast-before-scale order matters in fp16)."""
 

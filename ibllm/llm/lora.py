@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from ibllm.llm.llama import Transformer
+from ibllm.llm.llama import Transformer, is_finetuned
 
 # Which Linear of which block carries LoRA (REFERENCE.md section 4).
 LORA_SITES: dict[str, tuple[str, ...]] = {
@@ -134,8 +134,7 @@ def from_peft(peft_model: nn.Module, adapter: str = "default") -> Transformer:
 
 def stage2_trainable(name: str) -> bool:
     """Stage 2 trains LLaMA's norms, biases and LoRA only (REFERENCE.md section 6); works for either layout."""
-    name = name.removeprefix(PEFT_PREFIX)
-    return "lora_" in name or name.endswith(".bias") or name.endswith("norm.weight")
+    return is_finetuned(name.removeprefix(PEFT_PREFIX))
 
 
 def mark_stage2_trainable(model: nn.Module) -> int:

@@ -12,7 +12,9 @@ through pytorchvideo; decoding here is decord's, whose FFmpeg gives the same RGB
 4. three S x S crops along the long side: start, centre (offset rounded up), end — left/centre/right for
    landscape, top/centre/bottom for portrait — ordered clip-major: ``[c0 crop0, c0 crop1, c0 crop2, c1 ...]``.
 
-Only the needed frames are decoded. Very short videos (one frame, 0.5 s) give clips that all start at 0.
+Only the needed frames are decoded. Files decord cannot index (a browser's MediaRecorder WebM has no duration,
+frame count or rate) are read with PyAV instead, timestamps taken from the packets. Very short videos (one
+frame, 0.5 s) give clips that all start at 0.
 Rotation metadata of phone videos is ignored, as in the reference (a portrait video stored as rotated
 landscape is encoded as stored).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import decord
 import numpy as np
 import torch
@@ -86,10 +89,57 @@ def frames_to_clip(frames: np.ndarray, size: int) -> torch.Tensor:
     return normalize_(short_side_scale(x, size), CLIP_MEAN, CLIP_STD)
 
 
+class _PacketIndexedFrames:
+    """The decord ``VideoReader`` calls made below (len, get_frame_timestamp, [i], get_batch), served by PyAV, for
+    files decord cannot index: a browser's recording (MediaRecorder's WebM, e.g. from the app's webcam) stores
+    neither a duration nor a frame count nor a frame rate, all of which decord needs. Timestamps come from the
+    packets (nothing decoded); frames are decoded in one pass that stops at the last one asked for."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            self.pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
+            base = float(stream.time_base)
+        starts = np.asarray(self.pts, dtype=np.float64) * base
+        gaps = np.diff(starts)
+        last = float(np.median(gaps)) if gaps.size else 0.0  # the last frame lasts as long as a typical one
+        self.stamps = np.stack([starts, np.append(starts[1:], starts[-1:] + last)], axis=1) if self.pts else \
+            np.zeros((0, 2))
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    def get_frame_timestamp(self, index: np.ndarray) -> np.ndarray:
+        return self.stamps[index]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.get_batch([index])[0]
+
+    def get_batch(self, wanted: list[int]) -> np.ndarray:
+        rows = {self.pts[i]: k for k, i in enumerate(wanted)}
+        frames: list[np.ndarray | None] = [None] * len(wanted)
+        with av.open(str(self.path)) as container:
+            for frame in container.decode(video=0):
+                k = rows.pop(frame.pts, None)
+                if k is not None:
+                    frames[k] = frame.to_ndarray(format="rgb24")
+                if not rows:
+                    break
+        if rows:
+            raise MediaError(f"{self.path.name}: {len(rows)} of its frames could not be decoded")
+        return np.stack(frames)
+
+
 def _open(path: str | Path, limits: Limits):
     name = Path(path).name
     try:
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        try:
+            vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        except Exception as exc:
+            if "broken metadata" not in str(exc).lower():
+                raise
+            vr = _PacketIndexedFrames(Path(path))  # a browser recording: no duration, frame count or rate
         n = len(vr)
         stamps = vr.get_frame_timestamp(np.arange(n)) if n else np.zeros((0, 2))
     except Exception as exc:

@@ -4,8 +4,10 @@
     python -m ibllm.train run --out runs/lang --towers-from assets/toy      # the language stages only
     python -m ibllm.train eval --model assets/toy [--data runs/toy/data]      # the per-modality table
     python -m ibllm.train ship --run runs/toy --to assets/toy                 # copy a finished run's model
+    python -m ibllm.train finetune --data pairs.jsonl --out runs/mine         # stage 2 on your own pairs
 
-Multi-GPU: ``torchrun --nproc_per_node N -m ibllm.train run --out runs/toy`` (see ibllm/train/common.py).
+Multi-GPU: ``torchrun --nproc_per_node N -m ibllm.train run --out runs/toy`` (see ibllm/train/common.py); the
+same for ``finetune``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from pathlib import Path
 
 import torch
 
+from ibllm.checkpoint import CheckpointError
 from ibllm.factory import load_default
-from ibllm.train.common import write_json
+from ibllm.train.common import init_dist, write_json
 from ibllm.train.evaluate import ensure_heldout, evaluate, markdown
+from ibllm.train.finetune import LR_OFFICIAL, LR_TOY, FinetuneError, finetune
 from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, reuse_towers, ship
+from ibllm.weights import WeightsError
 
 
 def _threads(n: int | None) -> int:
@@ -90,6 +95,31 @@ def cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    _threads(args.threads)
+    dist = init_dist(args.device)
+    try:
+        result = finetune(args.data, args.out, base=args.base, epochs=args.epochs, steps=args.steps,
+                          batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
+                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
+                          stop_after=args.stop_after, dist=dist, llama_dir=args.llama_dir, imagebind=args.imagebind,
+                          tokenizer=args.tokenizer, assets=args.assets, dtype=args.dtype,
+                          max_seq_len=args.max_seq_len)
+    except (FinetuneError, CheckpointError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if dist.main:
+        val = result["val_loss"]
+        shown = f"; validation loss {val[0][1]:.4f} -> {val[-1][1]:.4f}" if len(val) > 1 else ""
+        if result["finished"]:
+            print(f"adapter: {result['adapter']} ({result['steps_done']} steps{shown}); serve it with "
+                  f"python app.py --adapter {result['adapter']}" + (" --llama-dir ..." if args.llama_dir else ""))
+        else:
+            print(f"stopped after step {result['steps_done']} of {result['settings']['steps']} (checkpoint in "
+                  f"{args.out}); rerun the same command to continue")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ibllm.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +156,37 @@ def main(argv: list[str] | None = None) -> int:
     sh.add_argument("--run", required=True)
     sh.add_argument("--to", default="assets/toy")
     sh.set_defaults(func=cmd_ship)
+
+    ft = sub.add_parser("finetune", help="stage 2 (LoRA, biases, norms) on your own pairs; resumable",
+                        description="Fine-tune on a JSONL file of {files or <modality>: path, question, answer} "
+                        "lines (paths relative to the file). Writes OUT/adapter.pth in the 7B.pth layout; a rerun "
+                        "of the same command continues from OUT/checkpoint.pt.")
+    ft.add_argument("--data", required=True, type=Path, help="pairs.jsonl")
+    ft.add_argument("--from", dest="base", default="assets/toy",
+                    help="a model folder (assets/toy), the official 7B.pth (with --llama-dir) or an earlier "
+                         "fine-tune's adapter.pth (default: assets/toy)")
+    ft.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, adapter.pth, report.json)")
+    ft.add_argument("--llama-dir", help="Meta-format LLaMA folder, when --from is the official 7B.pth")
+    ft.add_argument("--imagebind", help="imagebind_w3D.pth (default: the Hugging Face cache)")
+    ft.add_argument("--tokenizer", help="tokenizer.model (default: in --llama-dir or its parent)")
+    ft.add_argument("--assets", help="the toy model under an adapter.pth --from (default: assets/toy)")
+    ft.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    ft.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="weights while training (default float32; bfloat16 autocast on a GPU)")
+    ft.add_argument("--max-seq-len", type=int, default=512, help="context of the official model")
+    ft.add_argument("--epochs", type=float, default=3.0, help="passes over the training pairs (default 3)")
+    ft.add_argument("--steps", type=int, help="optimiser steps (overrides --epochs)")
+    ft.add_argument("--batch", type=int, default=8, help="pairs per step, over all processes (default 8)")
+    ft.add_argument("--lr", type=float, help=f"peak learning rate (default {LR_TOY:g} for the toy model, "
+                    f"{LR_OFFICIAL:g} for 7B: the paper's stage 2)")
+    ft.add_argument("--weight-decay", type=float, default=0.0)
+    ft.add_argument("--val-fraction", type=float, default=0.1, help="pairs held out for the validation loss")
+    ft.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    ft.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps (default 50)")
+    ft.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this invocation")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--threads", type=int)
+    ft.set_defaults(func=cmd_finetune)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -208,20 +208,41 @@ def seed_everything(seed: int) -> torch.Generator:
     return gen
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where an interrupted run continues: the next step, the optimiser's state and the losses so far."""
+
+    step: int
+    optimizer: Mapping[str, Any] | None = None
+    losses: tuple[float, ...] = ()
+
+
 def train_loop(desc: str, steps: int, named: list[tuple[str, nn.Parameter]], loss_fn: Any, *, lr: float,
                weight_decay: float, warmup_frac: float = 0.05, min_lr_frac: float = 0.0, clip: float = 1.0,
-               dist: Dist = SINGLE, show: bool = True) -> LossLog:
+               dist: Dist = SINGLE, show: bool = True, resume: Resume | None = None, stop: int | None = None,
+               after_step: Any = None) -> LossLog:
     """AdamW (decay on matrices only) + warm-up / half-cosine over ``steps`` calls of ``loss_fn(step)``.
 
     ``loss_fn`` returns the scalar loss of this rank's share of the step's batch; gradients are averaged over
     ranks before clipping and the update.
+
+    Resuming (fine-tuning's checkpoints): ``resume`` continues a run at its step with its optimiser state and loss
+    history; ``stop`` ends this call before that step (the schedule still spans ``steps``); ``after_step(step, opt,
+    log)`` runs after every update and may return ``{name: text}`` to show beside the loss in the progress bar.
     """
     params = [p for _, p in named]
     opt = make_optimizer(named, lr, weight_decay)
+    start = resume.step if resume else 0
+    if resume and resume.optimizer:
+        opt.load_state_dict(resume.optimizer)
     warmup = max(1, int(warmup_frac * steps))
     log = LossLog(steps)
+    log.values = list(resume.losses) if resume else []
+    end = steps if stop is None else min(steps, stop)
     bar = progress(steps, desc, disable=not (show and dist.main))
-    for step in range(steps):
+    bar.update(start)
+    shown: dict[str, str] = {}
+    for step in range(start, end):
         set_lr(opt, lr_at(step, steps, lr, warmup, lr * min_lr_frac))
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
@@ -236,7 +257,10 @@ def train_loop(desc: str, steps: int, named: list[tuple[str, nn.Parameter]], los
             raise FloatingPointError(f"{desc}: loss became {value} at step {step}")
         log.add(value)
         bar.update()
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{log.recent():.4f}")
+        extra = after_step(step, opt, log) if after_step else None
+        if extra:
+            shown.update(extra)
+        if step % 10 == 0 or step == end - 1 or extra:
+            bar.set_postfix(loss=f"{log.recent():.4f}", **shown)
     bar.close()
     return log

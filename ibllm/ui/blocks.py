@@ -14,6 +14,7 @@ from ibllm.kinds import ALL_EXTENSIONS
 from ibllm.media import accepted_table
 from ibllm.media.limits import DEFAULT_LIMITS
 from ibllm.types import ModelInfo
+from ibllm.ui.camera import camera_fold
 from ibllm.ui.chat import NEIGHBOUR_HEADERS, ChatHandler
 from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
 from ibllm.ui.history import message_parts
@@ -217,6 +218,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                 fill_height=False,
                 **_examples(examples),
             )
+            captured = camera_fold(textbox)  # the webcam, right under the chat box's paper clip and microphone
             timings.render()
 
         # The session follows the conversation (after each answer, undo, retry, edit, clear) and the textbox.
@@ -235,6 +237,8 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
         refresh_inputs = [chat.chatbot_state, textbox, chat.saved_input, session]
         chat.chatbot_state.change(refresh, refresh_inputs, [session, layout], **internal)
         textbox.change(refresh, refresh_inputs, [session, layout], **internal)
+        for event in captured:
+            event.then(refresh, refresh_inputs, [session, layout], **internal)
         chatbot.clear(lambda: (ChatSession(), (), [], "", ""), None,
                       [session, layout, neighbours, timings, compare_out], **internal)
 
