@@ -9,7 +9,9 @@ from typing import Any
 
 import gradio as gr
 
+from ibllm.config import PictureConfig
 from ibllm.engine import ChatEngine
+from ibllm.imagine import PictureStatus
 from ibllm.kinds import ALL_EXTENSIONS
 from ibllm.media import accepted_table
 from ibllm.media.limits import DEFAULT_LIMITS
@@ -19,7 +21,7 @@ from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
 from ibllm.ui.history import message_parts
 from ibllm.ui.inputs import render_panel
 from ibllm.ui.session import ChatSession
-from ibllm.ui.settings import Controls, cache_controls, generation_controls
+from ibllm.ui.settings import Controls, cache_controls, generation_controls, picture_controls
 
 TITLE = "ImageBind-LLM"
 # Every event that runs the model joins this concurrency group, so the UI chat, the API, example clicks and the
@@ -85,6 +87,21 @@ def banner_markdown(info: ModelInfo) -> str:
         return (f"Running **{info.name}**, a small model trained on a toy world of shapes, sounds and motions; "
                 "try the examples. The *Model* tab says how to load the real ImageBind-LLM weights.")
     return f"Running **{info.name}** on `{info.device}` ({info.dtype})."
+
+
+def picture_status(engine: ChatEngine) -> PictureStatus:
+    """Whether this engine can draw pictures (an engine without the method cannot)."""
+    status = getattr(engine, "picture_status", None)
+    return status() if status is not None else PictureStatus(False, "this engine does not draw pictures")
+
+
+def picture_markdown(status: PictureStatus, info: ModelInfo) -> str:
+    if not status.available:
+        return f"#### Picture answers\nNot available here: {status.note}."
+    return (f"#### Picture answers\nThe inputs' fused feature (after the visual cache) is drawn by Stable unCLIP "
+            f"with the question as its prompt, on `{info.device}` ({info.dtype}). {status.note}. The first picture "
+            "loads the pipeline; while a picture is drawn the chat shows its s/step and the time left, and the "
+            "line under the chat what it took (README: about 5 GB of disk, 4–6 GB of GPU memory in float16).")
 
 
 API_HELP = """#### API
@@ -178,12 +195,15 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                     compare_out = gr.Textbox(label="answer with the cache off", lines=4, interactive=False)
                 with gr.Tab("Generation"):
                     generation = generation_controls(engine.cfg.generation)
+                    pictures = picture_status(engine)
+                    gr.Markdown(picture_markdown(pictures, info), elem_id="ibllm-pictures")
+                    picture = picture_controls(PictureConfig(), visible=pictures.available)
                 with gr.Tab("Model"):
                     gr.Markdown(model_markdown(info))
                     gr.Markdown(API_HELP)
 
         # The handlers as Gradio calls them: their own inputs, then the settings controls they ask for.
-        controls = Controls(cache, generation)
+        controls = Controls(cache, generation, picture)
         respond, respond_controls = controls.bind(handler.respond)
         lookup_neighbours, lookup_controls = controls.bind(handler.lookup_neighbours, leave_out=["cache"])
         compare_without_cache, compare_controls = controls.bind(handler.compare_without_cache)
