@@ -210,6 +210,8 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
 
         with chat_column:
             timings = gr.Markdown(render=False, elem_id="ibllm-timings", label="timings")
+            # The picture answer as a file, for API callers (the chat shows it as a message of its own).
+            picture_file = gr.Image(None, type="filepath", visible=False, label="picture", format="png")
             # Hidden, for API callers: JSON weights per file name, modality or position, and modalities per file
             # name or position (the panel's sliders and "read as" choices are the browser's way to set them).
             weights_text = gr.Textbox("", visible=False, label="weights")
@@ -227,7 +229,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                 textbox=textbox,
                 chatbot=chatbot,
                 additional_inputs=[session, weights_text, modalities_text, *respond_controls],
-                additional_outputs=[timings, neighbours, thumbnails, session, layout],
+                additional_outputs=[timings, neighbours, thumbnails, session, layout, picture_file],
                 editable=True,
                 cache_examples=False,  # caching file examples breaks multimodal chat (NOTES.md)
                 run_examples_on_click=True,

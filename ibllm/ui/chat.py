@@ -110,21 +110,22 @@ class ChatHandler:
         return path
 
     def pictures(self, message: str, attachments: list[Attachment], cache: VisualCacheConfig, picture: PictureConfig,
-                 stop: threading.Event) -> Iterator[tuple[Any, str]]:
-        """The picture answer as ``(chat message, timings line)``: progress texts, then the picture (a ``gr.Image``),
-        or a message saying why there is none (the text answer is not affected)."""
+                 stop: threading.Event) -> Iterator[tuple[Any, str, str | None]]:
+        """The picture answer as ``(chat message, timings line, file)``: progress texts, then the picture (a
+        message holding its PNG file), or a message saying why there is none (the text answer is not affected)."""
         try:
             for event in self._stream_picture(message, attachments, cache, picture, stop):
                 if event.done:
-                    yield gr.Image(self._save_picture(event.image), label=f"seed {event.seed}"), \
-                        picture_markdown(event, self.engine.info.device)
+                    path = self._save_picture(event.image)
+                    # A message of its own holding the file: the chat shows it as a picture, the API's JSON names it.
+                    yield {"text": "", "files": [path]}, picture_markdown(event, self.engine.info.device), path
                     return
-                yield picture_progress(event), ""
+                yield picture_progress(event), "", None
         except (PictureError, MediaError, RequestError, ValueError) as e:
-            yield f"{ERROR_MARK} No picture: {e}", ""
+            yield f"{ERROR_MARK} No picture: {e}", "", None
         except Exception as e:  # noqa: BLE001 - as in respond: report, keep serving
             log.exception("picture failed")
-            yield f"{ERROR_MARK} No picture: {type(e).__name__}: {e}", ""
+            yield f"{ERROR_MARK} No picture: {type(e).__name__}: {e}", "", None
 
     def _stream_events(self, message: str, history: list[Turn], attachments: list[Attachment], cache: VisualCacheConfig,
                        generation: GenerationConfig, stop: threading.Event) -> Iterator[ChatEvent]:
@@ -157,8 +158,8 @@ class ChatHandler:
         ``history`` is the chat before this message; every file attached in it (and not removed) is part of this
         turn's input, read and weighed as ``session`` says. ``weights`` / ``modalities`` (JSON, for API callers)
         override the panel's sliders and choices for this turn. Yields ``(text, timings, neighbours, thumbnails,
-        session, panel layout)``; the session is written before the answer streams (and again only when a file
-        failed), so a slider moved while the answer streams keeps its value.
+        session, panel layout, picture file)``; the session is written before the answer streams (and again only
+        when a file failed), so a slider moved while the answer streams keeps its value.
         """
         text_in, new_files = message_parts(message)
         asked = {"role": "user", "content": [{"path": p} for p in new_files]}
@@ -167,9 +168,9 @@ class ChatHandler:
             session = self.follow(session, [*(history or []), asked])
             attachments = plan_attachments(session.sent, weights, modalities)
             if not text_in and not attachments:
-                yield f"{ERROR_MARK} Type a question or attach a file.", *_skips(3), session, session.layout()
+                yield f"{ERROR_MARK} Type a question or attach a file.", *_skips(3), session, session.layout(), None
                 return
-            yield "", *_skips(3), session, session.layout()
+            yield "", *_skips(3), session, session.layout(), None
             last = ChatEvent()
             events = self._stream_events(text_in, list(session.history), attachments, cache, generation, stop) \
                 if picture.text else iter(())
@@ -178,33 +179,33 @@ class ChatHandler:
                 if event.done:
                     break
                 if event.delta:
-                    yield event.text, *_skips(5)
+                    yield event.text, *_skips(6)
                 elif event.queue_position and not event.text:  # waiting for a decode slot
                     ahead = event.queue_position - 1
-                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *_skips(5)
+                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *_skips(6)
             thumbs = neighbour_thumbnails(last.neighbours)
             timings = timings_markdown(last, cache, self.engine.info.cache_entries) if picture.text else ""
             if picture.picture is None:
                 yield (last.text, timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)),
-                       *_skips(2))
+                       *_skips(3))
                 return
             text = [last.text] if picture.text else []
             yield [*text, "🎨 …"], timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)), \
-                *_skips(2)
-            for shown, line in self.pictures(text_in, attachments, cache, picture.picture, stop):
+                *_skips(3)
+            for shown, line, path in self.pictures(text_in, attachments, cache, picture.picture, stop):
                 yield [*text, shown], "  \n".join(t for t in (timings, line) if t) if line else gr.skip(), \
-                    *_skips(4)
+                    *_skips(4), path or gr.skip()
         except RequestError as e:
-            yield f"{ERROR_MARK} {e}", *_skips(3), session, session.layout()
+            yield f"{ERROR_MARK} {e}", *_skips(3), session, session.layout(), gr.skip()
         except MediaError as e:
             suspects = _suspects(e, new_files, [i.path for i in session.inputs])
             session = session.without(suspects)
             names = ", ".join(os.path.basename(p) for p in suspects)
             yield (f"{ERROR_MARK} {e}\n\n({names} left out of the conversation; attach another file to go on.)",
-                   *_skips(3), session, session.layout())
+                   *_skips(3), session, session.layout(), gr.skip())
         except Exception as e:  # noqa: BLE001 - one bad request must not take the server down
             log.exception("chat failed")
-            yield f"{ERROR_MARK} Something went wrong while answering: {type(e).__name__}: {e}", *_skips(5)
+            yield f"{ERROR_MARK} Something went wrong while answering: {type(e).__name__}: {e}", *_skips(6)
         finally:
             # Stop, job.cancel() and a closed browser tab all end here: tell the engine to let go of the model.
             stop.set()
