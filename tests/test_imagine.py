@@ -64,7 +64,8 @@ def test_the_embedding_reaches_the_pipeline_unchanged(engine):
 
     # Expected, from the parts: the weighted mean of unit embeddings, mixed with its cache neighbours, at the length
     # of the embeddings the normaliser was fitted on.
-    fused = F.normalize(engine.embed(sound), dim=-1) * (1 / 1.5) + F.normalize(engine.embed(shape), dim=-1) * (0.5 / 1.5)
+    unit = [F.normalize(engine.embed(a), dim=-1) for a in (sound, shape)]
+    fused = unit[0] * (1 / 1.5) + unit[1] * (0.5 / 1.5)
     mixed, _ = engine.visual_cache.mix_with_neighbours(fused[None], 5, 20.0, 0.5)
     norm = target_norm(pipe.image_normalizer.mean.detach(), pipe.image_normalizer.std.detach())
     assert got.shape == (1, engine.cfg.imagebind.out_embed_dim)
