@@ -57,10 +57,12 @@ def write_random_unclip(out: str | Path, *, embed_dim: int, size: str = "tiny", 
     ``normalizer_stats``: give the image normaliser random mean/std (as the real one carries OpenCLIP's statistics)
     instead of 0/1, so the embedding's target length is not simply √embed_dim.
     """
-    # Optional packages (requirements-image.txt): imported only when a pipeline is written.
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    # Optional packages (requirements-image.txt), slow to import: only when a pipeline is written.
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel  # optional, see above
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (  # optional, see above
+        StableUnCLIPImageNormalizer,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # optional, see above
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
