@@ -38,8 +38,10 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download, try_to_load_from_cache
+from safetensors import safe_open
 
 from ibllm.config import PictureConfig
+from ibllm.memory import GiB, available_bytes, dtype_name
 from ibllm.types import PictureEvent, PictureTimings
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ INSTALL_HINT = "pip install -r requirements-image.txt"
 # The folders ibllm loads (everything but the photo encoder and the single-file .ckpt copies of the weights).
 NEEDED = ("model_index.json", "unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*",
           "image_normalizer/*", "image_noising_scheduler/*")
+LOADED = ("unet", "vae", "text_encoder", "image_normalizer")  # the parts with weights
+# Beyond the weights: the UNet's and the VAE decoder's activations for one 768×768 picture, allocator slack.
+WORKING_MARGIN = int(1.5 * GiB)
 DOWNLOAD_HINT = (f"huggingface-cli download {UNCLIP_REPO} --exclude 'image_encoder/*' 'feature_extractor/*' "
                  "'*.ckpt'  (about 5 GB), or pass a local folder with --unclip")
 
@@ -186,11 +191,38 @@ def _embeds_only_pipeline() -> type:
     return EmbedsOnlyUnCLIP
 
 
+def weights_bytes(folder: str | os.PathLike, dtype: torch.dtype) -> int:
+    """What the pipeline's weights take in ``dtype`` (from the safetensors headers: nothing is read but them).
+    Variant files (``*.fp16.safetensors``) are not what diffusers loads by default, so they are not counted."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for part in LOADED:
+        for path in sorted((Path(folder) / part).glob("*.safetensors")):
+            if path.name.count(".") > 1:
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * itemsize  # noqa: SIM118 - not a dict
+    return total
+
+
+def check_memory(folder: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> None:
+    """PictureError before anything is allocated when the pipeline cannot fit beside what is already loaded (a
+    process killed for memory would take the text chat down with it)."""
+    need = weights_bytes(folder, dtype) + WORKING_MARGIN
+    have = available_bytes(device)
+    if need > have:
+        raise PictureError(f"the unCLIP pipeline needs about {need / GiB:.1f} GB in {dtype_name(dtype)} "
+                           f"(weights + {WORKING_MARGIN / GiB:.1f} GB working room), the {device.type.upper()} has "
+                           f"{have / GiB:.1f} GB available beside the chat model")
+
+
 def load_pipeline(folder: str | os.PathLike, device: torch.device | str, dtype: torch.dtype) -> Any:
-    """The pipeline of ``folder`` on ``device`` in ``dtype``, without its photo encoder (PictureError on failure)."""
+    """The pipeline of ``folder`` on ``device`` in ``dtype``, without its photo encoder (PictureError on failure,
+    including not enough memory, checked first)."""
     missing = missing_packages()
     if missing:
         raise PictureError(f"pictures need the optional packages {', '.join(missing)}: {INSTALL_HINT}")
+    check_memory(folder, torch.device(device), dtype)
     try:
         pipe = _embeds_only_pipeline().from_pretrained(str(folder), image_encoder=None, feature_extractor=None,
                                                        dtype=dtype, local_files_only=True)

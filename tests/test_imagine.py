@@ -202,3 +202,19 @@ except RuntimeError as exc:
     assert "requirements-image.txt" in lines["status"] and "diffusers" in lines["status"]
     assert lines["answer"]
     assert "requirements-image.txt" in lines["picture"]
+
+
+def test_the_memory_check_counts_the_weights_and_refuses_before_loading(engine, tiny_unclip, monkeypatch):
+    import ibllm.imagine as imagine
+
+    pipe = engine.painter.pipeline()
+    loaded = sum(p.numel() for part in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_normalizer)
+                 for p in part.parameters())
+    assert imagine.weights_bytes(tiny_unclip, torch.float32) == 4 * loaded
+    assert imagine.weights_bytes(tiny_unclip, torch.bfloat16) == 2 * loaded
+
+    monkeypatch.setattr(imagine, "WORKING_MARGIN", 1 << 60)  # more room than any machine has
+    painter = imagine.Painter(str(tiny_unclip), engine.device, engine.dtype, engine.cfg.imagebind.out_embed_dim)
+    with pytest.raises(PictureError, match="needs about .* GB available"):
+        painter.pipeline()
+    assert not painter.loaded
