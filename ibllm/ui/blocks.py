@@ -101,7 +101,8 @@ def picture_markdown(status: PictureStatus, info: ModelInfo) -> str:
     return (f"#### Picture answers\nThe inputs' fused feature (after the visual cache) is drawn by Stable unCLIP "
             f"with the question as its prompt, on `{info.device}` ({info.dtype}). {status.note}. The first picture "
             "loads the pipeline; while a picture is drawn the chat shows its s/step and the time left, and the "
-            "line under the chat what it took (README: about 5 GB of disk, 4–6 GB of GPU memory in float16).")
+            "line under the chat what it took (README: about 5 GB of disk; 2.6 GB of weights in float16, 5.2 GB in "
+            "float32).")
 
 
 API_HELP = """#### API
@@ -109,14 +110,16 @@ The chat is also an API endpoint, `/chat` (files are sent with `handle_file`):
 ```python
 from gradio_client import Client, handle_file
 client = Client("http://127.0.0.1:7860/")
-answer, timings, neighbours, thumbnails = client.predict(
+answer, timings, neighbours, thumbnails, picture = client.predict(
     {"text": "What is in this picture?", "files": [handle_file("photo.png")]},
     weights='{"image": 1.0}',  # optional; 0 leaves an input out
     api_name="/chat")
 ```
 `weights` is keyed by file name, modality or position; `modalities='{"scan.png": "depth"}'` says how to read a
 file. Files stay part of the conversation: each client keeps its own (`client.reset_session()` starts a new one).
-`client.submit(...)` streams: iterate the job for the growing answer, `job.cancel()` stops it."""
+`client.submit(...)` streams: iterate the job for the growing answer, `job.cancel()` stops it.
+`answer_with="text + picture"` (or `"picture"`, with `picture_steps`, `picture_guidance`, `picture_seed`,
+`picture_noise_level`) also draws the answer: `picture` is then its PNG file."""
 
 
 def _examples(examples: Sequence[Example]) -> dict[str, Any]:
