@@ -26,20 +26,26 @@ from ibllm.config import GenerationConfig, PictureConfig, VisualCacheConfig
 Component = gr.components.Component
 
 
+class ControlGroup:
+    """A group of controls that ``named`` lists under their API parameter names, in the API's order."""
+
+    def named(self) -> dict[str, Component]:
+        raise NotImplementedError
+
+    def components(self) -> list[Component]:
+        return list(self.named().values())
+
+
 @dataclass
-class CacheControls:
+class CacheControls(ControlGroup):
     enabled: gr.Checkbox
     top_k: gr.Slider
     temperature: gr.Slider
     weight: gr.Slider
 
     def named(self) -> dict[str, Component]:
-        """The controls under their API parameter names, in the API's order."""
         return {"cache": self.enabled, "cache_top_k": self.top_k, "cache_temperature": self.temperature,
                 "cache_weight": self.weight}
-
-    def components(self) -> list[Component]:
-        return list(self.named().values())
 
     @staticmethod
     def read(values: Mapping[str, Any]) -> VisualCacheConfig:
@@ -49,19 +55,15 @@ class CacheControls:
 
 
 @dataclass
-class GenerationControls:
+class GenerationControls(ControlGroup):
     max_new_tokens: gr.Slider
     temperature: gr.Slider
     top_p: gr.Slider
     seed: gr.Number
 
     def named(self) -> dict[str, Component]:
-        """The controls under their API parameter names, in the API's order."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "seed": self.seed}
-
-    def components(self) -> list[Component]:
-        return list(self.named().values())
 
     @staticmethod
     def read(values: Mapping[str, Any]) -> GenerationConfig:
@@ -85,7 +87,7 @@ TEXT_ONLY = AnswerForm()
 
 
 @dataclass
-class PictureControls:
+class PictureControls(ControlGroup):
     answer_with: gr.Radio
     steps: gr.Slider
     guidance: gr.Slider
@@ -93,12 +95,8 @@ class PictureControls:
     noise_level: gr.Slider
 
     def named(self) -> dict[str, Component]:
-        """The controls under their API parameter names, in the API's order."""
         return {"answer_with": self.answer_with, "picture_steps": self.steps, "picture_guidance": self.guidance,
                 "picture_seed": self.seed, "picture_noise_level": self.noise_level}
-
-    def components(self) -> list[Component]:
-        return list(self.named().values())
 
     @staticmethod
     def read(values: Mapping[str, Any]) -> AnswerForm:
