@@ -46,10 +46,8 @@ def tiny(device: torch.device, steps: int) -> None:
         feature = torch.nn.functional.normalize(torch.randn(1, 1024), dim=-1)
         for guidance in (10.0, 1.0):
             for run in ("first", "warm"):
-                last = None
-                for last in painter.paint(feature, "a red cube", PictureConfig(steps=steps, guidance=guidance,
-                                                                               seed=0)):
-                    pass
+                options = PictureConfig(steps=steps, guidance=guidance, seed=0)
+                last = list(painter.paint(feature, "a red cube", options))[-1]
                 t = last.timings
                 print(f"tiny, guidance {guidance:g}, {run}: {t.summary()}; {last.image.width}×{last.image.height}")
 
@@ -86,7 +84,8 @@ def full(device: torch.device, dtypes: list[str], repeats: int) -> None:
                 times.append(time.perf_counter() - t0)
             best = min(times[1:]) if repeats else times[0]
             print(f"full-size UNet step, {name}, batch {batch} (guidance {'on' if batch == 2 else 'off'}): "
-                  f"{best:.2f} s; a 20-step picture ≈ {20 * best / 60:.1f} min of UNet; peak RSS {peak_rss_gb():.1f} GB")
+                  f"{best:.2f} s; a 20-step picture ≈ {20 * best / 60:.1f} min of UNet; "
+                  f"peak RSS {peak_rss_gb():.1f} GB")
         t0 = time.perf_counter()
         vae.decode(torch.randn(1, 4, size, size, device=device, dtype=dtype))
         if device.type == "cuda":

@@ -259,6 +259,10 @@ class _Line:
                 ahead = self._tickets.index(ticket)
             return ahead
 
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._tickets)
+
     def leave(self, ticket: object) -> None:
         with self._cond:
             self._tickets.remove(ticket)
@@ -283,6 +287,11 @@ class Painter:
     @property
     def loaded(self) -> bool:
         return self._pipe is not None
+
+    @property
+    def in_line(self) -> int:
+        """Pictures being drawn or waiting to be."""
+        return len(self._line)
 
     def pipeline(self) -> Any:
         """The loaded pipeline (loading it on the first call)."""

@@ -91,6 +91,30 @@ def test_a_picture_alone_and_the_conversation_goes_on(client):
     assert follow_up and not follow_up.startswith(ERROR_MARK)
 
 
+def test_stopping_a_picture_frees_the_pipeline(app, client):
+    _, engine = app
+    pipe = engine.painter.pipeline()
+    steps = []
+    hook = pipe.unet.register_forward_hook(lambda *_: steps.append(1))  # counts the UNet calls that really ran
+    try:
+        job = client.submit(message("Draw it.", toy_file("image")), api_name="/chat", answer_with="picture",
+                            picture_steps=500, picture_seed=1)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not steps:
+            time.sleep(0.05)
+        assert steps, "the picture never started"
+        job.cancel()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and engine.painter.in_line:
+            time.sleep(0.1)
+        assert not engine.painter.in_line, "the stopped picture still holds the pipeline"
+        assert len(steps) < 500
+    finally:
+        hook.remove()
+    answer = client.predict(message("Draw it.", toy_file("image")), api_name="/chat", answer_with="picture", **PICTURE)
+    assert Path(picture_file(answer[0][0])).is_file()  # the next picture is drawn
+
+
 def test_bad_picture_settings_are_refused_with_the_reason(client):
     from gradio_client.exceptions import AppError
 

@@ -164,6 +164,7 @@ class ChatHandler:
         text_in, new_files = message_parts(message)
         asked = {"role": "user", "content": [{"path": p} for p in new_files]}
         stop = threading.Event()
+        drawing = threading.Event()  # the picture's own stop flag: the text answer's is raised when it ends
         try:
             session = self.follow(session, [*(history or []), asked])
             attachments = plan_attachments(session.sent, weights, modalities)
@@ -190,9 +191,12 @@ class ChatHandler:
                        *_skips(3))
                 return
             text = [last.text] if picture.text else []
+            close = getattr(events, "close", None)
+            if close is not None:  # the text answer is complete: its decode slot is free before the picture starts
+                close()
             yield [*text, "🎨 …"], timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)), \
                 *_skips(3)
-            for shown, line, path in self.pictures(text_in, attachments, cache, picture.picture, stop):
+            for shown, line, path in self.pictures(text_in, attachments, cache, picture.picture, drawing):
                 yield [*text, shown], "  \n".join(t for t in (timings, line) if t) if line else gr.skip(), \
                     *_skips(4), path or gr.skip()
         except RequestError as e:
@@ -209,6 +213,7 @@ class ChatHandler:
         finally:
             # Stop, job.cancel() and a closed browser tab all end here: tell the engine to let go of the model.
             stop.set()
+            drawing.set()
 
     def compare_without_cache(self, history: list[Any], session: ChatSession, *, generation: GenerationConfig
                               ) -> Iterator[str]:
