@@ -8,8 +8,9 @@
    through ``ibllm.imagine.Painter``, the path the chat uses: load time, s/step with guidance on and off.
 2. The real pipeline's UNet (865 M parameters, 96×96 latents = 768×768 pictures) and VAE decoder at full size with
    random weights (nothing is downloaded): one denoising step at batch 2 (guidance on: the unconditional and the
-   conditioned half together) and batch 1 (guidance ≤ 1), and one decode, per dtype. Peak RSS is printed (float32
-   weights are 3.5 GB). A 20-step picture costs about 20 UNet steps plus one decode.
+   conditioned half together) and batch 1 (guidance ≤ 1), and with ``--vae`` one decode, per dtype. Peak RSS is
+   printed (float32 weights are 3.5 GB; a float32 768×768 decode on a CPU peaks at ~7.3 GB). A 20-step picture
+   costs about 20 UNet steps plus one decode.
 Figures, not tests: run it on an otherwise idle machine.
 """
 
@@ -53,7 +54,7 @@ def tiny(device: torch.device, steps: int) -> None:
 
 
 @torch.no_grad()
-def full(device: torch.device, dtypes: list[str], repeats: int) -> None:
+def full(device: torch.device, dtypes: list[str], repeats: int, decode: bool) -> None:
     # Optional package, slow to import: only for this part of the bench.
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -86,6 +87,8 @@ def full(device: torch.device, dtypes: list[str], repeats: int) -> None:
             print(f"full-size UNet step, {name}, batch {batch} (guidance {'on' if batch == 2 else 'off'}): "
                   f"{best:.2f} s; a 20-step picture ≈ {20 * best / 60:.1f} min of UNet; "
                   f"peak RSS {peak_rss_gb():.1f} GB")
+        if not decode:
+            continue
         t0 = time.perf_counter()
         vae.decode(torch.randn(1, 4, size, size, device=device, dtype=dtype))
         if device.type == "cuda":
@@ -101,12 +104,14 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=1, help="timed full-size steps after the warm-up")
     parser.add_argument("--no-full", action="store_true", help="skip the full-size UNet/VAE timing")
+    parser.add_argument("--vae", action="store_true",
+                        help="also time a full-size VAE decode (768×768 in float32 peaks at ~7.3 GB RSS on a CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     tiny(device, args.steps)
     if not args.no_full:
-        full(device, args.dtypes, args.repeats)
+        full(device, args.dtypes, args.repeats, args.vae)
 
 
 if __name__ == "__main__":
