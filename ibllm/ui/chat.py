@@ -17,7 +17,7 @@ from ibllm.engine import ChatEngine
 from ibllm.imagine import PictureError
 from ibllm.media.errors import MediaError
 from ibllm.types import Attachment, ChatEvent, Neighbour, PictureEvent, Turn
-from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history
+from ibllm.ui.history import ERROR_MARK, PICTURE_MARK, message_parts, normalise_history
 from ibllm.ui.inputs import Detector, RequestError, plan_attachments
 from ibllm.ui.session import ChatSession
 from ibllm.ui.settings import TEXT_ONLY, AnswerForm
@@ -51,14 +51,16 @@ def picture_progress(event: PictureEvent) -> str:
     """The placeholder message while a picture is being drawn: place in line, loading, or step and time left."""
     if event.queue_position:
         ahead = event.queue_position
-        return f"🎨 waiting for the picture pipeline ({ahead} picture{'s' if ahead != 1 else ''} ahead)"
+        return f"{PICTURE_MARK} waiting for the picture pipeline ({ahead} picture{'s' if ahead != 1 else ''} ahead)"
     if event.loading:
-        return "🎨 loading the unCLIP pipeline (the first picture loads it: seconds on a GPU, minutes on a CPU)"
+        return f"{PICTURE_MARK} loading the unCLIP pipeline (the first picture loads it: seconds on a GPU, minutes " \
+            "on a CPU)"
     per_step = event.timings.seconds_per_step
     if not event.step or not per_step:
-        return f"🎨 drawing the picture ({event.steps} steps)…"
+        return f"{PICTURE_MARK} drawing the picture ({event.steps} steps)…"
     left = per_step * (event.steps - event.step)
-    return f"🎨 drawing the picture: step {event.step}/{event.steps} · {per_step:.2f} s/step · about {left:.0f} s left"
+    return (f"{PICTURE_MARK} drawing the picture: step {event.step}/{event.steps} · {per_step:.2f} s/step · "
+            f"about {left:.0f} s left")
 
 
 def picture_markdown(event: PictureEvent, device: str) -> str:
@@ -194,8 +196,8 @@ class ChatHandler:
             close = getattr(events, "close", None)
             if close is not None:  # the text answer is complete: its decode slot is free before the picture starts
                 close()
-            yield [*text, "🎨 …"], timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)), \
-                *_skips(3)
+            yield ([*text, f"{PICTURE_MARK} …"], timings, neighbour_rows(last.neighbours),
+                   gr.Gallery(thumbs, visible=bool(thumbs)), *_skips(3))
             for shown, line, path in self.pictures(text_in, attachments, cache, picture.picture, drawing):
                 yield [*text, shown], "  \n".join(t for t in (timings, line) if t) if line else gr.skip(), \
                     *_skips(4), path or gr.skip()

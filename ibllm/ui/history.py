@@ -17,6 +17,9 @@ from ibllm.types import Turn
 # Answers that are error reports start with this mark: they stay visible in the chat but are never fed back to the
 # model as if it had said them.
 ERROR_MARK = "⚠️"
+# Progress notes of a picture being drawn start with this mark; a stopped picture leaves its last one in the chat,
+# which is the app's, never the model's words.
+PICTURE_MARK = "🎨"
 
 
 @dataclass
@@ -137,7 +140,8 @@ def normalise_history(history: Sequence[Any] | None) -> Conversation:
                 continue
             answered = True
             # A later message of the same answer that reports an error (no picture) is the app's, not the model's.
-            answer_texts.extend(t for t in texts if not (answer_texts and t.startswith(ERROR_MARK)))
+            answer_texts.extend(t for t in texts if not t.startswith(PICTURE_MARK)
+                                and not (answer_texts and t.startswith(ERROR_MARK)))
     if answered:
         close_turn()
     # a trailing user message without an answer (e.g. the turn being answered) is not a finished turn
