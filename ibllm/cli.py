@@ -19,8 +19,10 @@ import torch
 
 from ibllm.batch import run_batch
 from ibllm.cache import VisualCache
+from ibllm.config import PictureConfig
 from ibllm.doctor import doctor
 from ibllm.factory import create_engine
+from ibllm.imagine import PictureError
 from ibllm.kinds import KINDS, MEDIA_KINDS
 from ibllm.media.errors import MediaError
 from ibllm.types import Attachment
@@ -41,6 +43,9 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on GPU, float32 on CPU")
     g.add_argument("--max-seq-len", type=int, default=512, help="context length of the official model")
+    g.add_argument("--unclip", metavar="DIR_OR_REPO",
+                   help="Stable unCLIP pipeline for picture answers: a diffusers folder or a hub repo id, loaded on "
+                        "first use (env IBLLM_UNCLIP; default stabilityai/stable-diffusion-2-1-unclip)")
     g = parser.add_argument_group("serving")
     g.add_argument("--max-batch", type=int, metavar="N",
                    help="answers decoded together; more wait in line (env IBLLM_MAX_BATCH; default 4)")
@@ -50,7 +55,7 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 WEIGHTS_OPTIONS = ("llama_dir", "tokenizer", "adapter", "imagebind", "knn_index", "assets", "device", "dtype",
-                   "max_seq_len", "max_batch", "compile")
+                   "max_seq_len", "max_batch", "compile", "unclip")
 
 
 def weights_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,6 +101,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed)
     visual_cache = overridden(model.cfg.visual_cache, enabled=False if args.no_cache else None,
                               top_k=args.cache_size, temperature=args.cache_t, weight=args.cache_weight)
+    if args.image_only and not args.image_out:
+        print("error: --image-only needs --image-out FILE", file=sys.stderr)
+        return 2
+    if args.image_out:
+        picture = overridden(PictureConfig(), steps=args.picture_steps, guidance=args.picture_guidance,
+                             seed=args.picture_seed, noise_level=args.picture_noise_level)
+        status = model.picture_status()
+        if not status.available:  # before the text answer: say at once that no picture will come
+            print(f"error: no picture: {status.note}", file=sys.stderr)
+            return 2
+    if args.image_only:
+        return _write_picture(model, args, attachments, visual_cache, picture)
     try:
         for event in model.chat(args.question, attachments=attachments, visual_cache=visual_cache,
                                 generation=generation):
@@ -112,6 +129,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                           for n in event.neighbours[:3])
         print(f"[cache: {shown}]", file=sys.stderr)
     print(f"[{event.timings.summary()}]", file=sys.stderr)
+    if args.image_out:
+        return _write_picture(model, args, attachments, visual_cache, picture)
+    return 0
+
+
+def _write_picture(model: Any, args: argparse.Namespace, attachments: list[Attachment], visual_cache: Any,
+                   picture: PictureConfig) -> int:
+    """Draw the answer as a picture into ``args.image_out``, with progress on stderr."""
+    try:
+        for event in model.imagine(args.question, attachments=attachments, visual_cache=visual_cache,
+                                   picture=picture):
+            if event.loading:
+                print("[loading the unCLIP pipeline (first picture)…]", file=sys.stderr)
+            elif event.step and not event.done:
+                print(f"\r[picture: step {event.step}/{event.steps}]", end="", file=sys.stderr, flush=True)
+    except (MediaError, PictureError, ValueError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    event.image.save(args.image_out)
+    print(f"\n[picture: {args.image_out} ({event.image.width}×{event.image.height}, seed {event.seed}); "
+          f"{event.timings.summary()}]", file=sys.stderr)
     return 0
 
 
@@ -196,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-size", type=int, help="neighbours retrieved (top-k)")
     g.add_argument("--cache-t", type=float, help="softmax temperature over the neighbours' similarities")
     g.add_argument("--cache-weight", type=float, help="mix weight of the retrieved feature")
+    g = p.add_argument_group("picture answer (Stable unCLIP; needs requirements-image.txt and the official encoders)")
+    g.add_argument("--image-out", metavar="FILE", help="also draw the answer as a picture into FILE (e.g. out.png)")
+    g.add_argument("--image-only", action="store_true", help="draw the picture only, no text answer")
+    g.add_argument("--picture-steps", type=int, help=f"denoising steps (default {PictureConfig.steps})")
+    g.add_argument("--picture-guidance", type=float, help=f"guidance scale (default {PictureConfig.guidance})")
+    g.add_argument("--picture-seed", type=int, help="seed (default: a random one, printed)")
+    g.add_argument("--picture-noise-level", type=int, help="noise added to the embedding, 0-999 (default 0)")
     add_weights_arguments(p)
     p.set_defaults(func=_cmd_generate)
 

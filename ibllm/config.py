@@ -173,6 +173,29 @@ def with_settings(base: Any, values: Mapping[str, Any] | None, what: str) -> Any
 
 
 @dataclass(frozen=True)
+class PictureConfig:
+    """How a picture answer is drawn by Stable unCLIP (``ibllm.imagine``). Defaults: diffusers' own for
+    ``StableUnCLIPImg2ImgPipeline`` (20 steps, guidance 10, embedding noise level 0)."""
+
+    steps: int = 20  # denoising steps; the time of a picture grows linearly with them
+    guidance: float = 10.0  # classifier-free guidance scale; <= 1 turns guidance off (half the UNet work)
+    seed: int | None = None  # None: a fresh random seed per picture (the one drawn is reported)
+    noise_level: int = 0  # noise added to the embedding before conditioning (0-999): more = looser variations
+
+    def check(self, max_noise_level: int = 999) -> None:
+        """ValueError naming the setting when one is out of range."""
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 500:
+            raise ValueError(f"picture steps must be a whole number from 1 to 500, got {self.steps!r}")
+        if not 0.0 <= float(self.guidance) <= 50.0:
+            raise ValueError(f"picture guidance must be from 0 to 50, got {self.guidance!r}")
+        if self.seed is not None and not 0 <= int(self.seed) < 2**63:
+            raise ValueError(f"picture seed must be a non-negative integer (or None: a random one), got {self.seed!r}")
+        if not isinstance(self.noise_level, int) or not 0 <= self.noise_level <= max_noise_level:
+            raise ValueError(f"picture noise level must be a whole number from 0 to {max_noise_level}, "
+                             f"got {self.noise_level!r}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to build an ImageBindLLM."""
 

@@ -20,7 +20,8 @@ import torch
 
 from ibllm.bind import fuse
 from ibllm.cache import VisualCache
-from ibllm.config import GenerationConfig, ModelConfig, VisualCacheConfig
+from ibllm.config import GenerationConfig, ModelConfig, PictureConfig, VisualCacheConfig
+from ibllm.imagine import Painter, PictureError, PictureStatus
 from ibllm.kinds import KINDS
 from ibllm.llm.batching import DecodeBatch
 from ibllm.llm.prompt import build_chat_prompt
@@ -36,6 +37,8 @@ from ibllm.types import (
     ChatEvent,
     ModelInfo,
     Neighbour,
+    PictureEvent,
+    PictureTimings,
     Timings,
     Turn,
 )
@@ -86,10 +89,13 @@ class ChatEngine:
 
     ``max_batch``: decode slots, i.e. answers generated at the same time (more wait in line, FIFO). ``compile``:
     compile the batched one-token step (``DecodeBatch.compile``; warmed up here, eager where it fails).
+    ``unclip``: where the Stable unCLIP pipeline for picture answers is (a folder or a hub repo id; default
+    ``IBLLM_UNCLIP`` or the official one, see ``ibllm.imagine``); nothing is loaded until the first picture.
     """
 
     def __init__(self, net: ImageBindLLM, tokenizer: Tokenizer, *, visual_cache: VisualCache | None = None,
-                 info: ModelInfo | None = None, max_batch: int = 4, compile: bool = False):
+                 info: ModelInfo | None = None, max_batch: int = 4, compile: bool = False,
+                 unclip: str | None = None):
         self.net = net.eval()
         self.cfg: ModelConfig = net.cfg
         self.tokenizer = tokenizer
@@ -104,6 +110,7 @@ class ChatEngine:
         if compile:
             batch.compile()
         self.scheduler = Scheduler(batch)
+        self.painter = Painter(unclip, self.device, self.dtype, self.cfg.imagebind.out_embed_dim)
 
     def close(self) -> None:
         """Stop the decode thread (answers still in flight end with an error)."""
@@ -240,3 +247,41 @@ class ChatEngine:
         for event in self.chat(message, **kwargs):
             text = event.text
         return text
+
+    # -- pictures ---------------------------------------------------------------------------------------------
+
+    def picture_status(self) -> PictureStatus:
+        """Whether picture answers can be drawn here, and why not (cheap: nothing is imported or loaded)."""
+        return self.painter.status()
+
+    def picture_feature(self, attachments: Sequence[Attachment],
+                        visual_cache: VisualCacheConfig | None = None) -> tuple[torch.Tensor, list[Neighbour]]:
+        """The unit feature (1, E) a picture is drawn from: the attachments fused and mixed with the visual cache,
+        exactly as the language model gets them, with the neighbours retrieved. PictureError without inputs."""
+        feature = self.fused_feature(attachments)
+        if feature is None:
+            raise PictureError("a picture is drawn from the inputs: attach at least one file (with a weight above 0)")
+        feature, neighbours = self._retrieve(feature, visual_cache or self.cfg.visual_cache)
+        return feature.float() / feature.float().norm(dim=-1, keepdim=True), neighbours
+
+    def imagine(self, message: str, *, attachments: Sequence[Attachment] = (),
+                visual_cache: VisualCacheConfig | None = None, picture: PictureConfig | None = None,
+                should_stop: Callable[[], bool] | None = None) -> Iterator[PictureEvent]:
+        """Draw the answer to ``message`` as a picture: the fused, cache-mixed feature of ``attachments`` through
+        Stable unCLIP with ``message`` as the prompt (``ibllm.imagine``). Streams ``PictureEvent``s (place in line,
+        loading, each step); the last one (``done=True``) holds the PIL image and the seed it was drawn with.
+
+        The pipeline is loaded on the first call, on this engine's device and dtype, and draws one picture at a
+        time. PictureError (a RuntimeError) when pictures cannot be drawn here (``picture_status`` says why
+        beforehand), for settings out of range and for a request without inputs; MediaError for an unusable file.
+        This is the engine-level entry point for every front end (UI, CLI, HTTP API)."""
+        picture = picture or PictureConfig()
+        picture.check()
+        status = self.painter.status()
+        if not status.available and not self.painter.loaded:
+            raise PictureError(f"no picture: {status.note}")
+        timings = PictureTimings()
+        t0 = time.perf_counter()
+        feature, _ = self.picture_feature(attachments, visual_cache)
+        timings.encode = time.perf_counter() - t0
+        yield from self.painter.paint(feature, message, picture, should_stop=should_stop, timings=timings)

@@ -90,7 +90,7 @@ def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merg
 
 def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, adapter: str | os.PathLike | None = None,
                  device: str | None = None, dtype: str | None = None, merge_lora: bool = True, seed: int = 0,
-                 max_batch: int | None = None, compile: bool | None = None) -> ChatEngine:
+                 max_batch: int | None = None, compile: bool | None = None, unclip: str | None = None) -> ChatEngine:
     """The embedded toy model (random weights of the same architecture when it has not been trained yet);
     ``adapter``: an adapter file in the official layout replacing the model's own adapter tensors."""
     assets = Path(assets)
@@ -122,7 +122,8 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, adapter: str | o
     info = ModelInfo(name=f"toy ({cfg.name})", weights=description, device=str(dev), dtype=str(dt).split(".")[-1],
                      is_default=True, trained=trained, cache_entries=cache.index.ntotal if cache else 0,
                      how_to_load_real=HOW_TO_LOAD_REAL)
-    return ChatEngine(net, tokenizer, visual_cache=cache, info=info, **serving_options(dev, max_batch, compile))
+    return ChatEngine(net, tokenizer, visual_cache=cache, info=info, unclip=unclip,
+                      **serving_options(dev, max_batch, compile))
 
 
 def config_from_adapter(adapter_state: dict[str, torch.Tensor], llama: LlamaConfig,
@@ -151,7 +152,7 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
                   tokenizer: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
                   max_seq_len: int = 512, merge_lora: bool = True, use_cache: bool = True,
                   imagebind_config: ImageBindConfig = IMAGEBIND_HUGE, max_batch: int | None = None,
-                  compile: bool | None = None) -> ChatEngine:
+                  compile: bool | None = None, unclip: str | None = None) -> ChatEngine:
     """The released ImageBind-LLM: Meta LLaMA + ``7B.pth`` + ``imagebind_w3D.pth`` (+ ``knn.index``).
 
     ``imagebind_config`` is ImageBind-Huge for the released files; tests pass the tiny sizes of their fixtures.
@@ -203,26 +204,28 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
         name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
         f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=str(dt).split(".")[-1],
         is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0, memory=plan.reason)
-    return ChatEngine(net, tok, visual_cache=cache, info=info, **serving)
+    return ChatEngine(net, tok, visual_cache=cache, info=info, unclip=unclip, **serving)
 
 
 def create_engine(*, llama_dir: str | None = None, adapter: str | None = None, imagebind: str | None = None,
                knn_index: str | None = None, tokenizer: str | None = None, assets: str | None = None,
                device: str | None = None, dtype: str | None = None, max_seq_len: int = 512,
-               merge_lora: bool = True, max_batch: int | None = None, compile: bool | None = None) -> ChatEngine:
+               merge_lora: bool = True, max_batch: int | None = None, compile: bool | None = None,
+               unclip: str | None = None) -> ChatEngine:
     """The model the app and CLI serve: official weights when ``llama_dir`` is given, else the embedded default
     (with ``adapter`` over it when given: a fine-tune of the toy model).
 
-    ``max_batch``: answers decoded at the same time; ``compile``: compile the decode step (module docstring)."""
+    ``max_batch``: answers decoded at the same time; ``compile``: compile the decode step (module docstring);
+    ``unclip``: the Stable unCLIP pipeline for picture answers (a folder or hub repo id; loaded on first use)."""
     if llama_dir:
         return load_official(llama_dir, adapter=adapter, imagebind=imagebind, knn_index=knn_index,
                              tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                             merge_lora=merge_lora, max_batch=max_batch, compile=compile)
+                             merge_lora=merge_lora, max_batch=max_batch, compile=compile, unclip=unclip)
     if imagebind or knn_index:
         raise WeightsError("the official encoders/cache need the base LLaMA too: pass --llama-dir (Meta's 7B "
                            "folder with params.json and consolidated.00.pth)")
     return load_default(assets or DEFAULT_ASSETS, adapter=adapter, device=device, dtype=dtype, merge_lora=merge_lora,
-                        max_batch=max_batch, compile=compile)
+                        max_batch=max_batch, compile=compile, unclip=unclip)
 
 
 __all__ = ["create_engine", "load_default", "load_official", "CheckpointError", "WeightsError", "HOW_TO_LOAD_REAL"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,45 @@ class ModelInfo:
     cache_entries: int = 0
     how_to_load_real: str = ""
     memory: str = ""  # the memory plan's one-line verdict (which dtype and why), for the Model tab
+
+
+@dataclass
+class PictureTimings:
+    """Where the time of one picture went (seconds)."""
+
+    encode: float = 0.0  # inputs -> fused, cache-mixed feature
+    queued: float = 0.0  # waiting for the pipeline (one picture at a time)
+    load: float = 0.0  # loading the pipeline (the first picture only)
+    denoise: float = 0.0
+    decode: float = 0.0  # the VAE, latents -> pixels
+    steps: int = 0  # denoising steps done
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.denoise / self.steps if self.steps else 0.0
+
+    @property
+    def total(self) -> float:
+        return self.encode + self.queued + self.load + self.denoise + self.decode
+
+    def summary(self) -> str:
+        parts = [f"queued {self.queued:.1f} s"] if self.queued >= 0.05 else []
+        if self.load:
+            parts.append(f"pipeline loaded in {self.load:.1f} s")
+        parts.append(f"{self.steps} steps in {self.denoise:.1f} s ({self.seconds_per_step:.2f} s/step)")
+        parts.append(f"decode {self.decode:.1f} s")
+        return " · ".join(parts)
+
+
+@dataclass
+class PictureEvent:
+    """One step of a picture answer; the last one (``done``) carries the picture (a PIL image)."""
+
+    step: int = 0  # denoising steps done so far
+    steps: int = 0  # of this many
+    queue_position: int = 0  # pictures ahead of this one for the pipeline (drawn one at a time)
+    loading: bool = False  # the pipeline is being loaded (the first picture)
+    seed: int | None = None  # the seed drawn with (repeat it to get the same picture)
+    image: Any = None
+    done: bool = False
+    timings: PictureTimings = field(default_factory=PictureTimings)

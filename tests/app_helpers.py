@@ -81,6 +81,12 @@ class SpyEngine:
     def neighbours(self, attachments: Any, cache: Any) -> Any:
         return self.engine.neighbours(attachments, cache)
 
+    def picture_status(self) -> Any:
+        return self.engine.picture_status()
+
+    def imagine(self, message: str, **kwargs: Any) -> Iterator[Any]:
+        return self.engine.imagine(message, **kwargs)
+
     def chat(self, message: str, *, should_stop: Any = None, **kwargs: Any) -> Iterator[Any]:
         call = {"message": message, "answer": "", **kwargs}
         self.calls.append(call)

@@ -27,3 +27,14 @@ def parity_dir() -> Path:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_unclip(tmp_path_factory) -> Path:
+    """A tiny randomly initialised Stable unCLIP pipeline for the embedded model's embedding width, written as a
+    diffusers folder (save_pretrained), so tests load it through the same path as the real one."""
+    from ibllm.config import ModelConfig
+    from ibllm.unclip_random import write_random_unclip
+
+    width = ModelConfig.load(REPO / "assets" / "toy" / "config.json").imagebind.out_embed_dim
+    return write_random_unclip(tmp_path_factory.mktemp("unclip") / "tiny", embed_dim=width)

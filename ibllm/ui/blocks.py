@@ -9,7 +9,9 @@ from typing import Any
 
 import gradio as gr
 
+from ibllm.config import PictureConfig
 from ibllm.engine import ChatEngine
+from ibllm.imagine import PictureStatus
 from ibllm.kinds import ALL_EXTENSIONS
 from ibllm.media import accepted_table
 from ibllm.media.limits import DEFAULT_LIMITS
@@ -20,7 +22,7 @@ from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
 from ibllm.ui.history import message_parts
 from ibllm.ui.inputs import render_panel
 from ibllm.ui.session import ChatSession
-from ibllm.ui.settings import Controls, cache_controls, generation_controls
+from ibllm.ui.settings import Controls, cache_controls, generation_controls, picture_controls
 
 TITLE = "ImageBind-LLM"
 # Every event that runs the model joins this concurrency group, so the UI chat, the API, example clicks and the
@@ -88,19 +90,37 @@ def banner_markdown(info: ModelInfo) -> str:
     return f"Running **{info.name}** on `{info.device}` ({info.dtype})."
 
 
+def picture_status(engine: ChatEngine) -> PictureStatus:
+    """Whether this engine can draw pictures (an engine without the method cannot)."""
+    status = getattr(engine, "picture_status", None)
+    return status() if status is not None else PictureStatus(False, "this engine does not draw pictures")
+
+
+def picture_markdown(status: PictureStatus, info: ModelInfo) -> str:
+    if not status.available:
+        return f"#### Picture answers\nNot available here: {status.note}."
+    return (f"#### Picture answers\nThe inputs' fused feature (after the visual cache) is drawn by Stable unCLIP "
+            f"with the question as its prompt, on `{info.device}` ({info.dtype}). {status.note}. The first picture "
+            "loads the pipeline; while a picture is drawn the chat shows its s/step and the time left, and the "
+            "line under the chat what it took (README: about 5 GB of disk; 2.6 GB of weights in float16, 5.2 GB in "
+            "float32).")
+
+
 API_HELP = """#### API
 The chat is also an API endpoint, `/chat` (files are sent with `handle_file`):
 ```python
 from gradio_client import Client, handle_file
 client = Client("http://127.0.0.1:7860/")
-answer, timings, neighbours, thumbnails = client.predict(
+answer, timings, neighbours, thumbnails, picture = client.predict(
     {"text": "What is in this picture?", "files": [handle_file("photo.png")]},
     weights='{"image": 1.0}',  # optional; 0 leaves an input out
     api_name="/chat")
 ```
 `weights` is keyed by file name, modality or position; `modalities='{"scan.png": "depth"}'` says how to read a
 file. Files stay part of the conversation: each client keeps its own (`client.reset_session()` starts a new one).
-`client.submit(...)` streams: iterate the job for the growing answer, `job.cancel()` stops it."""
+`client.submit(...)` streams: iterate the job for the growing answer, `job.cancel()` stops it.
+`answer_with="text + picture"` (or `"picture"`, with `picture_steps`, `picture_guidance`, `picture_seed`,
+`picture_noise_level`) also draws the answer: `picture` is then its PNG file."""
 
 
 def _examples(examples: Sequence[Example]) -> dict[str, Any]:
@@ -179,18 +199,23 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                     compare_out = gr.Textbox(label="answer with the cache off", lines=4, interactive=False)
                 with gr.Tab("Generation"):
                     generation = generation_controls(engine.cfg.generation)
+                    pictures = picture_status(engine)
+                    gr.Markdown(picture_markdown(pictures, info), elem_id="ibllm-pictures")
+                    picture = picture_controls(PictureConfig(), visible=pictures.available)
                 with gr.Tab("Model"):
                     gr.Markdown(model_markdown(info))
                     gr.Markdown(API_HELP)
 
         # The handlers as Gradio calls them: their own inputs, then the settings controls they ask for.
-        controls = Controls(cache, generation)
+        controls = Controls(cache, generation, picture)
         respond, respond_controls = controls.bind(handler.respond)
         lookup_neighbours, lookup_controls = controls.bind(handler.lookup_neighbours, leave_out=["cache"])
         compare_without_cache, compare_controls = controls.bind(handler.compare_without_cache)
 
         with chat_column:
             timings = gr.Markdown(render=False, elem_id="ibllm-timings", label="timings")
+            # The picture answer as a file, for API callers (the chat shows it as a message of its own).
+            picture_file = gr.Image(None, type="filepath", visible=False, label="picture", format="png")
             # Hidden, for API callers: JSON weights per file name, modality or position, and modalities per file
             # name or position (the panel's sliders and "read as" choices are the browser's way to set them).
             weights_text = gr.Textbox("", visible=False, label="weights")
@@ -208,7 +233,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                 textbox=textbox,
                 chatbot=chatbot,
                 additional_inputs=[session, weights_text, modalities_text, *respond_controls],
-                additional_outputs=[timings, neighbours, thumbnails, session, layout],
+                additional_outputs=[timings, neighbours, thumbnails, session, layout, picture_file],
                 editable=True,
                 cache_examples=False,  # caching file examples breaks multimodal chat (NOTES.md)
                 run_examples_on_click=True,

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import gradio as gr
 
-from ibllm.config import GenerationConfig, VisualCacheConfig
+from ibllm.config import GenerationConfig, PictureConfig, VisualCacheConfig
 from ibllm.engine import ChatEngine
+from ibllm.imagine import PictureError
 from ibllm.media.errors import MediaError
-from ibllm.types import Attachment, ChatEvent, Neighbour, Turn
-from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history
+from ibllm.types import Attachment, ChatEvent, Neighbour, PictureEvent, Turn
+from ibllm.ui.history import ERROR_MARK, PICTURE_MARK, message_parts, normalise_history
 from ibllm.ui.inputs import Detector, RequestError, plan_attachments
 from ibllm.ui.session import ChatSession
+from ibllm.ui.settings import TEXT_ONLY, AnswerForm
 from ibllm.ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,26 @@ def timings_markdown(event: ChatEvent, cache: VisualCacheConfig, cache_entries: 
     return "  \n".join(lines)
 
 
+def picture_progress(event: PictureEvent) -> str:
+    """The placeholder message while a picture is being drawn: place in line, loading, or step and time left."""
+    if event.queue_position:
+        ahead = event.queue_position
+        return f"{PICTURE_MARK} waiting for the picture pipeline ({ahead} picture{'s' if ahead != 1 else ''} ahead)"
+    if event.loading:
+        return f"{PICTURE_MARK} loading the unCLIP pipeline (the first picture loads it: seconds on a GPU, minutes " \
+            "on a CPU)"
+    per_step = event.timings.seconds_per_step
+    if not event.step or not per_step:
+        return f"{PICTURE_MARK} drawing the picture ({event.steps} steps)…"
+    left = per_step * (event.steps - event.step)
+    return (f"{PICTURE_MARK} drawing the picture: step {event.step}/{event.steps} · {per_step:.2f} s/step · "
+            f"about {left:.0f} s left")
+
+
+def picture_markdown(event: PictureEvent, device: str) -> str:
+    return f"**Picture** · seed {event.seed} · {event.timings.summary()} on `{device}`"
+
+
 def _skips(n: int) -> list[Any]:
     """``n`` outputs left as they are (a fresh update each: Gradio edits update dicts in place)."""
     return [gr.skip() for _ in range(n)]
@@ -64,8 +88,46 @@ class ChatHandler:
     def __init__(self, engine: ChatEngine) -> None:
         self.engine = engine
         self.detect = Detector(engine)
-        # ZeroGPU attaches a GPU only while this runs; elsewhere ``gpu`` returns the function unchanged.
+        # ZeroGPU attaches a GPU only while these run; elsewhere ``gpu`` returns the function unchanged.
         self._stream_events = gpu(self._stream_events)
+        self._stream_picture = gpu(self._stream_picture)
+        self._pictures: str | None = None  # the folder pictures are written to (Gradio serves them from its cache)
+
+    def _stream_picture(self, message: str, attachments: list[Attachment], cache: VisualCacheConfig,
+                        picture: PictureConfig, stop: threading.Event) -> Iterator[PictureEvent]:
+        events = self.engine.imagine(message, attachments=attachments, visual_cache=cache, picture=picture,
+                                     should_stop=stop.is_set)
+        try:
+            for event in events:  # noqa: UP028 - a plain loop, as in _stream_events
+                yield event
+        finally:
+            stop.set()
+            events.close()
+
+    def _save_picture(self, image: Any) -> str:
+        if self._pictures is None:
+            self._pictures = tempfile.mkdtemp(prefix="ibllm-pictures-")
+        path = os.path.join(self._pictures, f"{uuid.uuid4().hex}.png")
+        image.save(path)
+        return path
+
+    def pictures(self, message: str, attachments: list[Attachment], cache: VisualCacheConfig, picture: PictureConfig,
+                 stop: threading.Event) -> Iterator[tuple[Any, str, str | None]]:
+        """The picture answer as ``(chat message, timings line, file)``: progress texts, then the picture (a
+        message holding its PNG file), or a message saying why there is none (the text answer is not affected)."""
+        try:
+            for event in self._stream_picture(message, attachments, cache, picture, stop):
+                if event.done:
+                    path = self._save_picture(event.image)
+                    # A message of its own holding the file: the chat shows it as a picture, the API's JSON names it.
+                    yield {"text": "", "files": [path]}, picture_markdown(event, self.engine.info.device), path
+                    return
+                yield picture_progress(event), "", None
+        except (PictureError, MediaError, RequestError, ValueError) as e:
+            yield f"{ERROR_MARK} No picture: {e}", "", None
+        except Exception as e:  # noqa: BLE001 - as in respond: report, keep serving
+            log.exception("picture failed")
+            yield f"{ERROR_MARK} No picture: {type(e).__name__}: {e}", "", None
 
     def _stream_events(self, message: str, history: list[Turn], attachments: list[Attachment], cache: VisualCacheConfig,
                        generation: GenerationConfig, stop: threading.Event) -> Iterator[ChatEvent]:
@@ -88,54 +150,72 @@ class ChatHandler:
         return session.follow(normalise_history(history), pending, self.detect)
 
     def respond(self, message: Any, history: list[Any], session: ChatSession, weights: str = "",
-                modalities: str = "", *, cache: VisualCacheConfig, generation: GenerationConfig
-                ) -> Iterator[tuple[Any, ...]]:
+                modalities: str = "", *, cache: VisualCacheConfig, generation: GenerationConfig,
+                picture: AnswerForm = TEXT_ONLY) -> Iterator[tuple[Any, ...]]:
         """Stream the answer to ``message`` as cumulative text, with timings, neighbours and the session.
+
+        ``picture`` says whether the answer is text, a picture drawn from the inputs, or both: a picture comes as a
+        chat message of its own after the text (progress messages stand in for it while it is drawn).
 
         ``history`` is the chat before this message; every file attached in it (and not removed) is part of this
         turn's input, read and weighed as ``session`` says. ``weights`` / ``modalities`` (JSON, for API callers)
         override the panel's sliders and choices for this turn. Yields ``(text, timings, neighbours, thumbnails,
-        session, panel layout)``; the session is written before the answer streams (and again only when a file
-        failed), so a slider moved while the answer streams keeps its value.
+        session, panel layout, picture file)``; the session is written before the answer streams (and again only
+        when a file failed), so a slider moved while the answer streams keeps its value.
         """
         text_in, new_files = message_parts(message)
         asked = {"role": "user", "content": [{"path": p} for p in new_files]}
         stop = threading.Event()
+        drawing = threading.Event()  # the picture's own stop flag: the text answer's is raised when it ends
         try:
             session = self.follow(session, [*(history or []), asked])
             attachments = plan_attachments(session.sent, weights, modalities)
             if not text_in and not attachments:
-                yield f"{ERROR_MARK} Type a question or attach a file.", *_skips(3), session, session.layout()
+                yield f"{ERROR_MARK} Type a question or attach a file.", *_skips(3), session, session.layout(), None
                 return
-            yield "", *_skips(3), session, session.layout()
+            yield "", *_skips(3), session, session.layout(), None
             last = ChatEvent()
-            for event in self._stream_events(text_in, list(session.history), attachments, cache, generation, stop):
+            events = self._stream_events(text_in, list(session.history), attachments, cache, generation, stop) \
+                if picture.text else iter(())
+            for event in events:
                 last = event
                 if event.done:
                     break
                 if event.delta:
-                    yield event.text, *_skips(5)
+                    yield event.text, *_skips(6)
                 elif event.queue_position and not event.text:  # waiting for a decode slot
                     ahead = event.queue_position - 1
-                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *_skips(5)
+                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *_skips(6)
             thumbs = neighbour_thumbnails(last.neighbours)
-            timings = timings_markdown(last, cache, self.engine.info.cache_entries)
-            yield (last.text, timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)),
-                   *_skips(2))
+            timings = timings_markdown(last, cache, self.engine.info.cache_entries) if picture.text else ""
+            if picture.picture is None:
+                yield (last.text, timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)),
+                       *_skips(3))
+                return
+            text = [last.text] if picture.text else []
+            close = getattr(events, "close", None)
+            if close is not None:  # the text answer is complete: its decode slot is free before the picture starts
+                close()
+            yield ([*text, f"{PICTURE_MARK} …"], timings, neighbour_rows(last.neighbours),
+                   gr.Gallery(thumbs, visible=bool(thumbs)), *_skips(3))
+            for shown, line, path in self.pictures(text_in, attachments, cache, picture.picture, drawing):
+                yield [*text, shown], "  \n".join(t for t in (timings, line) if t) if line else gr.skip(), \
+                    *_skips(4), path or gr.skip()
         except RequestError as e:
-            yield f"{ERROR_MARK} {e}", *_skips(3), session, session.layout()
+            yield f"{ERROR_MARK} {e}", *_skips(3), session, session.layout(), gr.skip()
         except MediaError as e:
             suspects = _suspects(e, new_files, [i.path for i in session.inputs])
             session = session.without(suspects)
             names = ", ".join(os.path.basename(p) for p in suspects)
             yield (f"{ERROR_MARK} {e}\n\n({names} left out of the conversation; attach another file to go on.)",
-                   *_skips(3), session, session.layout())
+                   *_skips(3), session, session.layout(), gr.skip())
         except Exception as e:  # noqa: BLE001 - one bad request must not take the server down
             log.exception("chat failed")
-            yield f"{ERROR_MARK} Something went wrong while answering: {type(e).__name__}: {e}", *_skips(5)
+            yield f"{ERROR_MARK} Something went wrong while answering: {type(e).__name__}: {e}", *_skips(6)
         finally:
             # Stop, job.cancel() and a closed browser tab all end here: tell the engine to let go of the model.
             stop.set()
+            drawing.set()
 
     def compare_without_cache(self, history: list[Any], session: ChatSession, *, generation: GenerationConfig
                               ) -> Iterator[str]:

@@ -17,6 +17,9 @@ from ibllm.types import Turn
 # Answers that are error reports start with this mark: they stay visible in the chat but are never fed back to the
 # model as if it had said them.
 ERROR_MARK = "⚠️"
+# Progress notes of a picture being drawn start with this mark; a stopped picture leaves its last one in the chat,
+# which is the app's, never the model's words.
+PICTURE_MARK = "🎨"
 
 
 @dataclass
@@ -101,26 +104,31 @@ def normalise_history(history: Sequence[Any] | None) -> Conversation:
     """Fold a Gradio message list into (user, assistant) turns and the files attached along the way.
 
     Consecutive user messages (Gradio stores each file and the text as separate messages) form one turn; a turn
-    whose answer is an error report is kept out of ``turns`` so the model never sees its own error messages.
+    whose answer is an error report is kept out of ``turns`` so the model never sees its own error messages, and so
+    is an error report after the text (a picture that could not be drawn). An answer that is a picture alone is a
+    turn with an empty answer.
     Assistant messages with a metadata title (collapsible notes, tool logs) are display-only and skipped.
     """
     conversation = Conversation()
     seen: set[str] = set()
     user_texts: list[str] = []
     answer_texts: list[str] = []
+    answered = False  # an answer may be a picture alone (no text)
 
     def close_turn() -> None:
+        nonlocal answered
         answer = "\n".join(answer_texts).strip()
         if (user_texts or answer) and not answer.startswith(ERROR_MARK):
             conversation.turns.append(Turn(user="\n".join(user_texts).strip(), assistant=answer))
         user_texts.clear()
         answer_texts.clear()
+        answered = False
 
     for message in history or []:
         role, content, metadata = _message_fields(message)
         texts, files = content_parts(content)
         if role == "user":
-            if answer_texts:
+            if answered:
                 close_turn()
             user_texts.extend(texts)
             for path in files:
@@ -130,8 +138,11 @@ def normalise_history(history: Sequence[Any] | None) -> Conversation:
         elif role == "assistant":
             if isinstance(metadata, Mapping) and metadata.get("title"):
                 continue
-            answer_texts.extend(texts)
-    if answer_texts:
+            answered = True
+            # A later message of the same answer that reports an error (no picture) is the app's, not the model's.
+            answer_texts.extend(t for t in texts if not t.startswith(PICTURE_MARK)
+                                and not (answer_texts and t.startswith(ERROR_MARK)))
+    if answered:
         close_turn()
     # a trailing user message without an answer (e.g. the turn being answered) is not a finished turn
     return conversation

@@ -21,25 +21,31 @@ from typing import Any
 
 import gradio as gr
 
-from ibllm.config import GenerationConfig, VisualCacheConfig
+from ibllm.config import GenerationConfig, PictureConfig, VisualCacheConfig
 
 Component = gr.components.Component
 
 
+class ControlGroup:
+    """A group of controls that ``named`` lists under their API parameter names, in the API's order."""
+
+    def named(self) -> dict[str, Component]:
+        raise NotImplementedError
+
+    def components(self) -> list[Component]:
+        return list(self.named().values())
+
+
 @dataclass
-class CacheControls:
+class CacheControls(ControlGroup):
     enabled: gr.Checkbox
     top_k: gr.Slider
     temperature: gr.Slider
     weight: gr.Slider
 
     def named(self) -> dict[str, Component]:
-        """The controls under their API parameter names, in the API's order."""
         return {"cache": self.enabled, "cache_top_k": self.top_k, "cache_temperature": self.temperature,
                 "cache_weight": self.weight}
-
-    def components(self) -> list[Component]:
-        return list(self.named().values())
 
     @staticmethod
     def read(values: Mapping[str, Any]) -> VisualCacheConfig:
@@ -49,24 +55,53 @@ class CacheControls:
 
 
 @dataclass
-class GenerationControls:
+class GenerationControls(ControlGroup):
     max_new_tokens: gr.Slider
     temperature: gr.Slider
     top_p: gr.Slider
     seed: gr.Number
 
     def named(self) -> dict[str, Component]:
-        """The controls under their API parameter names, in the API's order."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "seed": self.seed}
-
-    def components(self) -> list[Component]:
-        return list(self.named().values())
 
     @staticmethod
     def read(values: Mapping[str, Any]) -> GenerationConfig:
         return to_generation_options(values["max_new_tokens"], values["temperature"], values["top_p"],
                                      values["seed"])
+
+
+# What "Answer with" offers: the text answer, a picture drawn from the inputs (Stable unCLIP), or both.
+ANSWER_WITH = ("text", "picture", "text + picture")
+
+
+@dataclass(frozen=True)
+class AnswerForm:
+    """What a turn answers with: text, and/or a picture drawn with ``picture`` (None: no picture)."""
+
+    text: bool = True
+    picture: PictureConfig | None = None
+
+
+TEXT_ONLY = AnswerForm()
+
+
+@dataclass
+class PictureControls(ControlGroup):
+    answer_with: gr.Radio
+    steps: gr.Slider
+    guidance: gr.Slider
+    seed: gr.Number
+    noise_level: gr.Slider
+
+    def named(self) -> dict[str, Component]:
+        return {"answer_with": self.answer_with, "picture_steps": self.steps, "picture_guidance": self.guidance,
+                "picture_seed": self.seed, "picture_noise_level": self.noise_level}
+
+    @staticmethod
+    def read(values: Mapping[str, Any]) -> AnswerForm:
+        return to_answer_form(values["answer_with"], values["picture_steps"], values["picture_guidance"],
+                              values["picture_seed"], values["picture_noise_level"])
 
 
 @dataclass
@@ -75,10 +110,12 @@ class Controls:
 
     cache: CacheControls
     generation: GenerationControls
+    picture: PictureControls | None = None
 
     def bind(self, handler: Callable[..., Any], leave_out: Sequence[str] = ()) -> tuple[Callable[..., Any],
                                                                                          list[Component]]:
-        """``handler(*args, cache=VisualCacheConfig, generation=GenerationConfig)`` (either keyword or both) as
+        """``handler(*args, cache=VisualCacheConfig, generation=GenerationConfig, picture=AnswerForm)`` (any of the
+        keywords) as
         ``(fn, controls)``: ``fn(*args, *control_values)``, with the controls' API names as its parameter names
         (Gradio's API shows them), and the matching components, to follow the handler's own inputs.
 
@@ -87,10 +124,11 @@ class Controls:
         signature = inspect.signature(handler)
         own = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
         wanted = [name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        unknown = sorted(set(wanted) - {"cache", "generation"})
-        if unknown:
-            raise TypeError(f"{handler.__name__} asks for unknown settings {unknown}")
-        groups: dict[str, CacheControls | GenerationControls] = {name: getattr(self, name) for name in wanted}
+        unknown = sorted(set(wanted) - {"cache", "generation", "picture"})
+        if unknown or (self.picture is None and "picture" in wanted):
+            raise TypeError(f"{handler.__name__} asks for unknown settings {unknown or ['picture']}")
+        groups: dict[str, CacheControls | GenerationControls | PictureControls] = {
+            name: getattr(self, name) for name in wanted}
         named = {name: c for group in groups.values() for name, c in group.named().items() if name not in leave_out}
         names, n = list(named), len(own)
 
@@ -149,3 +187,35 @@ def to_generation_options(max_new_tokens: float, temperature: float, top_p: floa
     seed_value = None if seed is None or int(seed) < 0 else int(seed)
     return GenerationConfig(max_new_tokens=max(1, int(max_new_tokens)), temperature=max(0.0, float(temperature)),
                              top_p=min(max(float(top_p), 0.0), 1.0), seed=seed_value)
+
+
+def picture_controls(defaults: PictureConfig, *, visible: bool, render: bool = True) -> PictureControls:
+    """How a turn answers (text and/or a picture) and the picture's knobs, starting at ``defaults``. Hidden where
+    pictures cannot be drawn (the API keeps the parameters; a picture asked for there is explained instead)."""
+    return PictureControls(
+        answer_with=gr.Radio(list(ANSWER_WITH), value="text", label="Answer with", visible=visible, render=render,
+                             info="A picture is drawn from the fused inputs by Stable unCLIP, the question as its "
+                                  "prompt"),
+        steps=gr.Slider(1, 100, value=defaults.steps, step=1, label="Picture steps", visible=visible, render=render,
+                        info="Time grows with the steps (s/step below)"),
+        guidance=gr.Slider(0, 20, value=defaults.guidance, step=0.5, label="Picture guidance", visible=visible,
+                           render=render, info="How closely the picture follows the question; ≤ 1 = off (2× faster)"),
+        seed=gr.Number(-1 if defaults.seed is None else defaults.seed, precision=0, label="Picture seed",
+                       info="-1 = a new random seed each time", visible=visible, render=render),
+        noise_level=gr.Slider(0, 999, value=defaults.noise_level, step=1, label="Picture noise level",
+                              visible=visible, render=render,
+                              info="Noise added to the embedding: higher = looser variations"),
+    )
+
+
+def to_answer_form(answer_with: str, steps: float, guidance: float, seed: float | None,
+                   noise_level: float) -> AnswerForm:
+    """ValueError for an unknown ``answer_with``; the picture settings are checked where they are used, so an
+    out-of-range one is reported in the chat (``PictureConfig.check``) rather than silently clamped."""
+    if answer_with not in ANSWER_WITH:
+        raise ValueError(f"answer_with must be one of {', '.join(ANSWER_WITH)}; got {answer_with!r}")
+    if answer_with == "text":
+        return AnswerForm(text=True, picture=None)
+    seed_value = None if seed is None or int(seed) < 0 else int(seed)
+    picture = PictureConfig(steps=int(steps), guidance=float(guidance), seed=seed_value, noise_level=int(noise_level))
+    return AnswerForm(text=answer_with != "picture", picture=picture)

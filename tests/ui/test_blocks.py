@@ -36,12 +36,13 @@ def test_the_endpoints_take_the_documented_parameters(demo):
         return [p["parameter_name"] for p in api[name]["parameters"]]
 
     generation = ["max_new_tokens", "temperature", "top_p", "seed"]
+    picture = ["answer_with", "picture_steps", "picture_guidance", "picture_seed", "picture_noise_level"]
     assert params("/chat") == ["message", "weights", "modalities", "cache", "cache_top_k", "cache_temperature",
-                               "cache_weight", *generation]
+                               "cache_weight", *generation, *picture]
     assert params("/neighbours") == ["inputs", "cache_top_k", "cache_temperature", "cache_weight"]
     assert params("/compare_without_cache") == generation
     assert all(p["parameter_has_default"] for name in api for p in api[name]["parameters"])
-    assert [r["component"] for r in api["/chat"]["returns"]] == ["Json", "Markdown", "Dataframe", "Gallery"]
+    assert [r["component"] for r in api["/chat"]["returns"]] == ["Json", "Markdown", "Dataframe", "Gallery", "Image"]
 
 
 def test_the_conversation_is_one_state(demo):

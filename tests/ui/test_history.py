@@ -59,3 +59,25 @@ def test_message_parts():
 
 def test_unique_keeps_first_appearance():
     assert unique(["/b", "/a", "/b", "/c", "/a"]) == ["/b", "/a", "/c"]
+
+
+def test_picture_answers_in_the_history():
+    """A picture is an answer of its own (no text), never an input; the app's notes about it are not the model's."""
+    from ibllm.ui.history import PICTURE_MARK
+
+    history = [
+        {"role": "user", "content": [{"path": "/t/bell.wav"}, "draw it"]},
+        {"role": "assistant", "content": [{"path": "/tmp/gradio/picture.png"}]},  # a picture alone
+        {"role": "user", "content": "what shape is it?"},
+        {"role": "assistant", "content": "a torus"},
+        {"role": "assistant", "content": f"{ERROR_MARK} No picture: the pipeline is missing"},
+        {"role": "user", "content": "and now?"},
+        {"role": "assistant", "content": "a cube"},
+        {"role": "assistant", "content": f"{PICTURE_MARK} drawing the picture: step 3/20"},  # stopped mid-picture
+        {"role": "user", "content": "one more"},
+        {"role": "assistant", "content": f"{PICTURE_MARK} drawing the picture: step 1/20"},  # a stopped picture alone
+    ]
+    conv = normalise_history(history)
+    assert conv.turns == [Turn("draw it", ""), Turn("what shape is it?", "a torus"), Turn("and now?", "a cube"),
+                          Turn("one more", "")]
+    assert conv.files == ["/t/bell.wav"]
