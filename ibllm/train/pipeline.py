@@ -322,6 +322,10 @@ class Pipeline:
                 ib, m, load_tensor(self.data, "train", m), targets, steps=steps, batch=self.run.bound_batch,
                 lr=self.run.centre_lr, weight_decay=self.run.weight_decay, gen=self._gen(CENTRE_STAGE),
                 dist=self.dist, show=self.show)
+        towers = [metrics[m] for m in self.run.centre_steps]
+        metrics["loss_first"] = sum(t["loss_first"] for t in towers) / len(towers)  # mean over the towers
+        metrics["loss_last"] = sum(t["loss_last"] for t in towers) / len(towers)
+        metrics["trainable"] = sum(t["trainable"] for t in towers)
         metrics["retrieval"] = self._retrieval(tuple(self.run.centre_steps))
         self._stage_done(CENTRE_STAGE, metrics, t0)
 

@@ -72,7 +72,7 @@ def test_checkpoints_round_trip_through_load_official(run: tuple[Path, Pipeline,
         again = net.to_official()
         assert again.keys() == state.keys()
         assert all(torch.equal(again[k], state[k]) for k in state), stage
-    final = read_state_dict(out / "ckpt" / "stage2.safetensors")
+    final = read_state_dict(out / "ckpt" / f"{TRAINING_STAGES[-1]}.safetensors")
     live = pipe.net.to_official()
     assert all(torch.equal(live[k].cpu(), final[k]) for k in final)
 
