@@ -29,8 +29,9 @@ from ibllm.checkpoint import CheckpointError, read_state_dict
 from ibllm.config import IMAGEBIND_HUGE, AdapterConfig, ImageBindConfig, LlamaConfig, ModelConfig, from_name
 from ibllm.encoders.loading import load_imagebind_weights
 from ibllm.engine import ChatEngine
-from ibllm.llm.tokenizer import Tokenizer
+from ibllm.halfgemm import describe
 from ibllm.llm.quantize import SERVING_DTYPE, check_supported, is_quantized_weight, quantize_transformer
+from ibllm.llm.tokenizer import Tokenizer
 from ibllm.memory import PageReleaser, convert_releasing, parse_dtype, plan_memory
 from ibllm.model import ImageBindLLM
 from ibllm.types import ModelInfo
@@ -132,7 +133,7 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, device: str | No
     net = _finish(net, dev, dt, merge_lora=merge_lora, quantize=quantize)
     info = ModelInfo(name=f"toy ({cfg.name})", weights=description, device=str(dev), dtype=_served_dtype(dt, quantize),
                      is_default=True, trained=trained, cache_entries=cache.index.ntotal if cache else 0,
-                     how_to_load_real=HOW_TO_LOAD_REAL)
+                     how_to_load_real=HOW_TO_LOAD_REAL, compute=describe(dt, dev))
     return ChatEngine(net, tokenizer, visual_cache=cache, info=info, **serving_options(dev, max_batch, compile))
 
 
@@ -192,6 +193,9 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     if plan.dtype is None:
         raise WeightsError(plan.reason)
     dt = plan.dtype
+    compute = describe(dt, dev)  # the start-up probe: half or float32 GEMMs for prefill and encoders
+    if compute:
+        log.info(f"compute: {compute}")
     with torch.device("meta"):
         net = ImageBindLLM(cfg)
     # One file at a time into the serving dtype, releasing each file's pages as they are converted: the peak is
@@ -218,7 +222,8 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     info = ModelInfo(
         name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
         f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=_served_dtype(dt, quantize),
-        is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0, memory=plan.reason)
+        is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0, memory=plan.reason,
+        compute=compute)
     return ChatEngine(net, tok, visual_cache=cache, info=info, **serving)
 
 
@@ -233,8 +238,8 @@ def create_engine(*, llama_dir: str | None = None, adapter: str | None = None, i
     compile the decode step (module docstring)."""
     if llama_dir:
         return load_official(llama_dir, adapter=adapter, imagebind=imagebind, knn_index=knn_index,
-                             tokenizer=tokenizer, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len,
-                             merge_lora=merge_lora, max_batch=max_batch, compile=compile)
+                             tokenizer=tokenizer, device=device, dtype=dtype, quantize=quantize,
+                             max_seq_len=max_seq_len, merge_lora=merge_lora, max_batch=max_batch, compile=compile)
     if adapter or imagebind or knn_index:
         raise WeightsError("the official adapter/encoders need the base LLaMA too: pass --llama-dir (Meta's 7B "
                            "folder with params.json and consolidated.00.pth)")

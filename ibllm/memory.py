@@ -143,7 +143,8 @@ def plan_memory(states: Iterable[Mapping[str, torch.Tensor]], device: torch.devi
 
 
 def _refusal(need: int, tried: str, where: str, have: int, options: list[str]) -> str:
-    options = ["free memory (close other programs)", *options, "another device (--device cuda on a GPU with more memory)"]
+    options = ["free memory (close other programs)", *options,
+               "another device (--device cuda on a GPU with more memory)"]
     return (f"nothing fits: the model needs at least {need / GiB:.1f} GB ({tried}) and the {where} has "
             f"{have / GiB:.1f} GB available. Options: {', '.join(options)}")
 

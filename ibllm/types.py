@@ -86,3 +86,4 @@ class ModelInfo:
     cache_entries: int = 0
     how_to_load_real: str = ""
     memory: str = ""  # the memory plan's one-line verdict (which dtype and why), for the Model tab
+    compute: str = ""  # how many-token steps compute with half-precision weights on a CPU (ibllm.halfgemm.describe)

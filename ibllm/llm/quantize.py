@@ -15,9 +15,9 @@ Kernels:
 - int8 (per output row, symmetric; torchao ``Int8Tensor``): on a CPU ``torch.ops.aten._weight_int8pack_mm`` (torchao's
   eager linear dequantises the whole matrix on every call, measured 5x slower than float32 here); elsewhere torchao's
   linear (fused by ``torch.compile`` on a GPU).
-- int4 (groups of 128 input columns, or 64/32 where the width needs it, asymmetric): on a CPU torchao's ``Int4CPULayout``
-  (``_weight_int4pack_mm_for_cpu``); on an NVIDIA GPU of compute capability 8.0 or newer the tinygemm layout
-  (``tile_packed_to_4d``). ``check_supported`` says where it is not available.
+- int4 (groups of 128 input columns, or 64/32 where the width needs it, asymmetric): on a CPU torchao's
+  ``Int4CPULayout`` (``_weight_int4pack_mm_for_cpu``); on an NVIDIA GPU of compute capability 8.0 or newer the
+  tinygemm layout (``tile_packed_to_4d``). ``check_supported`` says where it is not available.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def int4_group_size(in_features: int) -> int:
 
 
 def quantized_weight_bytes(shape: tuple[int, ...] | torch.Size, scheme: str) -> int:
-    """Bytes of one quantised (out, in) weight as stored: the integer data plus its bfloat16 scales (and zero points)."""
+    """Bytes of one quantised (out, in) weight as stored: integer data plus bfloat16 scales (and zero points)."""
     n, k = shape
     if scheme == "int8":
         return n * k + 2 * n  # int8 data, one bfloat16 scale per row
@@ -87,21 +87,19 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 
 
 def _quantize_weight(weight: torch.Tensor, scheme: str) -> torch.Tensor:
-    # Imported here: torchao is needed only when quantisation is asked for (check_supported says how to get it).
-    from torchao.quantization import Int4WeightOnlyConfig
-    from torchao.quantization.quant_api import _int4_weight_only_quantize_tensor
-    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
-    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+    # Imported here: torchao is needed only when quantisation is asked for, and takes seconds to import.
+    from torchao.quantization import Int4WeightOnlyConfig, quant_api, quant_primitives
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor  # (the same reason)
 
     if scheme == "int8":
         # Int8Tensor.from_hp clamps scales at the eps of the weight's dtype, 2^-7 for bfloat16: every row whose largest
         # value is under 1 (most of LLaMA's) would lose most of its 8 bits (measured: 10% logits error on a small
         # model). The same per-row symmetric quantisation with float32's eps, as torchao's first version did.
         block = (1, weight.shape[1])
-        scale, zero = choose_qparams_affine(weight, MappingType.SYMMETRIC, block, torch.int8, -128, 127,
-                                            eps=torch.finfo(torch.float32).eps, scale_dtype=weight.dtype,
-                                            zero_point_dtype=torch.int8, keepdim=True)
-        data = quantize_affine(weight, block, scale, zero, torch.int8, -128, 127)
+        scale, zero = quant_primitives.choose_qparams_affine(
+            weight, quant_primitives.MappingType.SYMMETRIC, block, torch.int8, -128, 127,
+            eps=torch.finfo(torch.float32).eps, scale_dtype=weight.dtype, zero_point_dtype=torch.int8, keepdim=True)
+        data = quant_primitives.quantize_affine(weight, block, scale, zero, torch.int8, -128, 127)
         return Int8Tensor(data, scale, list(block), weight.dtype)
     group = int4_group_size(weight.shape[1])
     if weight.device.type == "cpu":
@@ -112,7 +110,7 @@ def _quantize_weight(weight: torch.Tensor, scheme: str) -> torch.Tensor:
         config = Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
     with warnings.catch_warnings():  # version 1's deprecation notice, once per matrix otherwise
         warnings.simplefilter("ignore")
-        return _int4_weight_only_quantize_tensor(weight, config)
+        return quant_api._int4_weight_only_quantize_tensor(weight, config)
 
 
 class QuantizedLinear(nn.Module):
