@@ -120,7 +120,7 @@ def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None
         base_state = {k: v for k, v in meta.state_dict().items() if f"llama.{k}" not in adapter_state}
         params = meta.config()
         plan = plan_memory([base_state, adapter_state, imagebind_state], pick_device(device), requested=dtype,
-                           quantize=quantize,
+                           quantize=quantize, merge_lora=True,
                            kv_cache=(params.n_layers, params.dim, max_seq_len, 1))
         yield Check("ok" if plan.dtype is not None else "FAIL", "memory plan", "; ".join(
             line.removeprefix("memory: ") for line in plan.lines()))

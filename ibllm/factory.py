@@ -187,6 +187,7 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     base = {f"llama.{k}": v for k, v in meta.state_dict().items() if f"llama.{k}" not in adapter_state}
     serving = serving_options(dev, max_batch, compile)
     plan = plan_memory([base, adapter_state, imagebind_state], dev, requested=dtype, quantize=quantize,
+                       merge_lora=merge_lora,
                        kv_cache=(cfg.llama.n_layers, cfg.llama.dim, cfg.llama.max_seq_len, serving["max_batch"]))
     for line in plan.lines():
         log.info(line)

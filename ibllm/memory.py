@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import resource
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +36,9 @@ GiB = 1024**3
 WORKING_MARGIN = int(1.5 * GiB)
 _CHUNK_ELEMENTS = 8 * 1024 * 1024  # convert (and release) at most this many elements at a time
 _MADV_DONTNEED = 4  # Linux
+# LoRA pairs that ``Transformer.merge_lora`` folds into their base weights (all but wv's, which the injection needs
+# un-adapted): not served once merged.
+_FOLDED_LORA = re.compile(r"\.lora_w[qko123]_l[12]\.weight$")
 
 
 @dataclass(frozen=True)
@@ -85,13 +89,17 @@ def _cgroup_room() -> int | None:
     return None if limit == "max" else max(int(limit) - used, 0)
 
 
-def tensor_bytes(states: Iterable[Mapping[str, torch.Tensor]], dtype: torch.dtype, quantize: str | None = None) -> int:
-    """Bytes of every tensor once floating tensors are in ``dtype`` (others keep theirs) and, with ``quantize``,
-    LLaMA's linear weights quantised. Reads no data."""
+def tensor_bytes(states: Iterable[Mapping[str, torch.Tensor]], dtype: torch.dtype, quantize: str | None = None, *,
+                 merge_lora: bool = False) -> int:
+    """Bytes of every tensor once floating tensors are in ``dtype`` (others keep theirs), with ``quantize`` LLaMA's
+    linear weights quantised, with ``merge_lora`` without the LoRA pairs folded into their base weights. Reads no
+    data."""
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
     for state in states:
         for key, t in state.items():
+            if merge_lora and _FOLDED_LORA.search(key):
+                continue
             if quantize and t.ndim == 2 and is_quantized_weight(key):
                 total += quantized_weight_bytes(t.shape, quantize)
             else:
@@ -105,16 +113,18 @@ def kv_cache_bytes(n_layers: int, dim: int, max_seq_len: int, max_batch: int, dt
 
 def plan_memory(states: Iterable[Mapping[str, torch.Tensor]], device: torch.device, *, requested: str | None = None,
                 quantize: str | None = None, kv_cache: tuple[int, int, int, int] = (0, 0, 0, 0),
-                available: int | None = None) -> MemoryPlan:
+                merge_lora: bool = False, available: int | None = None) -> MemoryPlan:
     """Choose the dtype to serve in (or refuse). ``kv_cache``: (n_layers, dim, max_seq_len, max_batch).
     ``quantize`` ("int8"/"int4"): LLaMA's linear layers quantised, everything else in bfloat16 (``--dtype`` is not
-    used then: the quantised kernels want bfloat16 activations)."""
+    used then: the quantised kernels want bfloat16 activations). ``merge_lora``: the LoRA pairs that merging folds
+    away are not counted."""
     states = list(states)
     have = available_bytes(device) if available is None else available
     where = "GPU" if device.type == "cuda" else "CPU"
 
     def needs(dtype: torch.dtype, scheme: str | None = None) -> int:
-        return tensor_bytes(states, dtype, scheme) + kv_cache_bytes(*kv_cache, dtype) + WORKING_MARGIN
+        weights = tensor_bytes(states, dtype, scheme, merge_lora=merge_lora)
+        return weights + kv_cache_bytes(*kv_cache, dtype) + WORKING_MARGIN
 
     if quantize:
         need = {quantize: needs(SERVING_DTYPE, quantize)}
