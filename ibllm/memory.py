@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ibllm.llm.quantize import SERVING_DTYPE, is_quantized_weight, quantized_weight_bytes
+from ibllm.llm.quantize import SERVING_DTYPE, fits_scheme, is_quantized_weight, quantized_weight_bytes
 
 GiB = 1024**3
 # Beyond the weights and the KV cache: activations of a prefill, the encoders' largest intermediate, the Python,
@@ -100,7 +100,7 @@ def tensor_bytes(states: Iterable[Mapping[str, torch.Tensor]], dtype: torch.dtyp
         for key, t in state.items():
             if merge_lora and _FOLDED_LORA.search(key):
                 continue
-            if quantize and t.ndim == 2 and is_quantized_weight(key):
+            if quantize and t.ndim == 2 and is_quantized_weight(key) and fits_scheme(t.shape, quantize):
                 total += quantized_weight_bytes(t.shape, quantize)
             else:
                 total += t.numel() * (size if t.is_floating_point() else t.element_size())

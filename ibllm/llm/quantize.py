@@ -15,7 +15,7 @@ Kernels:
 - int8 (per output row, symmetric; torchao ``Int8Tensor``): on a CPU ``torch.ops.aten._weight_int8pack_mm`` (torchao's
   eager linear dequantises the whole matrix on every call, measured 5x slower than float32 here); elsewhere torchao's
   linear (fused by ``torch.compile`` on a GPU).
-- int4 (groups of 128 input columns, or 64/32 where the width needs it, asymmetric): on a CPU torchao's
+- int4 (groups of 128 input columns, asymmetric; ``fits_scheme`` says which shapes): on a CPU torchao's
   ``Int4CPULayout`` (``_weight_int4pack_mm_for_cpu``); on an NVIDIA GPU of compute capability 8.0 or newer the
   tinygemm layout (``tile_packed_to_4d``). ``check_supported`` says where it is not available.
 """
@@ -36,7 +36,7 @@ SERVING_DTYPE = torch.bfloat16  # of everything not quantised, and of the activa
 
 # Official LLaMA keys (with or without the "llama." prefix of the adapter files) of the quantised matrices.
 _QUANTIZED = re.compile(r"(^|\.)(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight$")
-_INT4_GROUPS = (128, 64, 32)
+_INT4_GROUP = 128  # input columns sharing a scale and zero point
 _INT8_KERNEL_MULTIPLE = 16  # _weight_int8pack_mm gives NaN/Inf or crashes for other widths (measured: 8, 24, 100)
 
 
@@ -44,11 +44,11 @@ def is_quantized_weight(key: str) -> bool:
     return _QUANTIZED.search(key) is not None
 
 
-def int4_group_size(in_features: int) -> int:
-    for group in _INT4_GROUPS:
-        if in_features % group == 0:
-            return group
-    raise ValueError(f"int4 needs layer widths divisible by 32; a layer has {in_features} inputs: use --quantize int8")
+def fits_scheme(shape: tuple[int, ...] | torch.Size, scheme: str) -> bool:
+    """Whether an (out, in) weight can be quantised so; one that cannot stays in bfloat16 (int4's packed layouts want
+    16 | out and whole groups of inputs; 7B's 4096 / 11008 / 32000 all fit)."""
+    n, k = shape
+    return scheme == "int8" or (n % 16 == 0 and k % _INT4_GROUP == 0)
 
 
 def quantized_weight_bytes(shape: tuple[int, ...] | torch.Size, scheme: str) -> int:
@@ -57,7 +57,7 @@ def quantized_weight_bytes(shape: tuple[int, ...] | torch.Size, scheme: str) -> 
     if scheme == "int8":
         return n * k + 2 * n  # int8 data, one bfloat16 scale per row
     if scheme == "int4":
-        return n * k // 2 + (k // int4_group_size(k)) * n * 2 * 2  # two values a byte; (scale, zero) per group
+        return n * k // 2 + (k // _INT4_GROUP) * n * 2 * 2  # two values a byte; (scale, zero) per group
     raise ValueError(f"unknown quantisation {scheme!r}: use {' or '.join(SCHEMES)}")
 
 
@@ -101,7 +101,7 @@ def _quantize_weight(weight: torch.Tensor, scheme: str) -> torch.Tensor:
             eps=torch.finfo(torch.float32).eps, scale_dtype=weight.dtype, zero_point_dtype=torch.int8, keepdim=True)
         data = quant_primitives.quantize_affine(weight, block, scale, zero, torch.int8, -128, 127)
         return Int8Tensor(data, scale, list(block), weight.dtype)
-    group = int4_group_size(weight.shape[1])
+    group = _INT4_GROUP
     if weight.device.type == "cpu":
         from torchao.dtypes import Int4CPULayout  # the CPU layout exists only in torchao's first config version
 
@@ -158,8 +158,10 @@ class QuantizedLinear(nn.Module):
 def quantize_linear(owner: nn.Module, name: str, scheme: str, device: torch.device,
                     release: Callable[[torch.Tensor], None] | None = None) -> None:
     """Replace ``owner.<name>`` (an nn.Linear) by its ``QuantizedLinear`` on ``device``; ``release`` is given the old
-    weight afterwards (the loader drops its file pages)."""
+    weight afterwards (the loader drops its file pages). A weight of a shape the scheme cannot take is left as it is."""
     linear = getattr(owner, name)
+    if not fits_scheme(linear.weight.shape, scheme):
+        return
     old = linear.weight
     quantized = _quantize_weight(old.detach().to(device=device, dtype=SERVING_DTYPE), scheme)
     setattr(owner, name, QuantizedLinear(quantized, linear.bias, scheme))
@@ -190,4 +192,4 @@ def quantize_transformer(model: nn.Module, scheme: str, *, device: torch.device 
 
 
 __all__ = ["SCHEMES", "SERVING_DTYPE", "QuantizedLinear", "quantize_transformer", "quantize_linear",
-           "quantized_weight_bytes", "is_quantized_weight", "check_supported", "tensor_nbytes", "int4_group_size"]
+           "quantized_weight_bytes", "is_quantized_weight", "check_supported", "tensor_nbytes", "fits_scheme"]
