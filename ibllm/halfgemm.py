@@ -11,7 +11,8 @@ in the half dtype and in float32, once per dtype per process (``IBLLM_HALF_GEMM=
 weight copied into one float32 buffer reused by every layer (memory grows by the largest weight matrix in float32,
 less than one layer), and the result cast back to the activations' dtype. One-row products (decode) and quantised
 weights are never touched. The buffer is shared, so products through it take a lock (the context itself, a torch
-function mode, is per thread).
+function mode, is per thread). ``widened`` lends that buffer to other conversions of one matrix at a time (the int8
+weights of ``llm.quantize`` for a prefill).
 """
 
 from __future__ import annotations
@@ -77,14 +78,18 @@ _lock = threading.Lock()
 _buffer: torch.Tensor | None = None  # the float32 copy of the weight being multiplied; grows to the largest one
 
 
-def _float32_copy(weight: torch.Tensor) -> torch.Tensor:
+@contextlib.contextmanager
+def widened(weight: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """``weight`` converted to ``dtype`` in the one reused CPU buffer, held (locked) for the duration of the block."""
     global _buffer
-    if _buffer is None or _buffer.numel() < weight.numel():
-        _buffer = None  # free the smaller one first
-        _buffer = torch.empty(weight.numel(), dtype=torch.float32)
-    out = _buffer[:weight.numel()].view(weight.shape)
-    out.copy_(weight)
-    return out
+    nbytes = weight.numel() * torch.empty((), dtype=dtype).element_size()
+    with _lock:
+        if _buffer is None or _buffer.numel() * 4 < nbytes:
+            _buffer = None  # free the smaller one first
+            _buffer = torch.empty(-(-nbytes // 4), dtype=torch.float32)
+        out = _buffer.view(torch.uint8)[:nbytes].view(dtype).view(weight.shape)
+        out.copy_(weight)
+        yield out
 
 
 class Float32Gemm(TorchFunctionMode):
@@ -97,8 +102,8 @@ class Float32Gemm(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if (type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in HALF
                     and weight.device.type == "cpu" and x.numel() > x.shape[-1]):
-                with _lock:
-                    y = F.linear(x.float(), _float32_copy(weight), None if bias is None else bias.float())
+                with widened(weight) as weight32:
+                    y = F.linear(x.float(), weight32, None if bias is None else bias.float())
                 return y.to(x.dtype)
         return func(*args, **kwargs)
 
@@ -115,4 +120,5 @@ def buffer_bytes() -> int:
     return 0 if _buffer is None else _buffer.numel() * 4
 
 
-__all__ = ["Float32Gemm", "float32_gemm", "half_gemm_is_slow", "gemm_time_ratio", "describe", "buffer_bytes", "HALF"]
+__all__ = ["Float32Gemm", "float32_gemm", "widened", "half_gemm_is_slow", "gemm_time_ratio", "describe", "buffer_bytes",
+           "HALF"]

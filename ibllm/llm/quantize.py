@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from ibllm.halfgemm import half_gemm_is_slow, widened
+
 SCHEMES = ("int8", "int4")
 SERVING_DTYPE = torch.bfloat16  # of everything not quantised, and of the activations (module docstring)
 
@@ -38,6 +40,10 @@ SERVING_DTYPE = torch.bfloat16  # of everything not quantised, and of the activa
 _QUANTIZED = re.compile(r"(^|\.)(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight$")
 _INT4_GROUP = 128  # input columns sharing a scale and zero point
 _INT8_KERNEL_MULTIPLE = 16  # _weight_int8pack_mm gives NaN/Inf or crashes for other widths (measured: 8, 24, 100)
+# From this many rows on, an int8 product on a CPU converts the matrix to bfloat16 (one reused buffer) and multiplies
+# that instead: measured for 11008x4096, the kernel takes 8 ms for one row (the bfloat16 route 49 ms) but 136 ms for
+# 29 rows (the bfloat16 route 72 ms).
+_INT8_WIDEN_ROWS = 16
 
 
 def is_quantized_weight(key: str) -> bool:
@@ -130,9 +136,14 @@ class QuantizedLinear(nn.Module):
         dtype = x.dtype
         x = x.to(SERVING_DTYPE)
         if self._int8_kernel:
-            w = self.weight
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), w.qdata,
-                                                    w.scale.reshape(-1))
+            w, rows = self.weight, x.reshape(-1, self.in_features).contiguous()
+            if rows.shape[0] >= _INT8_WIDEN_ROWS:  # a prefill: a GEMM of the integers, then the row scales
+                # In bfloat16, or float32 where the start-up probe found half-precision GEMM the slower one.
+                wide = torch.float32 if half_gemm_is_slow(SERVING_DTYPE) else SERVING_DTYPE
+                with widened(w.qdata, wide) as integers:
+                    y = (F.linear(rows.to(wide), integers) * w.scale.reshape(-1)).to(SERVING_DTYPE)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(rows, w.qdata, w.scale.reshape(-1))
             y = y.view(*x.shape[:-1], self.out_features)
             if self.bias is not None:
                 y = y + self.bias

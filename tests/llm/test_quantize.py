@@ -44,8 +44,10 @@ def _quantized(reference: Transformer, scheme: str) -> Transformer:
     return model.to(SERVING_DTYPE)
 
 
+@pytest.mark.parametrize("half_gemm", ["half", "float32"])  # the prefill's two routes (ibllm.halfgemm's probe)
 @torch.no_grad()
-def test_int8_logits_close_to_float32(reference):
+def test_int8_logits_close_to_float32(reference, monkeypatch, half_gemm):
+    monkeypatch.setenv("IBLLM_HALF_GEMM", half_gemm)
     model = _quantized(reference, "int8")
     assert all(isinstance(layer.attention.wv, QuantizedLinear) for layer in model.layers)
     tokens = torch.randint(0, SMALL.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
