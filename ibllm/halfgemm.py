@@ -100,8 +100,10 @@ class Float32Gemm(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            # Not for weights being trained: their gradient must reach the weight, not the buffer's copy of it.
             if (type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in HALF
-                    and weight.device.type == "cpu" and x.numel() > x.shape[-1]):
+                    and weight.device.type == "cpu" and x.numel() > x.shape[-1]
+                    and not (weight.requires_grad and torch.is_grad_enabled())):
                 with widened(weight) as weight32:
                     y = F.linear(x.float(), weight32, None if bias is None else bias.float())
                 return y.to(x.dtype)
