@@ -12,9 +12,10 @@ the un-adapted ``wv``): the injection's ``F.linear(adapter, wv.weight)`` goes th
 quantised tensor, i.e. the injection sees the same quantised base ``wv`` as every token.
 
 Kernels:
-- int8 (per output row, symmetric; torchao ``Int8Tensor``): on a CPU ``torch.ops.aten._weight_int8pack_mm`` (torchao's
-  eager linear dequantises the whole matrix on every call, measured 5x slower than float32 here); elsewhere torchao's
-  linear (fused by ``torch.compile`` on a GPU).
+- int8 (per output row, symmetric; torchao ``Int8Tensor``): on a CPU ``torch.ops.aten._weight_int8pack_mm`` for decode
+  (torchao's eager linear dequantises the whole matrix on every call, measured 5x slower than float32 here), and for
+  16+ rows (a prefill) a GEMM of the integers converted into the one reused buffer of ``ibllm.halfgemm``; elsewhere
+  torchao's linear (fused by ``torch.compile`` on a GPU).
 - int4 (groups of 128 input columns, asymmetric; ``fits_scheme`` says which shapes): on a CPU torchao's
   ``Int4CPULayout`` (``_weight_int4pack_mm_for_cpu``); on an NVIDIA GPU of compute capability 8.0 or newer the
   tinygemm layout (``tile_packed_to_4d``). ``check_supported`` says where it is not available.
