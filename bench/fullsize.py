@@ -2,6 +2,7 @@
 
     python bench/fullsize.py --dir /data/fullsize              # writes random full-size files once (~21 GB), then runs
     python bench/fullsize.py --dir /data/fullsize --dtype float16
+    python bench/fullsize.py --dir /data/fullsize --quantize int8  # weight-only int8 LLaMA, the rest bfloat16
     python bench/fullsize.py --llama-dir LLaMA/7B --adapter 7B.pth --imagebind imagebind_w3D.pth   # real files
 
 Each configuration runs in a child process (so peak RSS is its own) through ``ibllm.create_engine`` exactly as
@@ -34,6 +35,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from ibllm import create_engine
 from ibllm.config import GenerationConfig
+from ibllm.llm.quantize import tensor_nbytes
 from ibllm.types import Attachment
 args = json.loads(sys.argv[1])
 def rss():
@@ -42,16 +44,16 @@ before, t0 = rss(), time.perf_counter()
 engine = create_engine(**args["weights"])
 load_s = time.perf_counter() - t0
 peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-served = sum(t.numel() * t.element_size() for t in [*engine.net.parameters(), *engine.net.buffers()])
-llama_bytes = sum(p.numel() * p.element_size() for p in engine.net.llama.parameters())
+served = sum(tensor_nbytes(t) for t in [*engine.net.parameters(), *engine.net.buffers()])
+llama_bytes = sum(tensor_nbytes(p) for p in engine.net.llama.parameters())
 event = None
 for event in engine.chat("Describe the image.", attachments=[Attachment(args["image"], "image")],
                          generation=GenerationConfig.greedy(args["new_tokens"])):
     pass
 t = event.timings
-print(json.dumps({"dtype": str(engine.dtype), "memory": engine.info.memory, "load_s": load_s,
-                  "peak_load_growth": peak_load - before, "served": served, "llama_bytes": llama_bytes,
-                  "peak_total": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"dtype": engine.info.dtype, "memory": engine.info.memory, "compute": engine.info.compute,
+                  "load_s": load_s, "peak_load_growth": peak_load - before, "served": served,
+                  "llama_bytes": llama_bytes, "peak_total": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "encode_s": t.encode, "retrieve_s": t.cache, "bind_s": t.bind, "prefill_s": t.prefill,
                   "prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens, "decode_tps": t.decode_tokens_per_s}))
 """
@@ -74,6 +76,7 @@ def main() -> int:
     p.add_argument("--llama-dir"), p.add_argument("--adapter"), p.add_argument("--imagebind")
     p.add_argument("--knn-index")
     p.add_argument("--dtype", action="append", help="repeatable; default: the memory plan's own choice")
+    p.add_argument("--quantize", action="append", choices=["int8", "int4"], help="repeatable; instead of --dtype")
     p.add_argument("--new-tokens", type=int, default=8)
     args = p.parse_args()
     if args.llama_dir:
@@ -91,17 +94,19 @@ def main() -> int:
         p.error("pass --dir (random full-size files) or --llama-dir/--adapter/--imagebind (real ones)")
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth of this machine: {bandwidth:.1f} GB/s")
-    for dtype in args.dtype or [None]:
-        config = {"weights": {**weights, "device": "cpu", "dtype": dtype}, "image": str(IMAGE),
+    runs = [(None, q) for q in args.quantize] if args.quantize else [(d, None) for d in args.dtype or [None]]
+    for dtype, quantize in runs:
+        label = quantize or dtype
+        config = {"weights": {**weights, "device": "cpu", "dtype": dtype, "quantize": quantize}, "image": str(IMAGE),
                   "new_tokens": args.new_tokens}
         result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], cwd=REPO, capture_output=True,
                                 text=True)
         if result.returncode != 0:
-            print(f"[{dtype or 'default'}] exit {result.returncode}:\n{result.stderr[-2000:]}")
+            print(f"[{label or 'default'}] exit {result.returncode}:\n{result.stderr[-2000:]}")
             continue
         r = json.loads(result.stdout.strip().splitlines()[-1])
         gbs = r["llama_bytes"] * r["decode_tps"] / 1e9
-        print(f"[{dtype or 'default'} -> {r['dtype']}] {r['memory']}")
+        print(f"[{label or 'default'} -> {r['dtype']}] {r['memory']}" + (f"; {r['compute']}" if r["compute"] else ""))
         print(f"  load {r['load_s']:.1f} s; peak RSS growth while loading {r['peak_load_growth'] / 1e9:.1f} GB for "
               f"{r['served'] / 1e9:.1f} GB served (x{r['peak_load_growth'] / r['served']:.2f}); "
               f"peak RSS overall {r['peak_total'] / 1e9:.1f} GB")

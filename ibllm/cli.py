@@ -41,7 +41,10 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--assets", help="folder of a toy-format model (default: assets/toy)")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="default: float16 on GPU, float32 on CPU")
+                   help="default: the fastest that fits (float16 on a GPU; on a CPU float32, else float16)")
+    g.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantised LLaMA linear layers (torchao), the rest in bfloat16: 7B in ~7 GB "
+                        "(int8) or ~4 GB (int4; CPU, or a GPU of compute capability 8.0+)")
     g.add_argument("--max-seq-len", type=int, default=512, help="context length of the official model")
     g.add_argument("--unclip", metavar="DIR_OR_REPO",
                    help="Stable unCLIP pipeline for picture answers: a diffusers folder or a hub repo id, loaded on "
@@ -55,7 +58,7 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 WEIGHTS_OPTIONS = ("llama_dir", "tokenizer", "adapter", "imagebind", "knn_index", "assets", "device", "dtype",
-                   "max_seq_len", "max_batch", "compile", "unclip")
+                   "quantize", "max_seq_len", "max_batch", "compile", "unclip")
 
 
 def weights_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,7 +175,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(llama_dir=args.llama_dir, adapter=args.adapter, imagebind=args.imagebind,
                   knn_index=args.knn_index, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                  max_seq_len=args.max_seq_len)
+                  quantize=args.quantize, max_seq_len=args.max_seq_len)
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:

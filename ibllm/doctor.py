@@ -41,7 +41,8 @@ def _shape_problems(expected: dict[str, torch.Size], found: dict[str, torch.Tens
 
 def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None, knn_index: str | None,
                tokenizer: str | None = None, imagebind_config: ImageBindConfig = IMAGEBIND_HUGE, *,
-               device: str | None = None, dtype: str | None = None, max_seq_len: int = 512) -> Iterator[Check]:
+               device: str | None = None, dtype: str | None = None, quantize: str | None = None,
+               max_seq_len: int = 512) -> Iterator[Check]:
     meta = None
     if not llama_dir:
         yield Check("FAIL", "base LLaMA", "pass --llama-dir (Meta's 7B folder: params.json, consolidated.00.pth)")
@@ -119,6 +120,7 @@ def run_checks(llama_dir: str | None, adapter: str | None, imagebind: str | None
         base_state = {k: v for k, v in meta.state_dict().items() if f"llama.{k}" not in adapter_state}
         params = meta.config()
         plan = plan_memory([base_state, adapter_state, imagebind_state], pick_device(device), requested=dtype,
+                           quantize=quantize, merge_lora=True,
                            kv_cache=(params.n_layers, params.dim, max_seq_len, 1))
         yield Check("ok" if plan.dtype is not None else "FAIL", "memory plan", "; ".join(
             line.removeprefix("memory: ") for line in plan.lines()))

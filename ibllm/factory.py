@@ -8,6 +8,9 @@
   cache (``ibllm.weights.resolve``). Everything is built on the meta device and filled from memory-mapped files,
   so a 7B model needs about its own size in RAM.
 
+Quantisation: ``quantize="int8"`` (or ``"int4"``) serves LLaMA's linear layers quantised through torchao, LoRA merged
+first, the rest in bfloat16 (``ibllm.llm.quantize``); the memory plan counts them at that size.
+
 Serving: ``max_batch`` decode slots (env ``IBLLM_MAX_BATCH``; default 4) and ``compile`` for the batched decode
 step (env ``IBLLM_COMPILE`` = 1/0; default on CUDA, off on CPU — see ``default_compile``).
 """
@@ -27,8 +30,10 @@ from ibllm.checkpoint import CheckpointError, read_state_dict
 from ibllm.config import IMAGEBIND_HUGE, AdapterConfig, ImageBindConfig, LlamaConfig, ModelConfig, from_name
 from ibllm.encoders.loading import load_imagebind_weights
 from ibllm.engine import ChatEngine
+from ibllm.halfgemm import describe
+from ibllm.llm.quantize import SERVING_DTYPE, check_supported, is_quantized_weight, quantize_transformer
 from ibllm.llm.tokenizer import Tokenizer
-from ibllm.memory import convert_releasing, parse_dtype, plan_memory
+from ibllm.memory import PageReleaser, convert_releasing, parse_dtype, plan_memory
 from ibllm.model import ImageBindLLM
 from ibllm.types import ModelInfo
 from ibllm.weights import MetaLlama, WeightsError, resolve
@@ -76,26 +81,39 @@ def default_compile(device: torch.device) -> bool:
 
 
 def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merge_lora: bool,
-            fuse: bool = True) -> ImageBindLLM:
+            fuse: bool = True, quantize: str | None = None, release=None) -> ImageBindLLM:
     # No KV cache here: the engine's scheduler allocates its own, one row per decode slot.
-    net = net.to(device=device, dtype=dtype).eval()
+    if quantize:
+        # Block by block, before anything else is converted: the peak holds one block in both forms, not the model.
+        # ``release`` drops the file pages of each weight once it is quantised.
+        quantize_transformer(net.llama, quantize, device=device, merge_lora=merge_lora, release=release)
+    net = net.to(device=device, dtype=dtype).eval()  # quantised weights stay as they are (QuantizedLinear._apply)
     for p in net.parameters():
         p.requires_grad_(False)
     if merge_lora and net.cfg.llama.w_lora:
         net.llama.merge_lora()
-    if fuse and (merge_lora or not net.cfg.llama.w_lora):
+    # Fusing would concatenate quantised weights (and wv must stay a Linear of its own for the injection).
+    if fuse and not quantize and (merge_lora or not net.cfg.llama.w_lora):
         net.llama.fuse_projections()
     return net
 
 
+def _served_dtype(dtype: torch.dtype, quantize: str | None) -> str:
+    return f"{quantize} + bfloat16" if quantize else str(dtype).removeprefix("torch.")
+
+
 def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, adapter: str | os.PathLike | None = None,
-                 device: str | None = None, dtype: str | None = None, merge_lora: bool = True, seed: int = 0,
-                 max_batch: int | None = None, compile: bool | None = None, unclip: str | None = None) -> ChatEngine:
+                 device: str | None = None, dtype: str | None = None, quantize: str | None = None,
+                 merge_lora: bool = True, seed: int = 0, max_batch: int | None = None, compile: bool | None = None,
+                 unclip: str | None = None) -> ChatEngine:
     """The embedded toy model (random weights of the same architecture when it has not been trained yet);
     ``adapter``: an adapter file in the official layout replacing the model's own adapter tensors."""
     assets = Path(assets)
     dev = pick_device(device)
-    dt = parse_dtype(dtype) if dtype else torch.float32  # the toy model is small: float32 everywhere
+    if quantize:
+        check_supported(quantize, dev)
+    # The toy model is small: float32 everywhere, unless quantised (then bfloat16 around the quantised layers).
+    dt = SERVING_DTYPE if quantize else parse_dtype(dtype) if dtype else torch.float32
     cfg = ModelConfig.load(assets / "config.json") if (assets / "config.json").is_file() else from_name("toy")
     tokenizer_path = assets / "tokenizer.model"
     if not tokenizer_path.is_file():
@@ -118,10 +136,10 @@ def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, adapter: str | o
         description += f" with the adapter {adapter}"
     cache_dir = assets / "cache"
     cache = VisualCache.load(cache_dir) if cache_dir.exists() else None
-    net = _finish(net, dev, dt, merge_lora=merge_lora)
-    info = ModelInfo(name=f"toy ({cfg.name})", weights=description, device=str(dev), dtype=str(dt).split(".")[-1],
+    net = _finish(net, dev, dt, merge_lora=merge_lora, quantize=quantize)
+    info = ModelInfo(name=f"toy ({cfg.name})", weights=description, device=str(dev), dtype=_served_dtype(dt, quantize),
                      is_default=True, trained=trained, cache_entries=cache.index.ntotal if cache else 0,
-                     how_to_load_real=HOW_TO_LOAD_REAL)
+                     how_to_load_real=HOW_TO_LOAD_REAL, compute=describe(dt, dev))
     return ChatEngine(net, tokenizer, visual_cache=cache, info=info, unclip=unclip,
                       **serving_options(dev, max_batch, compile))
 
@@ -150,7 +168,7 @@ def config_from_adapter(adapter_state: dict[str, torch.Tensor], llama: LlamaConf
 def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
                   imagebind: str | os.PathLike | None = None, knn_index: str | os.PathLike | None = None,
                   tokenizer: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
-                  max_seq_len: int = 512, merge_lora: bool = True, use_cache: bool = True,
+                  quantize: str | None = None, max_seq_len: int = 512, merge_lora: bool = True, use_cache: bool = True,
                   imagebind_config: ImageBindConfig = IMAGEBIND_HUGE, max_batch: int | None = None,
                   compile: bool | None = None, unclip: str | None = None) -> ChatEngine:
     """The released ImageBind-LLM: Meta LLaMA + ``7B.pth`` + ``imagebind_w3D.pth`` (+ ``knn.index``).
@@ -158,6 +176,8 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     ``imagebind_config`` is ImageBind-Huge for the released files; tests pass the tiny sizes of their fixtures.
     """
     dev = pick_device(device)
+    if quantize:
+        check_supported(quantize, dev)
     meta = MetaLlama.find(llama_dir, tokenizer)
     if meta.tokenizer is None:
         raise WeightsError(f"tokenizer.model not found in {meta.root} or its parent: pass --tokenizer")
@@ -173,18 +193,25 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     # their own file (if an adapter carries encoder tensors too, the encoder file wins).
     base = {f"llama.{k}": v for k, v in meta.state_dict().items() if f"llama.{k}" not in adapter_state}
     serving = serving_options(dev, max_batch, compile)
-    plan = plan_memory([base, adapter_state, imagebind_state], dev, requested=dtype,
+    plan = plan_memory([base, adapter_state, imagebind_state], dev, requested=dtype, quantize=quantize,
+                       merge_lora=merge_lora,
                        kv_cache=(cfg.llama.n_layers, cfg.llama.dim, cfg.llama.max_seq_len, serving["max_batch"]))
     for line in plan.lines():
         log.info(line)
     if plan.dtype is None:
         raise WeightsError(plan.reason)
     dt = plan.dtype
+    compute = describe(dt, dev)  # the start-up probe: half or float32 GEMMs for prefill and encoders
+    if compute:
+        log.info(f"compute: {compute}")
     with torch.device("meta"):
         net = ImageBindLLM(cfg)
     # One file at a time into the serving dtype, releasing each file's pages as they are converted: the peak is
-    # what is served, not the files plus their copies.
-    state = convert_releasing(base, dt, meta.shards[0] if len(meta.shards) == 1 else None)
+    # what is served, not the files plus their copies. Weights to be quantised stay in the file until then.
+    shard = meta.shards[0] if len(meta.shards) == 1 else None
+    keep = is_quantized_weight if quantize else None
+    release = PageReleaser(shard).release if quantize and shard is not None else None
+    state = convert_releasing(base, dt, shard, keep=keep)
     state.update(convert_releasing(adapter_state, dt, adapter_path))
     net.load_official(state, what=f"{meta.root} + {adapter_path.name}", allow_missing=("image_bind.",), assign=True)
     del state, base, adapter_state
@@ -199,33 +226,36 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
                 raise
     # Fusing q|k|v and w1|w3 concatenates weights: on a CPU that is a second copy of them while loading (and the
     # file-backed originals stay mapped), against ~9% faster decode; the memory rule wins there.
-    net = _finish(net, dev, dt, merge_lora=merge_lora, fuse=dev.type == "cuda")
+    net = _finish(net, dev, dt, merge_lora=merge_lora, fuse=dev.type == "cuda", quantize=quantize, release=release)
     info = ModelInfo(
         name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
-        f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=str(dt).split(".")[-1],
-        is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0, memory=plan.reason)
+        f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=_served_dtype(dt, quantize),
+        is_default=False, trained=True, cache_entries=cache.index.ntotal if cache else 0, memory=plan.reason,
+        compute=compute)
     return ChatEngine(net, tok, visual_cache=cache, info=info, unclip=unclip, **serving)
 
 
 def create_engine(*, llama_dir: str | None = None, adapter: str | None = None, imagebind: str | None = None,
                knn_index: str | None = None, tokenizer: str | None = None, assets: str | None = None,
-               device: str | None = None, dtype: str | None = None, max_seq_len: int = 512,
-               merge_lora: bool = True, max_batch: int | None = None, compile: bool | None = None,
-               unclip: str | None = None) -> ChatEngine:
+               device: str | None = None, dtype: str | None = None, quantize: str | None = None,
+               max_seq_len: int = 512, merge_lora: bool = True, max_batch: int | None = None,
+               compile: bool | None = None, unclip: str | None = None) -> ChatEngine:
     """The model the app and CLI serve: official weights when ``llama_dir`` is given, else the embedded default
     (with ``adapter`` over it when given: a fine-tune of the toy model).
 
-    ``max_batch``: answers decoded at the same time; ``compile``: compile the decode step (module docstring);
-    ``unclip``: the Stable unCLIP pipeline for picture answers (a folder or hub repo id; loaded on first use)."""
+    ``quantize``: "int8"/"int4" weight-only LLaMA; ``max_batch``: answers decoded at the same time; ``compile``:
+    compile the decode step (module docstring); ``unclip``: the Stable unCLIP pipeline for picture answers (a
+    folder or hub repo id; loaded on first use)."""
     if llama_dir:
         return load_official(llama_dir, adapter=adapter, imagebind=imagebind, knn_index=knn_index,
-                             tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                             merge_lora=merge_lora, max_batch=max_batch, compile=compile, unclip=unclip)
+                             tokenizer=tokenizer, device=device, dtype=dtype, quantize=quantize,
+                             max_seq_len=max_seq_len, merge_lora=merge_lora, max_batch=max_batch, compile=compile,
+                             unclip=unclip)
     if imagebind or knn_index:
         raise WeightsError("the official encoders/cache need the base LLaMA too: pass --llama-dir (Meta's 7B "
                            "folder with params.json and consolidated.00.pth)")
-    return load_default(assets or DEFAULT_ASSETS, adapter=adapter, device=device, dtype=dtype, merge_lora=merge_lora,
-                        max_batch=max_batch, compile=compile, unclip=unclip)
+    return load_default(assets or DEFAULT_ASSETS, adapter=adapter, device=device, dtype=dtype, quantize=quantize,
+                        merge_lora=merge_lora, max_batch=max_batch, compile=compile, unclip=unclip)
 
 
 __all__ = ["create_engine", "load_default", "load_official", "CheckpointError", "WeightsError", "HOW_TO_LOAD_REAL"]

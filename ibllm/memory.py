@@ -4,7 +4,9 @@
 cache and a working margin, compares that with what the device has (available RAM on a CPU, free memory on a GPU)
 and picks a dtype: the fastest that fits (float16 on a GPU; on a CPU float32 if it fits, else float16, the dtype
 of Meta's files, so nothing is converted or copied), or refuses, naming the need, what the machine has and the
-options. ``doctor`` prints the same plan.
+options (among them ``--quantize int8`` and what it would need). With ``quantize`` the plan counts LLaMA's linear
+layers at their quantised size (``llm.quantize.quantized_weight_bytes``) and the rest in bfloat16. ``doctor`` prints
+the same plan.
 
 ``convert_releasing`` turns a memory-mapped state dict into the target dtype tensor by tensor and tells the kernel
 that the source pages just read are not needed any more (``madvise(MADV_DONTNEED)`` on the file mapping), so the
@@ -17,13 +19,16 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import resource
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ibllm.llm.quantize import SERVING_DTYPE, fits_scheme, is_quantized_weight, quantized_weight_bytes
 
 GiB = 1024**3
 # Beyond the weights and the KV cache: activations of a prefill, the encoders' largest intermediate, the Python,
@@ -31,6 +36,9 @@ GiB = 1024**3
 WORKING_MARGIN = int(1.5 * GiB)
 _CHUNK_ELEMENTS = 8 * 1024 * 1024  # convert (and release) at most this many elements at a time
 _MADV_DONTNEED = 4  # Linux
+# LoRA pairs that ``Transformer.merge_lora`` folds into their base weights (all but wv's, which the injection needs
+# un-adapted): not served once merged.
+_FOLDED_LORA = re.compile(r"\.lora_w[qko123]_l[12]\.weight$")
 
 
 @dataclass(frozen=True)
@@ -81,10 +89,22 @@ def _cgroup_room() -> int | None:
     return None if limit == "max" else max(int(limit) - used, 0)
 
 
-def tensor_bytes(states: Iterable[Mapping[str, torch.Tensor]], dtype: torch.dtype) -> int:
-    """Bytes of every tensor once floating tensors are in ``dtype`` (others keep theirs). Reads no data."""
+def tensor_bytes(states: Iterable[Mapping[str, torch.Tensor]], dtype: torch.dtype, quantize: str | None = None, *,
+                 merge_lora: bool = False) -> int:
+    """Bytes of every tensor once floating tensors are in ``dtype`` (others keep theirs), with ``quantize`` LLaMA's
+    linear weights quantised, with ``merge_lora`` without the LoRA pairs folded into their base weights. Reads no
+    data."""
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for s in states for t in s.values())
+    total = 0
+    for state in states:
+        for key, t in state.items():
+            if merge_lora and _FOLDED_LORA.search(key):
+                continue
+            if quantize and t.ndim == 2 and is_quantized_weight(key) and fits_scheme(t.shape, quantize):
+                total += quantized_weight_bytes(t.shape, quantize)
+            else:
+                total += t.numel() * (size if t.is_floating_point() else t.element_size())
+    return total
 
 
 def kv_cache_bytes(n_layers: int, dim: int, max_seq_len: int, max_batch: int, dtype: torch.dtype) -> int:
@@ -92,28 +112,51 @@ def kv_cache_bytes(n_layers: int, dim: int, max_seq_len: int, max_batch: int, dt
 
 
 def plan_memory(states: Iterable[Mapping[str, torch.Tensor]], device: torch.device, *, requested: str | None = None,
-                kv_cache: tuple[int, int, int, int] = (0, 0, 0, 0), available: int | None = None) -> MemoryPlan:
-    """Choose the dtype to serve in (or refuse). ``kv_cache``: (n_layers, dim, max_seq_len, max_batch)."""
+                quantize: str | None = None, kv_cache: tuple[int, int, int, int] = (0, 0, 0, 0),
+                merge_lora: bool = False, available: int | None = None) -> MemoryPlan:
+    """Choose the dtype to serve in (or refuse). ``kv_cache``: (n_layers, dim, max_seq_len, max_batch).
+    ``quantize`` ("int8"/"int4"): LLaMA's linear layers quantised, everything else in bfloat16 (``--dtype`` is not
+    used then: the quantised kernels want bfloat16 activations). ``merge_lora``: the LoRA pairs that merging folds
+    away are not counted."""
     states = list(states)
+    have = available_bytes(device) if available is None else available
+    where = "GPU" if device.type == "cuda" else "CPU"
+
+    def needs(dtype: torch.dtype, scheme: str | None = None) -> int:
+        weights = tensor_bytes(states, dtype, scheme, merge_lora=merge_lora)
+        return weights + kv_cache_bytes(*kv_cache, dtype) + WORKING_MARGIN
+
+    if quantize:
+        need = {quantize: needs(SERVING_DTYPE, quantize)}
+        if need[quantize] <= have:
+            return MemoryPlan(str(device), have, need, SERVING_DTYPE,
+                              f"serving LLaMA's linear layers in {quantize}, the rest in bfloat16, on the {where}: "
+                              f"as asked (--quantize {quantize})")
+        smaller = [s for s in ("int8", "int4") if s != quantize and needs(SERVING_DTYPE, s) < need[quantize]]
+        options = [f"--quantize {s} ({needs(SERVING_DTYPE, s) / GiB:.1f} GB)" for s in smaller]
+        return MemoryPlan(str(device), have, need, None, _refusal(need[quantize], quantize, where, have, options))
     candidates = [torch.float16] if device.type == "cuda" else [torch.float32, torch.float16]
     if requested:
         candidates = [parse_dtype(requested)]
-    need = {dtype_name(d): tensor_bytes(states, d) + kv_cache_bytes(*kv_cache, d) + WORKING_MARGIN
-            for d in dict.fromkeys([*candidates, torch.float32, torch.float16])}
-    have = available_bytes(device) if available is None else available
-    where = "GPU" if device.type == "cuda" else "CPU"
+    need = {dtype_name(d): needs(d) for d in dict.fromkeys([*candidates, torch.float32, torch.float16])}
     for d in candidates:
         if need[dtype_name(d)] <= have:
             why = "as asked (--dtype)" if requested else (
                 "the fastest that fits" if d == candidates[0] else
                 f"float32 ({need['float32'] / GiB:.1f} GB) does not fit: half precision, the weights' own dtype")
             return MemoryPlan(str(device), have, need, d, f"serving in {dtype_name(d)} on the {where}: {why}")
-    smallest = min(need.values())
+    options = [] if torch.float16 in candidates else ["a smaller dtype (--dtype float16)"]
+    if any(is_quantized_weight(key) for state in states for key in state):
+        options.append(f"--quantize int8 ({needs(SERVING_DTYPE, 'int8') / GiB:.1f} GB)")
     tried = ", ".join(dtype_name(d) for d in candidates)
-    reason = (f"nothing fits: the model needs at least {smallest / GiB:.1f} GB ({tried}) and the {where} has "
-              f"{have / GiB:.1f} GB available. Options: free memory (close other programs), a smaller dtype "
-              "(--dtype float16), or another device (--device cuda on a GPU with more memory)")
-    return MemoryPlan(str(device), have, need, None, reason)
+    return MemoryPlan(str(device), have, need, None, _refusal(min(need.values()), tried, where, have, options))
+
+
+def _refusal(need: int, tried: str, where: str, have: int, options: list[str]) -> str:
+    options = ["free memory (close other programs)", *options,
+               "another device (--device cuda on a GPU with more memory)"]
+    return (f"nothing fits: the model needs at least {need / GiB:.1f} GB ({tried}) and the {where} has "
+            f"{have / GiB:.1f} GB available. Options: {', '.join(options)}")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -163,16 +206,17 @@ class PageReleaser:
             self._madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
-def convert_releasing(state: dict[str, torch.Tensor], dtype: torch.dtype, source: str | Path | None = None
-                      ) -> dict[str, torch.Tensor]:
+def convert_releasing(state: dict[str, torch.Tensor], dtype: torch.dtype, source: str | Path | None = None, *,
+                      keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """``state`` with floating tensors in ``dtype``, converted chunk by chunk; the source pages of the file
-    ``source`` are released as they are read. Tensors already in ``dtype`` are returned as they are (still the
-    file's pages). The source tensors must not be used afterwards."""
+    ``source`` are released as they are read. Tensors already in ``dtype``, and those whose key ``keep`` accepts
+    (quantised later, straight from the file), are returned as they are (still the file's pages). The source
+    tensors must not be used afterwards."""
     releaser = PageReleaser(source) if source is not None else None
     out: dict[str, torch.Tensor] = {}
     for key in list(state):
         t = state.pop(key)
-        if not t.is_floating_point() or t.dtype == dtype:
+        if not t.is_floating_point() or t.dtype == dtype or (keep is not None and keep(key)):
             out[key] = t
             continue
         new = torch.empty(t.shape, dtype=dtype)

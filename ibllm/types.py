@@ -129,3 +129,4 @@ class PictureEvent:
     image: Any = None
     done: bool = False
     timings: PictureTimings = field(default_factory=PictureTimings)
+    compute: str = ""  # how many-token steps compute with half-precision weights on a CPU (ibllm.halfgemm.describe)

@@ -58,7 +58,7 @@ def test_refusal_happens_before_loading(tmp_path):
             f"imagebind={str(files['imagebind'])!r}, use_cache=False, device='cpu')")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "nothing fits" in result.stderr and "10 MB" not in result.stderr
-    assert "0.0 GB available" in result.stderr and "--dtype float16" in result.stderr
+    assert "0.0 GB available" in result.stderr and "--quantize int8" in result.stderr
 
 
 MEASURE = """

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ibllm.config import ImageBindConfig, TrunkConfig
 from ibllm.encoders.layers import DropPath, Mlp, MultiheadAttention, drop_path_rates, init_linear
 from ibllm.encoders.pointbind import PointBindTrunk
+from ibllm.halfgemm import float32_gemm
 from ibllm.kinds import ENCODER_BRANCHES
 
 _BLOCK_EPS = 1e-6  # trunk blocks, vision pre-trunk norm, every head
@@ -410,7 +411,9 @@ class ImageBind(nn.Module):
             raise ValueError(f"{modality} input has shape {tuple(x.shape)}; expected {accepted}")
         if fps_start is not None and modality != "point":
             raise ValueError("fps_start only applies to the point modality")
-        head = self._trunk_features(modality, x, fps_start)
+        weight = self.modality_heads["vision"][-1].weight
+        with float32_gemm(weight.dtype, weight.device):  # every encoder call is many tokens: compute-bound GEMMs
+            head = self._trunk_features(modality, x, fps_start)
         emb = self.modality_postprocessors[modality](head)
         if clips is not None:
             # Each clip is post-processed on its own, then the clips are averaged (not re-normalised).

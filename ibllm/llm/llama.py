@@ -34,6 +34,7 @@ first use; neither is in the state dict. Two kinds of call:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 
 from ibllm.checkpoint import KeyTable
 from ibllm.config import LlamaConfig
+from ibllm.halfgemm import float32_gemm
 from ibllm.llm.gate import TanhGate
 from ibllm.llm.kvcache import KVCache
 
@@ -393,12 +395,15 @@ class Transformer(nn.Module):
             rope = rope_table[start_pos:start_pos + t]
         h = self.tok_embeddings(tokens)
         first = self.first_query_layer
-        for i, layer in enumerate(self.layers):
-            inj = injection[i - first] if injection is not None and i >= first else None
-            h = layer(h, start_pos, rope, inj, None if cache is None else cache.layer(i), mask)
-        if last_only:
-            h = h[:, -1]
-        return self.output(self.norm(h)).float()
+        # Several tokens (prefill, training): half-precision weights multiply in float32 where that is faster here.
+        weight = self.tok_embeddings.weight
+        with float32_gemm(weight.dtype, weight.device) if t > 1 else contextlib.nullcontext():
+            for i, layer in enumerate(self.layers):
+                inj = injection[i - first] if injection is not None and i >= first else None
+                h = layer(h, start_pos, rope, inj, None if cache is None else cache.layer(i), mask)
+            if last_only:
+                h = h[:, -1]
+            return self.output(self.norm(h)).float()
 
     @torch.no_grad()
     def merge_lora(self) -> None:
