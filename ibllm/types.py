@@ -87,6 +87,7 @@ class ModelInfo:
     cache_entries: int = 0
     how_to_load_real: str = ""
     memory: str = ""  # the memory plan's one-line verdict (which dtype and why), for the Model tab
+    compute: str = ""  # how many-token steps compute with half-precision weights on a CPU (ibllm.halfgemm.describe)
 
 
 @dataclass
@@ -129,4 +130,3 @@ class PictureEvent:
     image: Any = None
     done: bool = False
     timings: PictureTimings = field(default_factory=PictureTimings)
-    compute: str = ""  # how many-token steps compute with half-precision weights on a CPU (ibllm.halfgemm.describe)

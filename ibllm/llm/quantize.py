@@ -68,6 +68,17 @@ def quantized_weight_bytes(shape: tuple[int, ...] | torch.Size, scheme: str) -> 
     raise ValueError(f"unknown quantisation {scheme!r}: use {' or '.join(SCHEMES)}")
 
 
+def _has_int4_cpu_layout() -> bool:
+    """torchao's CPU int4 layout lives in its first config version (torchao <= 0.15; gone in 0.16)."""
+    # Imported here: torchao is optional until quantisation is asked for.
+    import inspect
+
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
+        "layout" in inspect.signature(Int4WeightOnlyConfig).parameters
+
+
 def check_supported(scheme: str, device: torch.device) -> None:
     """Raise a ValueError naming what is missing when ``scheme`` cannot run on ``device``."""
     if scheme not in SCHEMES:
@@ -77,8 +88,9 @@ def check_supported(scheme: str, device: torch.device) -> None:
     except ImportError:
         raise ValueError("--quantize needs torchao: pip install torchao (see requirements.txt)") from None
     if scheme == "int4":
-        if device.type == "cpu" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            raise ValueError("int4 on this CPU needs torch's _weight_int4pack_mm_for_cpu (torch >= 2.6): use int8")
+        if device.type == "cpu" and not _has_int4_cpu_layout():
+            raise ValueError("int4 on a CPU needs torchao's Int4CPULayout, which torchao 0.16 (the first release "
+                             "peft accepts) no longer offers: use --quantize int8 on a CPU (int4 runs on a GPU)")
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
             raise ValueError("int4 on a GPU needs compute capability 8.0 or newer (tinygemm): use --quantize int8")
         if device.type not in ("cpu", "cuda"):
