@@ -43,7 +43,7 @@ from torch import nn
 from ibllm.checkpoint import KeyTable
 from ibllm.config import LlamaConfig
 from ibllm.llm.gate import TanhGate
-from ibllm.llm.kvcache import KVCache
+from ibllm.llm.kvcache import KVCache, LayerCache
 
 OFFICIAL_KEYS = KeyTable([("layers.{}.attention.gate", "layers.{}.attention.gate.scale")])
 """Official LLaMA-adapter names <-> this module's: only the gate differs (a ``TanhGate`` holds it)."""
@@ -156,7 +156,7 @@ class Attention(nn.Module):
         return self.gate(v)
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor,
-                injection: torch.Tensor | None, cache: tuple[torch.Tensor, torch.Tensor] | None,
+                injection: torch.Tensor | None, cache: LayerCache | None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         h, hd = self.n_heads, self.head_dim
@@ -171,22 +171,20 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if isinstance(start_pos, torch.Tensor):  # batched decode step: row r at its own position start_pos[r]
-            cache_k, cache_v = cache
-            rows = torch.arange(b, device=x.device)
-            cache_k[rows, :, start_pos] = k[:, :, 0]
-            cache_v[rows, :, start_pos] = v[:, :, 0]
-            out = F.scaled_dot_product_attention(q, cache_k[:b], cache_v[:b], attn_mask=mask)
+            cache.write_at(start_pos, k[:, :, 0], v[:, :, 0])
+            cache_k, cache_v = cache.read(b)
+            out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
         else:
             if cache is not None:
-                cache_k, cache_v = cache
-                end = start_pos + t
-                cache_k[:b, :, start_pos:end] = k
-                cache_v[:b, :, start_pos:end] = v
-                k, v = cache_k[:b, :, :end], cache_v[:b, :, :end]
+                cache.write(start_pos, k, v)
+                if start_pos > 0:  # from position 0 the new keys are all there is: nothing to read back
+                    k, v = cache.read(b, start_pos + t)
             s = k.shape[2]
             if t == 1:
                 out = F.scaled_dot_product_attention(q, k, v)  # one new token sees every cached position
             elif s == t:
+                # Rows padded on the right (prompts of different lengths prefilled together) need no more than
+                # this: a real token never attends to the padding after it.
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # several new tokens after a cached prefix: causal mask shifted by start_pos
                 allowed = (torch.arange(s, device=x.device)[None, :]
@@ -260,7 +258,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor,
-                injection: torch.Tensor | None, cache: tuple[torch.Tensor, torch.Tensor] | None,
+                injection: torch.Tensor | None, cache: LayerCache | None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), start_pos, rope, injection, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -352,14 +350,17 @@ class Transformer(nn.Module):
         return torch.stack([layer.attention.injection(a) for layer, a in zip(layers, adapters, strict=True)])
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, injection: torch.Tensor | None = None,
-                *, last_only: bool = False, use_cache: bool | None = None, cache: KVCache | None = None
-                ) -> torch.Tensor:
+                *, last_only: bool = False, use_cache: bool | None = None, cache: KVCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) for ``tokens`` (B, T): (B, T, V), or (B, V) if last_only.
 
         ``start_pos``: an int (every row at positions start_pos..), or a (B,) tensor of per-row positions for the
         one-token batched decode step (see the module docstring). ``cache``: the KV cache to read and write, else
         this model's own (``setup_cache``). ``use_cache`` defaults to "a KV cache is given or allocated"; False
-        means the call sees only ``tokens`` (training).
+        means the call sees only ``tokens`` (training). ``lengths`` (B,): rows padded on the right, row r's tokens
+        being its first lengths[r]; with last_only its logits are those of its own last token (several prompts
+        prefilled in one call). The padding's keys and values are written to the cache past each row's length, where
+        that row's later steps overwrite them before they are ever attended to.
         """
         b, t = tokens.shape
         if use_cache is None:
@@ -391,7 +392,7 @@ class Transformer(nn.Module):
             inj = injection[i - first] if injection is not None and i >= first else None
             h = layer(h, start_pos, rope, inj, None if cache is None else cache.layer(i), mask)
         if last_only:
-            h = h[:, -1]
+            h = h[:, -1] if lengths is None else h[torch.arange(b, device=h.device), lengths.to(h.device) - 1]
         return self.output(self.norm(h)).float()
 
     @torch.no_grad()
