@@ -58,6 +58,15 @@ class TokenStream(Iterator[int | Queued]):
         """When its prefill began, once it has a slot."""
         return self._request.admitted
 
+    @property
+    def token_times(self) -> list[float]:
+        """When each token was made (``time.perf_counter``), as many as have been made so far."""
+        return self._request.token_times
+
+    def ready(self) -> bool:
+        """Whether the next item is already there (``next`` would not wait)."""
+        return not self._request.outbox.empty()
+
     def __next__(self) -> int | Queued:
         if self._finished:
             raise StopIteration

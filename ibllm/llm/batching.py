@@ -54,6 +54,9 @@ class Request:
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
     submitted: float = field(default_factory=time.perf_counter, init=False)
     admitted: float | None = field(default=None, init=False)  # when its prefill began (perf_counter)
+    # When each of its tokens was made (perf_counter), appended before the token is put in the outbox: the model's own
+    # pace, whatever the pace of the consumer.
+    token_times: list[float] = field(default_factory=list, init=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, init=False)
 
     def cancel(self) -> None:
@@ -246,6 +249,7 @@ class DecodeBatch:
         if token == slot.request.eos_id:
             self._free(index, DONE)
             return
+        slot.request.token_times.append(time.perf_counter())
         slot.request.outbox.put(token)
         slot.last, slot.left = token, slot.left - 1
         if slot.left == 0:

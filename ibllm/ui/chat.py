@@ -107,17 +107,26 @@ class ChatHandler:
             if not text_in and not attachments:
                 yield f"{ERROR_MARK} Type a question or attach a file.", *_skips(3), session, session.layout()
                 return
-            yield "", *_skips(3), session, session.layout()
+            # The side panels are cleared for the new answer rather than skipped (see below: a skip costs more).
+            yield "", "", [], [], session, session.layout()
             last = ChatEvent()
+            rows = thumbs = None
             for event in self._stream_events(text_in, list(session.history), attachments, cache, generation, stop):
                 last = event
                 if event.done:
                     break
+                if rows is None:  # the neighbours are known before the first token
+                    rows, thumbs = neighbour_rows(event.neighbours), neighbour_thumbnails(event.neighbours)
+                # While the answer streams the side panels get plain values (this answer's timings so far, its
+                # neighbours), not gr.skip(): Gradio rebuilds a skipped Dataframe or Gallery and its JSON schema
+                # on every update (~20 ms of the event loop holding the GIL, measured), which starved the decode
+                # thread: the app decoded ~10x slower than the engine alone.
+                side = timings_markdown(event, cache, self.engine.info.cache_entries), rows, thumbs, *_skips(2)
                 if event.delta:
-                    yield event.text, *_skips(5)
+                    yield event.text, *side
                 elif event.queue_position and not event.text:  # waiting for a decode slot
                     ahead = event.queue_position - 1
-                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *_skips(5)
+                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *side
             thumbs = neighbour_thumbnails(last.neighbours)
             timings = timings_markdown(last, cache, self.engine.info.cache_entries)
             yield (last.text, timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)),
