@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,9 @@ from ibllm.ui.zerogpu import gpu
 log = logging.getLogger(__name__)
 
 NEIGHBOUR_HEADERS = ["rank", "entry", "similarity", "caption"]
+# The answer's text goes to the page at most this often (the engine gathers the tokens made in between): every
+# update costs Gradio's event loop Python time, which the decode thread then waits for (the GIL).
+STREAM_INTERVAL_S = 0.05
 
 
 def neighbour_rows(neighbours: Sequence[Neighbour]) -> list[list[Any]]:
@@ -111,6 +115,7 @@ class ChatHandler:
             yield "", "", [], [], session, session.layout()
             last = ChatEvent()
             rows = thumbs = None
+            shown = 0.0  # when the text was last sent (time.monotonic)
             for event in self._stream_events(text_in, list(session.history), attachments, cache, generation, stop):
                 last = event
                 if event.done:
@@ -123,7 +128,9 @@ class ChatHandler:
                 # thread: the app decoded ~10x slower than the engine alone.
                 side = timings_markdown(event, cache, self.engine.info.cache_entries), rows, thumbs, *_skips(2)
                 if event.delta:
-                    yield event.text, *side
+                    if time.monotonic() - shown >= STREAM_INTERVAL_S:
+                        shown = time.monotonic()
+                        yield event.text, *side
                 elif event.queue_position and not event.text:  # waiting for a decode slot
                     ahead = event.queue_position - 1
                     yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *side
