@@ -205,8 +205,9 @@ class DecodeBatch:
         rows = self.slots[:width]
         # Free rows inside the width are fed token 0 at position 0: a harmless write, their next prefill overwrites
         # it, and their logits are ignored.
-        tokens = torch.tensor([[s.last if s else 0] for s in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.position if s else 0 for s in rows], dtype=torch.long, device=self.device)
+        feed = torch.tensor([[s.last, s.position] if s else [0, 0] for s in rows], dtype=torch.long,
+                            device=self.device)  # one tensor (one copy to a GPU) for both
+        tokens, positions = feed[:, :1], feed[:, 1]
         injection, cache = self._rows(width)
         logits = self._forward(tokens, positions, injection, cache)
         for i in live:

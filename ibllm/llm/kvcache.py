@@ -24,6 +24,7 @@ class LayerCache(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     index: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # the rows write_at writes: index, or 0..B-1 made once per call, not per layer
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keys/values (B, H, T, hd) of positions start..start+T-1 of every row."""
@@ -37,7 +38,9 @@ class LayerCache(NamedTuple):
 
     def write_at(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """One key/value (B, H, hd) per row, row r at its own position ``positions[r]`` (the decode step)."""
-        rows = self.index if self.index is not None else torch.arange(k.shape[0], device=k.device)
+        rows = self.rows
+        if rows is None:
+            rows = self.index if self.index is not None else torch.arange(k.shape[0], device=k.device)
         self.k[rows, :, positions] = k
         self.v[rows, :, positions] = v
 
@@ -82,9 +85,9 @@ class KVCache:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (*self.k, *self.v)
 
-    def layer(self, i: int) -> LayerCache:
-        """Layer i's keys and values."""
-        return LayerCache(self.k[i], self.v[i], self.index)
+    def layer(self, i: int, rows: torch.Tensor | None = None) -> LayerCache:
+        """Layer i's keys and values (``rows``: see ``LayerCache.rows``)."""
+        return LayerCache(self.k[i], self.v[i], self.index, rows if rows is not None else self.index)
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows start..stop-1 as views of the same storage."""
