@@ -78,14 +78,16 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive (even, odd) pairs of each head, in float32. x: (B, T, H, hd); rope: (T, hd/2, 2) shared
     by every row, or (B, T, hd/2, 2) per row (rows at different positions).
 
-    As one complex multiplication (pair = a + ib, times cos + i sin), as Meta's code does: one kernel instead of
-    the seven of the same arithmetic on real tensors, which a decode step of a small model pays in every layer."""
-    xf = x if x.dtype == torch.float32 else x.float()  # (a dtype check costs less than a no-op call)
-    pairs = torch.view_as_complex(xf.reshape(*x.shape[:-1], -1, 2))
-    turns = torch.view_as_complex(rope)
-    turns = turns[:, None] if turns.ndim == 2 else turns[:, :, None]  # broadcast over the heads
-    out = torch.view_as_real(pairs * turns).flatten(-2)
-    return out if x.dtype == torch.float32 else out.type_as(x)
+    Real arithmetic, not Meta's complex multiplication (one call instead of seven in eager mode): inductor has no
+    complex kernels, and a compiled step with it measured x1.7 of the reference against x2.3-2.5 without (separate
+    runs on a loaded machine; kept real until a side-by-side run says otherwise)."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    if rope.ndim == 3:
+        rope = rope[None]
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
 
 
 def _base(linear: nn.Module) -> nn.Module:
