@@ -10,6 +10,7 @@
     python bench/serve.py --compile             # also the compiled step (compile time is printed)
     python bench/serve.py --skip-decode --concurrent-sizes toy 1024x8
     python bench/serve.py --skip-decode --skip-concurrent --app   # 8 gradio_client sessions on the real app
+    python bench/serve.py --skip-decode --skip-concurrent --app-stream 10   # `python app.py` vs in-process
 
 Random weights, greedy, eos ignored, 32-token prompts, 64 new tokens. Runs of the two loops are interleaved so a
 busy neighbour on a shared machine slows both alike; medians are reported.
@@ -18,7 +19,11 @@ busy neighbour on a shared machine slows both alike; medians are reported.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -217,9 +222,6 @@ def bench_concurrent(names: list[str], n: int, prompt_len: int, new: int, compil
 def bench_app(n: int, new: int) -> None:
     """``n`` gradio_client sessions on loopback, each its own gallery example, all at once vs one after another."""
     import json
-    import os
-    import re
-    import socket
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from gradio_client import Client, handle_file
@@ -232,9 +234,7 @@ def bench_app(n: int, new: int) -> None:
     # ibllm/ui/blocks.py still queues the model's event group one request at a time; let it follow the slots, as the
     # UI is meant to (README "Serving").
     demo.queue(default_concurrency_limit=n)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                             **launch_options())
     examples = json.loads((REPO / "examples" / "toy" / "gallery.json").read_text())["examples"]
@@ -297,6 +297,84 @@ def bench_app(n: int, new: int) -> None:
           f"one step: {max(live, default=0)}; same answers as one at a time: {same}")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(app_dir: Path) -> tuple[subprocess.Popen, str]:
+    """``python app.py`` of the checkout ``app_dir`` on a free loopback port; its URL once it answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    app = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=app_dir,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return app, url
+        except OSError:
+            if app.poll() is not None or time.monotonic() > deadline:
+                app.kill()
+                raise SystemExit(f"{app_dir / 'app.py'} did not start") from None
+            time.sleep(1)
+
+
+def bench_app_stream(n: int, app_dirs: list[Path]) -> None:
+    """One chat at a time through real ``python app.py`` processes (one per checkout in ``app_dirs``, each driven
+    by gradio_client on loopback) and through the engine in this process (``ChatEngine.chat``, no Gradio),
+    interleaved: the decode tok/s each answer's timings report, and the whole answer's time."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from gradio_client import Client, handle_file
+
+    from ibllm import create_engine
+    from ibllm.types import Attachment
+
+    image = REPO / "examples" / "toy" / "red_cube_image.png"
+    question = "Describe it."
+    apps = [start_app(d) for d in app_dirs]
+    engine = create_engine()
+    try:
+        clients = [Client(url, verbose=False) for _, url in apps]
+
+        def through_app(client: Client) -> tuple[float, float]:
+            client.reset_session()
+            t0 = time.perf_counter()
+            job = client.submit({"text": question, "files": [handle_file(str(image))]}, api_name="/chat",
+                                max_new_tokens=48, temperature=0)
+            timings = job.result()[1]
+            wall = time.perf_counter() - t0
+            return float(re.search(r"\(\d+ tok, ([\d.]+) tok/s\)", timings).group(1)), wall
+
+        def in_process() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            events = list(engine.chat(question, attachments=[Attachment(str(image), "image")],
+                                      generation=GenerationConfig.greedy(48)))
+            return events[-1].timings.decode_tokens_per_s, time.perf_counter() - t0
+
+        runs: list[list[tuple[float, float]]] = [[] for _ in range(len(apps) + 1)]
+        for run in range(n + 1):  # the first round warms up
+            results = [*(through_app(c) for c in clients), in_process()]
+            if run:
+                for got, result in zip(runs, results, strict=True):
+                    got.append(result)
+    finally:
+        for app, _ in apps:
+            app.terminate()
+            app.wait(timeout=30)
+        engine.close()
+    medians = [[statistics.median(x) for x in zip(*r, strict=True)] for r in runs]
+    own_rate, own_wall = medians[-1]
+    print(f"\n## one chat at a time, toy model, {question!r} about an image, greedy, median of {n} (interleaved): "
+          f"`python app.py` through gradio_client vs the engine in-process")
+    print(f"{'':24s} {'decode tok/s (timings)':>23s} {'x in-process':>13s} {'whole answer ms':>16s} "
+          f"{'x in-process':>13s}")
+    names = [f"{d.name}/app.py" for d in app_dirs] + ["in-process"]
+    for name, (rate, wall) in zip(names, medians, strict=True):
+        print(f"{name:24s} {rate:23.1f} {rate / own_rate:12.2f}x {1e3 * wall:16.0f} {wall / own_wall:12.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -311,6 +389,10 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-concurrent", action="store_true")
     ap.add_argument("--app", action="store_true", help="also the real app through gradio_client on loopback")
+    ap.add_argument("--app-stream", type=int, default=0, metavar="N",
+                    help="N chats one at a time through `python app.py` (a subprocess) vs in-process")
+    ap.add_argument("--app-dirs", type=Path, nargs="+", default=[REPO],
+                    help="the checkouts whose app.py --app-stream runs (e.g. an older one beside this one)")
     args = ap.parse_args()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -322,6 +404,8 @@ def main() -> None:
             bench_concurrent(args.concurrent_sizes, args.concurrent, args.prompt, args.new, args.compile_concurrent)
     if args.app:
         bench_app(args.concurrent, args.new)
+    if args.app_stream:
+        bench_app_stream(args.app_stream, args.app_dirs)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from ibllm.media import detect_modality, load_media
 from ibllm.media.digest import file_digest
 from ibllm.media.errors import MediaError
 from ibllm.model import ImageBindLLM
-from ibllm.serving import Queued, Scheduler
+from ibllm.serving import Queued, Scheduler, TokenStream
 from ibllm.types import (
     Attachment,
     ChatEvent,
@@ -77,6 +77,16 @@ class EmbeddingMemo:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _model_times(timings: Timings, stream: TokenStream) -> None:
+    """Queue, prefill and decode time of the tokens read so far, from when the model made them (not when they were
+    read: a consumer that pulls late does not make the model look slow)."""
+    made = stream.token_times
+    n = timings.new_tokens
+    timings.queued = stream.admitted - stream.submitted
+    timings.prefill = made[0] - stream.admitted
+    timings.decode = made[n - 1] - made[0]
 
 
 class ChatEngine:
@@ -212,7 +222,7 @@ class ChatEngine:
         stream = self.scheduler.submit(prompt.ids, injection, replace(generation, max_new_tokens=max_new),
                                        eos_id=self.tokenizer.eos_id, should_stop=should_stop)
         streamer = TextStreamer(self.tokenizer.decode)
-        first = True
+        pending = ""  # text of tokens read but not yet handed out
         try:
             for item in stream:
                 if isinstance(item, Queued):
@@ -220,24 +230,21 @@ class ChatEngine:
                     continue
                 if should_stop is not None and should_stop():
                     break  # tokens the decode thread made before it saw the stop are not shown
-                now = time.perf_counter()
-                if first:
-                    timings.queued, first = stream.admitted - stream.submitted, False
-                    timings.prefill = now - stream.admitted
-                else:
-                    timings.decode += now - t0
-                t0 = now
                 timings.new_tokens += 1
-                delta = streamer.put(item)
-                if delta:
-                    yield ChatEvent(delta=delta, text=streamer.text, timings=replace(timings),  # a snapshot
+                _model_times(timings, stream)
+                pending += streamer.put(item)
+                # One event per pull, not per token: a consumer slower than the model (a web page through Gradio)
+                # gets in one event every token made since its last one, instead of falling further behind.
+                if pending and not stream.ready():
+                    yield ChatEvent(delta=pending, text=streamer.text, timings=replace(timings),  # a snapshot
                                     neighbours=neighbours)
+                    pending = ""
         finally:
             stream.close()  # a stop, an error or a closed generator (client gone) frees the slot at once
-        if first and stream.admitted is not None:  # no token at all (immediate eos or stop): prefill time
+        if not timings.new_tokens and stream.admitted is not None:  # no token at all (immediate eos or stop)
             timings.queued = stream.admitted - stream.submitted
             timings.prefill = time.perf_counter() - stream.admitted
-        tail = streamer.flush()
+        tail = pending + streamer.flush()
         yield ChatEvent(delta=tail, text=streamer.text, done=True, timings=timings, neighbours=neighbours,
                         notes=notes)
 

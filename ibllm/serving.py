@@ -1,10 +1,11 @@
 """The serving scheduler: concurrent chats decode together in one ``DecodeBatch`` (continuous batching).
 
 Callers ``submit`` a request from their own thread and iterate the ``TokenStream`` they get back. One background
-thread runs the loop: admit waiting requests in FIFO order into free slots (each prefilled alone), then one batched
-decode step for every live slot, and again; it sleeps while there is nothing to do. A thread rather than "the first
-waiting caller drives the loop": a driving caller would stall everyone whenever its own consumer stops pulling (a
-slow or vanished HTTP client), and handing the loop over between callers is harder to get right than one owner.
+thread runs the loop: admit waiting requests in FIFO order into free slots (the newcomers of one turn of the loop
+prefilled together, in one call), then one batched decode step for every live slot, and again; it sleeps while there
+is nothing to do. A thread rather than "the first waiting caller drives the loop": a driving caller would stall
+everyone whenever its own consumer stops pulling (a slow or vanished HTTP client), and handing the loop over between
+callers is harder to get right than one owner.
 
 More requests than slots wait in line; while one waits its stream yields ``Queued(position)`` notices (1 = next in
 line), so a UI can say "2 requests ahead". A stream that is closed — or dropped and garbage-collected, as when a
@@ -56,6 +57,15 @@ class TokenStream(Iterator[int | Queued]):
     def admitted(self) -> float | None:
         """When its prefill began, once it has a slot."""
         return self._request.admitted
+
+    @property
+    def token_times(self) -> list[float]:
+        """When each token was made (``time.perf_counter``), as many as have been made so far."""
+        return self._request.token_times
+
+    def ready(self) -> bool:
+        """Whether the next item is already there (``next`` would not wait)."""
+        return not self._request.outbox.empty()
 
     def __next__(self) -> int | Queued:
         if self._finished:
@@ -169,12 +179,13 @@ class Scheduler:
                         request = self._waiting.popleft()
                         self._positions.pop(id(request), None)
                         admitted.append(request)
-                for request in admitted:
+                if admitted:
                     try:
-                        self.batch.admit(request)
-                    except Exception as exc:  # noqa: BLE001 - the request's consumer gets the error, others go on
+                        self.batch.admit(*admitted)  # one prefill for all newcomers of this step
+                    except Exception as exc:  # noqa: BLE001 - their consumers get the error, the live ones go on
                         log.exception("prefill failed")
-                        request.outbox.put(exc)
+                        for request in admitted:
+                            request.outbox.put(exc)
                 if admitted:
                     with self._cond:
                         self._announce()

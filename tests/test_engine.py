@@ -4,6 +4,7 @@ cache, cancellation, long conversations and unusable files."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -83,16 +84,17 @@ def test_cache_off_and_on_give_the_engine_different_features(model):
 
 
 def test_stop_flag_ends_the_answer_within_one_token(model):
-    produced = []
+    shown = [0]  # tokens behind the text handed out so far (an event may carry several)
 
     def should_stop() -> bool:
-        return len(produced) >= 3
+        return shown[-1] >= 3
 
     for event in model.chat("Describe it.", attachments=[IMAGE], should_stop=should_stop,
                             generation=GenerationConfig(max_new_tokens=40, temperature=1.0, seed=1)):
-        if event.delta:
-            produced.append(event.delta)
-    assert event.done and event.timings.new_tokens <= 4
+        if not event.done:
+            shown.append(event.timings.new_tokens)
+    assert shown[-1] >= 3 and event.done
+    assert event.timings.new_tokens == shown[-1]  # not one token read after the stop
 
 
 def test_a_long_conversation_is_trimmed_not_refused(model):
@@ -136,3 +138,18 @@ def test_a_file_is_hashed_once_per_version(tmp_path):
     assert file_digest(path) == first
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new version: read again
     assert file_digest(path) != first
+
+
+def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_event(model):
+    # A consumer that pulls late (a web page through Gradio) must not fall behind the model one token per event.
+    generation = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=4)
+    want = model.answer("Describe it.", attachments=[IMAGE], generation=generation)
+    events = model.chat("Describe it.", attachments=[IMAGE], generation=generation)
+    first = next(e for e in events if e.delta)
+    deadline = time.monotonic() + 30
+    while model.scheduler.batch.live and time.monotonic() < deadline:  # the model finishes the answer meanwhile
+        time.sleep(0.01)
+    rest = list(events)
+    assert rest[-1].timings.new_tokens >= first.timings.new_tokens + 3  # several tokens were made meanwhile...
+    assert len(rest) <= 2 and rest[-1].done  # ...and come in one event, then the end
+    assert first.text + "".join(e.delta for e in rest) == rest[-1].text == want

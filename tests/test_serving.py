@@ -17,7 +17,7 @@ from ibllm.llm.batching import DecodeBatch
 from ibllm.serving import Queued, Scheduler
 from ibllm.types import Attachment
 from tests.conftest import REPO
-from tests.tiny_llama import CFG, alone, prompt, requests, tiny
+from tests.tiny_llama import CFG, Recorded, alone, prompt, requests, tiny
 
 EXAMPLES = REPO / "examples" / "toy"
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0)
@@ -204,13 +204,13 @@ def test_a_queued_chat_says_where_it_is_in_line(engine):
 
 
 def test_stop_frees_the_slot_within_a_step(engine):
-    produced = []
+    shown = [0]  # tokens behind the text handed out so far
     events = engine.chat("Describe it.", generation=GenerationConfig(max_new_tokens=100, temperature=1.0, seed=2),
-                         should_stop=lambda: len(produced) >= 2)
+                         should_stop=lambda: shown[-1] >= 2)
     for event in events:
-        if event.delta:
-            produced.append(event.delta)
-    assert event.done and event.timings.new_tokens <= 3
+        if not event.done:
+            shown.append(event.timings.new_tokens)
+    assert event.done and event.timings.new_tokens == shown[-1] >= 2
     assert wait_until(lambda: engine.scheduler.batch.live == 0, timeout=5)
 
 
@@ -253,3 +253,32 @@ def test_replace_never_shares_request_state(model):
     assert copy.outbox is not r.outbox
     r.cancel()
     assert not copy.stopped()
+
+
+def test_requests_arriving_together_are_prefilled_in_one_call(model):
+    recorded = Recorded(model)
+    scheduler = Scheduler(DecodeBatch(recorded, 4))
+    reqs = requests(model, lengths=(3, 9, 5, 14))
+    try:
+        with scheduler._cond:  # all four are in line before the loop looks
+            streams = [submit(scheduler, r) for r in reqs]
+        got = [list(s) for s in streams]
+    finally:
+        scheduler.close()
+    assert [c for c in recorded.calls if c[0] == "prefill"] == [("prefill", (4, 14))]
+    assert got == [alone(model, r) for r in reqs]
+
+
+def test_a_chat_stopped_during_its_prefill_ends_without_a_token_and_frees_its_slot(model):
+    stop = threading.Event()
+    recorded = Recorded(model, on_prefill=stop.set)
+    scheduler = Scheduler(DecodeBatch(recorded, 2))
+    r = requests(model, lengths=(6,))[0]
+    try:
+        stream = scheduler.submit(r.prompt, r.injection, r.options, eos_id=-1, should_stop=stop.is_set)
+        assert list(stream) == []
+        assert wait_until(lambda: scheduler.batch.live == 0)
+        recorded.on_prefill = None
+        assert list(submit(scheduler, r)) == alone(model, r)  # the slot serves the next one
+    finally:
+        scheduler.close()

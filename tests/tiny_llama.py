@@ -49,3 +49,20 @@ def requests(model, options=GREEDY, lengths=(3, 9, 5, 14), eos_id=-1) -> list[Re
 
 def alone(model, request: Request) -> list[int]:
     return list(generate_tokens(model, request.prompt, request.injection, request.options, eos_id=request.eos_id))
+
+
+class Recorded:
+    """The model, recording ("prefill" or "step", tokens shape) of every call; ``on_prefill`` runs in each prefill."""
+
+    def __init__(self, model, on_prefill=None):
+        self.model, self.on_prefill, self.calls = model, on_prefill, []
+
+    def __call__(self, tokens, start_pos, *args, **kwargs):
+        prefill = not torch.is_tensor(start_pos)
+        self.calls.append(("prefill" if prefill else "step", tuple(tokens.shape)))
+        if prefill and self.on_prefill is not None:
+            self.on_prefill()
+        return self.model(tokens, start_pos, *args, **kwargs)
+
+    def __getattr__(self, name):  # new_cache, injection_buffer, parameters: the model's own
+        return getattr(self.model, name)

@@ -2,19 +2,21 @@
 
 ``DecodeBatch`` owns B *slots*: a row of its KV cache (allocated once, B x max_seq_len), a row of the visual
 injection buffer (each slot its own image, or zeros for text only), a position, the last token, and the request's
-own sampling settings and seeded generator. A request is admitted between steps: its prompt is prefilled alone into
-its slot's cache row (an int-position call of the model), which gives its first token; from then on it takes part in
-the batched one-token step, where every row has its own position (``Transformer.forward`` with a (B,) position
-tensor masks each row to its own length). A slot is freed as soon as its request meets eos, its token budget, or a
-stop (``Request.cancel``, ``should_stop``), and the next admission reuses it.
+own sampling settings and seeded generator. Requests are admitted between steps: the newcomers' prompts are
+prefilled together into their slots' cache rows (one int-position call of the model, prompts padded on the right),
+which gives each its first token; from then on each takes part in the batched one-token step, where every row has
+its own position (``Transformer.forward`` with a (B,) position tensor masks each row to its own length). A slot is
+freed as soon as its request meets eos, its token budget, or a stop (``Request.cancel``, ``should_stop``), and the
+next admission reuses it.
 
 This is the one decode loop: the serving scheduler (``ibllm.serving``) runs it from its thread for concurrent
 chats, ``generate_tokens`` runs a batch of one inline, ``DecodeBatch.run`` serves a list of requests to completion.
 Nothing here knows about text or threads; a request's tokens go to its ``outbox`` queue.
 
 The model is anything callable as ``model(tokens (B, T), start_pos, injection, last_only=True, cache=...) -> logits
-(B, V)``, where start_pos is an int (prefill) or a (B,) tensor (the step): ``ibllm.llm.llama.Transformer``, or a
-mock in tests. A model without ``new_cache`` gets ``cache=None`` (it keeps no state).
+(B, V)``, where start_pos is an int (prefill; with ``lengths=`` (B,) when prompts of different lengths share it) or
+a (B,) tensor (the step): ``ibllm.llm.llama.Transformer``, or a mock in tests. A model without ``new_cache`` gets
+``cache=None`` (it keeps no state).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Request:
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
     submitted: float = field(default_factory=time.perf_counter, init=False)
     admitted: float | None = field(default=None, init=False)  # when its prefill began (perf_counter)
+    # When each of its tokens was made (perf_counter), appended before the token is put in the outbox: the model's own
+    # pace, whatever the pace of the consumer.
+    token_times: list[float] = field(default_factory=list, init=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, init=False)
 
     def cancel(self) -> None:
@@ -131,31 +136,63 @@ class DecodeBatch:
     # -- admission and steps --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def admit(self, request: Request) -> None:
-        """Prefill ``request`` into a free slot; its first token goes to its outbox (or DONE if it ends there)."""
-        self.check(request)
-        budget = min(int(request.options.max_new_tokens), self.max_seq_len - len(request.prompt))
-        if budget <= 0 or request.stopped():
-            request.outbox.put(DONE)
+    def admit(self, *requests: Request) -> None:
+        """Prefill ``requests`` together into free slots, in one call of the model; each one's first token goes to
+        its outbox (or DONE if it ends there, or was stopped meanwhile).
+
+        Prompts of different lengths share the call padded on the right (``Transformer.forward``'s ``lengths``),
+        so newcomers arriving together cost one prefill rather than one each, and each gets exactly what its
+        prefill alone gives."""
+        ready: list[tuple[Request, int]] = []
+        for request in requests:
+            self.check(request)
+        for request in requests:
+            budget = min(int(request.options.max_new_tokens), self.max_seq_len - len(request.prompt))
+            if budget <= 0 or request.stopped():
+                request.outbox.put(DONE)
+            else:
+                ready.append((request, budget))
+        if not ready:
             return
-        request.admitted = time.perf_counter()
-        index = self.slots.index(None)  # lowest free slot: keeps the eager step's rows few
+        free = [i for i, s in enumerate(self.slots) if s is None]  # lowest first: keeps the eager step's rows few
+        if len(ready) > len(free):
+            raise ValueError(f"{len(ready)} requests for {len(free)} free slots")
+        indices = free[:len(ready)]
+        now = time.perf_counter()
+        for (request, _), index in zip(ready, indices, strict=True):
+            request.admitted = now
+            self._set_injection(index, request.injection)
+        lengths = [len(request.prompt) for request, _ in ready]
+        prompts = torch.zeros((len(ready), max(lengths)), dtype=torch.long)
+        for row, (request, _) in enumerate(ready):
+            prompts[row, :lengths[row]] = torch.tensor(list(request.prompt), dtype=torch.long)
+        ragged = {"lengths": torch.tensor(lengths)} if len(set(lengths)) > 1 else {}  # mocks need not know it
+        cache = self.cache.select(indices) if self.cache is not None else None
         injection = None
-        if request.injection is not None:
+        if self.injection is not None:
+            contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
+            injection = (self.injection[:, indices[0]:indices[-1] + 1] if contiguous
+                         else self.injection[:, torch.tensor(indices, device=self.injection.device)])
+        logits = self.model(prompts.to(self.device), 0, injection, last_only=True, cache=cache, **ragged)
+        slots = [_Slot(request, make_generator(self.device, request.options.seed), len(request.prompt), 0, budget)
+                 for request, budget in ready]
+        picked = self._pick(logits, slots)  # before the slots are taken: a failure here leaves them free
+        for index, slot in zip(indices, slots, strict=True):
+            self.slots[index] = slot
+        for index, slot, token in zip(indices, slots, picked, strict=True):
+            if slot.request.stopped():  # stopped while its prompt was being read: no token, the slot is free now
+                self._free(index, DONE)
+            else:
+                self._deliver(index, token)
+
+    def _set_injection(self, index: int, injection: torch.Tensor | None) -> None:
+        """Slot ``index``'s row of the injection buffer: the request's visual term, or zeros (no visual input)."""
+        if injection is not None:
             if self.injection is None:  # a model without injection_buffer (a mock): shaped by the first request
-                self.injection = request.injection.new_zeros(
-                    (request.injection.shape[0], self.size, *request.injection.shape[2:]))
-            self.injection[:, index] = request.injection[:, 0]
+                self.injection = injection.new_zeros((injection.shape[0], self.size, *injection.shape[2:]))
+            self.injection[:, index] = injection[:, 0]
         elif self.injection is not None:
             self.injection[:, index] = 0
-        if self.injection is not None:
-            injection = self.injection[:, index:index + 1]
-        prompt = torch.tensor([list(request.prompt)], dtype=torch.long, device=self.device)
-        cache = self.cache.rows(index, index + 1) if self.cache is not None else None
-        logits = self.model(prompt, 0, injection, last_only=True, cache=cache)
-        slot = _Slot(request, make_generator(self.device, request.options.seed), len(request.prompt), 0, budget)
-        self.slots[index] = slot
-        self._deliver(index, self._pick(logits, [slot])[0])
 
     @torch.no_grad()
     def step(self) -> None:
@@ -168,8 +205,9 @@ class DecodeBatch:
         rows = self.slots[:width]
         # Free rows inside the width are fed token 0 at position 0: a harmless write, their next prefill overwrites
         # it, and their logits are ignored.
-        tokens = torch.tensor([[s.last if s else 0] for s in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.position if s else 0 for s in rows], dtype=torch.long, device=self.device)
+        feed = torch.tensor([[s.last, s.position] if s else [0, 0] for s in rows], dtype=torch.long,
+                            device=self.device)  # one tensor (one copy to a GPU) for both
+        tokens, positions = feed[:, :1], feed[:, 1]
         injection, cache = self._rows(width)
         logits = self._forward(tokens, positions, injection, cache)
         for i in live:
@@ -212,6 +250,7 @@ class DecodeBatch:
         if token == slot.request.eos_id:
             self._free(index, DONE)
             return
+        slot.request.token_times.append(time.perf_counter())
         slot.request.outbox.put(token)
         slot.last, slot.left = token, slot.left - 1
         if slot.left == 0:
@@ -311,8 +350,9 @@ class DecodeBatch:
         """Serve ``requests`` to completion, admitted in order as slots free up; their tokens, in order."""
         waiting = list(requests)
         while waiting or self.live:
-            while waiting and self.free:
-                self.admit(waiting.pop(0))
+            if waiting and self.free:
+                admitted, waiting = waiting[:self.free], waiting[self.free:]
+                self.admit(*admitted)
             self.step()
         outputs = []
         for request in requests:

@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,6 +27,9 @@ from ibllm.ui.zerogpu import gpu
 log = logging.getLogger(__name__)
 
 NEIGHBOUR_HEADERS = ["rank", "entry", "similarity", "caption"]
+# The answer's text goes to the page at most this often (the engine gathers the tokens made in between): every
+# update costs Gradio's event loop Python time, which the decode thread then waits for (the GIL).
+STREAM_INTERVAL_S = 0.05
 
 
 def neighbour_rows(neighbours: Sequence[Neighbour]) -> list[list[Any]]:
@@ -173,19 +177,31 @@ class ChatHandler:
             if not text_in and not attachments:
                 yield f"{ERROR_MARK} Type a question or attach a file.", *_skips(3), session, session.layout(), None
                 return
-            yield "", *_skips(3), session, session.layout(), None
+            # The side panels are cleared for the new answer rather than skipped (see below: a skip costs more).
+            yield "", "", [], [], session, session.layout(), None
             last = ChatEvent()
+            rows = thumbs = None
+            shown = 0.0  # when the text was last sent (time.monotonic)
             events = self._stream_events(text_in, list(session.history), attachments, cache, generation, stop) \
                 if picture.text else iter(())
             for event in events:
                 last = event
                 if event.done:
                     break
+                if rows is None:  # the neighbours are known before the first token
+                    rows, thumbs = neighbour_rows(event.neighbours), neighbour_thumbnails(event.neighbours)
+                # While the answer streams the side panels get plain values (this answer's timings so far, its
+                # neighbours), not gr.skip(): Gradio rebuilds a skipped Dataframe or Gallery and its JSON schema
+                # on every update (~20 ms of the event loop holding the GIL, measured), which starved the decode
+                # thread: the app decoded ~10x slower than the engine alone.
+                side = timings_markdown(event, cache, self.engine.info.cache_entries), rows, thumbs, *_skips(3)
                 if event.delta:
-                    yield event.text, *_skips(6)
+                    if time.monotonic() - shown >= STREAM_INTERVAL_S:
+                        shown = time.monotonic()
+                        yield event.text, *side
                 elif event.queue_position and not event.text:  # waiting for a decode slot
                     ahead = event.queue_position - 1
-                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *_skips(6)
+                    yield f"⏳ waiting for a free slot ({ahead} request{'s' if ahead != 1 else ''} ahead)", *side
             thumbs = neighbour_thumbnails(last.neighbours)
             timings = timings_markdown(last, cache, self.engine.info.cache_entries) if picture.text else ""
             if picture.picture is None:
@@ -198,8 +214,8 @@ class ChatHandler:
                 close()
             yield ([*text, f"{PICTURE_MARK} …"], timings, neighbour_rows(last.neighbours),
                    gr.Gallery(thumbs, visible=bool(thumbs)), *_skips(3))
-            for shown, line, path in self.pictures(text_in, attachments, cache, picture.picture, drawing):
-                yield [*text, shown], "  \n".join(t for t in (timings, line) if t) if line else gr.skip(), \
+            for picture_message, line, path in self.pictures(text_in, attachments, cache, picture.picture, drawing):
+                yield [*text, picture_message], "  \n".join(t for t in (timings, line) if t) if line else gr.skip(), \
                     *_skips(4), path or gr.skip()
         except RequestError as e:
             yield f"{ERROR_MARK} {e}", *_skips(3), session, session.layout(), gr.skip()

@@ -11,7 +11,7 @@ import torch
 from ibllm.config import GenerationConfig, LlamaConfig
 from ibllm.llm.batching import DONE, DecodeBatch, Request
 from ibllm.llm.generate import generate_tokens
-from tests.tiny_llama import CFG, GREEDY, SAMPLED, alone, injection_for, prompt, requests, tiny
+from tests.tiny_llama import CFG, GREEDY, SAMPLED, Recorded, alone, injection_for, prompt, requests, tiny
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +161,56 @@ def test_compiled_step_equals_eager(model):
     assert compiled.widths == (1, 2, 3)  # on a CPU: a graph per width, so one request steps one row
     lone = requests(model, SAMPLED, lengths=(6,))
     assert compiled.run(lone) == [alone(model, lone[0])]
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_newcomers_of_different_lengths_are_prefilled_together_as_alone(model, options):
+    reqs = requests(model, options, lengths=(3, 14, 1, 9))
+    reqs[2] = replace(reqs[2], injection=None)  # a text-only row among visual ones
+    want = [alone(model, r) for r in requests(model, options, lengths=(3, 14, 1, 9))]
+    want[2] = alone(model, reqs[2])
+    recorded = Recorded(model)
+    batch = DecodeBatch(recorded, 4)
+    batch.admit(*reqs)
+    assert recorded.calls == [("prefill", (4, 14))]  # one call, padded to the longest prompt
+    while batch.live:
+        batch.step()
+    assert [tokens_of(r) for r in reqs] == want
+
+
+def test_newcomers_fill_the_free_slots_between_busy_ones(model):
+    # Slots 0 and 2 free, 1 and 3 mid-answer: the newcomers' cache rows are not adjacent.
+    reqs = requests(model, lengths=(3, 9, 5, 14, 7, 11))
+    want = [alone(model, r) for r in reqs]
+    batch = DecodeBatch(model, 4)
+    batch.admit(*reqs[:4])
+    for _ in range(2):
+        batch.step()
+    reqs[0].cancel()
+    reqs[2].cancel()
+    batch.drop_stopped()
+    batch.admit(reqs[4], reqs[5])
+    assert [s.request for s in batch.slots] == [reqs[4], reqs[1], reqs[5], reqs[3]]
+    while batch.live:
+        batch.step()
+    for i in (1, 3, 4, 5):
+        assert tokens_of(reqs[i]) == want[i]
+
+
+def test_a_request_cancelled_during_prefill_gets_nothing_and_frees_its_slot(model):
+    reqs = requests(model, lengths=(3, 9, 5))
+    want = [alone(model, r) for r in reqs]
+    recorded = Recorded(model, on_prefill=reqs[1].cancel)  # a Stop arriving while the prompts are read
+    batch = DecodeBatch(recorded, 3)
+    batch.admit(*reqs)
+    assert batch.slots[1] is None and batch.live == 2
+    while batch.live:
+        batch.step()
+    assert tokens_of(reqs[1]) == []
+    assert [tokens_of(reqs[0]), tokens_of(reqs[2])] == [want[0], want[2]]
+
+
+def test_admitting_more_than_the_free_slots_is_refused(model):
+    batch = DecodeBatch(model, 2)
+    with pytest.raises(ValueError, match="3 requests for 2 free slots"):
+        batch.admit(*requests(model, lengths=(3, 4, 5)))

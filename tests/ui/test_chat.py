@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -10,6 +11,7 @@ import pytest
 
 from ibllm.config import GenerationConfig, VisualCacheConfig
 from ibllm.types import Turn
+from ibllm.ui import chat
 from ibllm.ui.chat import ChatHandler
 from ibllm.ui.session import ChatSession
 from tests.app_helpers import ERROR_MARK, FakeEngine, run_turn, toy_file
@@ -27,13 +29,37 @@ def test_respond_streams_cumulative_text_and_passes_the_settings_through(image):
     outs = list(handler.respond({"text": "What is it?", "files": [str(image)]}, [], ChatSession(), cache=cache,
                                 generation=generation))
     texts = [o[0] for o in outs]
-    assert texts == ["", "a", "a small", "a small red", "a small red cube", "a small red cube"]
+    assert texts[0] == "" and texts[-1] == "a small red cube"
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False))
     first, final = outs[0], outs[-1]
     assert isinstance(first[4], ChatSession) and first[5] == first[4].layout()  # the session, before streaming
     assert all(o[4] == gr.skip() for o in outs[1:])  # not written again: a slider moved meanwhile keeps its value
     assert "visual cache: off" in final[1]
     call = engine.calls[-1]
     assert call["visual_cache"] is cache and call["generation"] is generation
+
+
+class PacedEngine(FakeEngine):
+    """A FakeEngine whose events come after the given pauses (seconds)."""
+
+    def __init__(self, answer: str, pauses: list[float]) -> None:
+        super().__init__(answer=answer)
+        self.pauses = pauses
+
+    def chat(self, *args, **kwargs):
+        for i, event in enumerate(super().chat(*args, **kwargs)):
+            time.sleep(self.pauses[i] if i < len(self.pauses) else 0.0)
+            yield event
+
+
+def test_text_goes_out_at_a_bounded_rate_and_nothing_is_lost(image, monkeypatch):
+    monkeypatch.setattr(chat, "STREAM_INTERVAL_S", 0.5)
+    engine = PacedEngine("one two three four", pauses=[0.0, 0.0, 1.0, 0.0])
+    outs = ChatHandler(engine).respond({"text": "What is it?", "files": [str(image)]}, [], ChatSession(),
+                                       cache=VisualCacheConfig(), generation=GenerationConfig())
+    # "two" comes right after "one" and waits for "three" (a second later, past the interval); "four" comes right
+    # after "three" and goes out with the end.
+    assert [o[0] for o in outs] == ["", "one", "one two three", "one two three four"]
 
 
 def test_api_weights_and_modalities_hold_for_one_turn(image):
