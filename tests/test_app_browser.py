@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from ibllm.ui.gallery import DEFAULT_GALLERY, load_gallery
 from tests.app_helpers import ERROR_MARK, TOY, SpyEngine, example_for, launch, load_engine
 
 CHROMIUM = "/usr/bin/chromium"
@@ -72,7 +73,8 @@ def test_browser_walkthrough(app_url, tmp_path: Path):
     url, spy = app_url
     host = urlparse(url).hostname
     example = example_for(("image",))
-    label = f"image: {example['question']}"
+    label = next(e.label for e in load_gallery(DEFAULT_GALLERY) if e.question == example["question"]
+                 and Path(e.files[0]).name == example["files"][0]["path"])  # as the page labels it
 
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

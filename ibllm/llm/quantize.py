@@ -23,6 +23,7 @@ Kernels:
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from collections.abc import Callable
@@ -70,10 +71,7 @@ def quantized_weight_bytes(shape: tuple[int, ...] | torch.Size, scheme: str) -> 
 
 def _has_int4_cpu_layout() -> bool:
     """torchao's CPU int4 layout lives in its first config version (torchao <= 0.15; gone in 0.16)."""
-    # Imported here: torchao is optional until quantisation is asked for.
-    import inspect
-
-    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization import Int4WeightOnlyConfig  # here: torchao is optional until quantisation is asked
 
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
         "layout" in inspect.signature(Int4WeightOnlyConfig).parameters
