@@ -169,3 +169,13 @@ def run_turn(handler: Any, history: list[Any], session: Any, text: str, *files: 
     if text:
         asked.append({"role": "user", "content": text})
     return answer, after, [*history, *asked, {"role": "assistant", "content": answer}]
+
+
+def wait_until(condition: Any, timeout: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 from dataclasses import replace
 
 import pytest
@@ -17,6 +16,7 @@ from ibllm.factory import serving_options
 from ibllm.llm.batching import DecodeBatch
 from ibllm.serving import Queued, Scheduler
 from ibllm.types import Attachment
+from tests.app_helpers import wait_until
 from tests.conftest import REPO
 from tests.tiny_llama import CFG, Recorded, alone, prompt, requests, tiny
 
@@ -29,13 +29,6 @@ def model():
     return tiny(CFG)
 
 
-def wait_until(condition, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def submit(scheduler: Scheduler, request):

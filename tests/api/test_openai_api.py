@@ -22,7 +22,7 @@ import torch
 
 from ibllm.config import GenerationConfig, VisualCacheConfig
 from ibllm.types import Attachment, Turn
-from tests.app_helpers import TOY, launch
+from tests.app_helpers import TOY, launch, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -111,13 +111,6 @@ def slow_decode(engine: Any, seconds: float) -> Iterator[list[int]]:
         handle.remove()
 
 
-def wait_until(condition: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_models_lists_the_served_model(client, api):
