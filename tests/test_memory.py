@@ -4,6 +4,7 @@ measured as real resident memory of a child process loading official-layout file
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -98,8 +99,10 @@ def test_peak_memory_while_loading_is_what_is_served(tmp_path, dtype):
              f"bridge_hidden=512)")
     subprocess.run([sys.executable, "-c", write], cwd=REPO, check=True, timeout=600)
     files = [tmp_path / "LLaMA" / "7B", tmp_path / "7B.pth", tmp_path / "imagebind_w3D.pth"]
+    # A user's fresh process: not the environment earlier tests and the libraries they imported left in this one.
+    clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")}
     result = subprocess.run([sys.executable, "-c", MEASURE, *map(str, files), dtype], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=clean)
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads(result.stdout.strip().splitlines()[-1])
     assert m["dtype"] == ("torch.float32" if dtype == "auto" else "torch.float16")
