@@ -15,8 +15,10 @@ step.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -124,6 +126,10 @@ class Scheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="ibllm-decode", daemon=True)
                 self._thread.start()
+                # At interpreter exit the loop is stopped and joined first: a daemon thread killed inside a torch
+                # call aborts the process ("terminate called without an active exception", exit status -6).
+                ref = weakref.ref(self)
+                atexit.register(lambda: (scheduler := ref()) is not None and scheduler.close())
             self._cond.notify()
         return TokenStream(self, request)
 
