@@ -10,6 +10,8 @@ else the same tensors with an index, and the model writes through ``LayerCache``
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -52,6 +54,24 @@ class LayerCache(NamedTuple):
         return self.k[self.index, :, :stop], self.v[self.index, :, :stop]
 
 
+def _zeros(shape: tuple[int, ...], device: torch.device | str | None, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros, not torch.empty: attention masks unused positions out, and 0 * (masked weight 0) stays 0, whereas
+    uninitialised memory may hold NaN/inf, which a masked softmax would still multiply into the output.
+
+    On a CPU the zeros are a private anonymous memory map rather than ``torch.zeros``: reading it maps the kernel's
+    one zero page, and a page is committed only when it is first written, so the cache costs RAM for the positions
+    conversations have reached, not for all B x max_seq_len of them (7B's 4 slots x 512 positions are 1.07 GB in half
+    precision, most of it never touched). The memory plan still reserves the whole cache, so a long conversation
+    cannot run out."""
+    count = math.prod(shape)
+    if torch.device(device or "cpu").type != "cpu" or count == 0:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    # Private: a shared anonymous map is shared memory, whose pages are committed when read, not only when written.
+    # The tensor keeps the map alive (frombuffer holds a reference to it); the map is freed with the tensor.
+    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
+
+
 @dataclass(frozen=True)
 class KVCache:
     # One tensor per layer, (batch, n_heads, seq_len, head_dim) each, rather than one 5-D tensor: the compiled decode
@@ -64,11 +84,9 @@ class KVCache:
     @classmethod
     def empty(cls, n_layers: int, batch: int, n_heads: int, seq_len: int, head_dim: int, *,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> KVCache:
-        # Zeros, not torch.empty: attention masks unused positions out, and 0 * (masked weight 0) stays 0, whereas
-        # uninitialised memory may hold NaN/inf, which a masked softmax would still multiply into the output.
         shape = (batch, n_heads, seq_len, head_dim)
-        return cls(tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)),
-                   tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)))
+        return cls(tuple(_zeros(shape, device, dtype) for _ in range(n_layers)),
+                   tuple(_zeros(shape, device, dtype) for _ in range(n_layers)))
 
     @property
     def batch(self) -> int:
