@@ -128,11 +128,11 @@ def bench_decode(names: list[str], prompt_len: int, new: int, repeats: int, comp
         cfg = SIZES[name]
         R, ref = reference(cfg)
         model = ours(cfg)
-        eager = DecodeBatch(model, slots)  # the engine's batch: one request alone steps one row
+        eager = DecodeBatch(model, slots, pack=True)  # the engine's batch: one request alone steps one row
         compiled = None
         compile_s = float("nan")
         if compile:
-            compiled = DecodeBatch(model, slots)
+            compiled = DecodeBatch(model, slots, pack=True)
             t0 = time.perf_counter()
             if not compiled.compile():
                 compiled = None
@@ -204,7 +204,7 @@ def bench_concurrent(names: list[str], n: int, prompt_len: int, new: int, compil
           f"{'p50 TTFT ms':>12s} {'p95 TTFT ms':>12s}")
     for name in names:
         model = ours(SIZES[name])
-        batch = DecodeBatch(model, n)
+        batch = DecodeBatch(model, n, pack=True)  # as the engine serves float32 on a CPU (weights packed for n rows)
         if compile:
             batch.compile()
         scheduler = Scheduler(batch)

@@ -9,6 +9,7 @@ Everything up to the bind network runs on the caller's thread; the language mode
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -24,12 +25,14 @@ from ibllm.config import GenerationConfig, ModelConfig, PictureConfig, VisualCac
 from ibllm.imagine import Painter, PictureError, PictureStatus
 from ibllm.kinds import KINDS
 from ibllm.llm.batching import DecodeBatch
+from ibllm.llm.packed import packed_bytes
 from ibllm.llm.prompt import build_chat_prompt
 from ibllm.llm.stream import TextStreamer
 from ibllm.llm.tokenizer import Tokenizer
 from ibllm.media import detect_modality, load_media
 from ibllm.media.digest import file_digest
 from ibllm.media.errors import MediaError
+from ibllm.memory import WORKING_MARGIN, available_bytes
 from ibllm.model import ImageBindLLM
 from ibllm.serving import Queued, Scheduler, TokenStream
 from ibllm.types import (
@@ -45,6 +48,8 @@ from ibllm.types import (
 
 # Leave at least this many positions for the answer when fitting a long conversation into the context.
 MIN_ANSWER_TOKENS = 16
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddingMemo:
@@ -116,11 +121,25 @@ class ChatEngine:
                                       dtype=str(self.dtype).replace("torch.", ""), is_default=False, trained=True)
         self.embeddings = EmbeddingMemo()
         self._blank: torch.Tensor | None = None
-        batch = DecodeBatch(net.llama, max_batch, vocab_limit=tokenizer.vocab_size)
+        batch = DecodeBatch(net.llama, max_batch, vocab_limit=tokenizer.vocab_size,
+                            pack=self._room_to_pack(net.llama, max_batch))
         if compile:
             batch.compile()
         self.scheduler = Scheduler(batch)
         self.painter = Painter(unclip, self.device, self.dtype, self.cfg.imagebind.out_embed_dim)
+
+    def _room_to_pack(self, llama: torch.nn.Module, slots: int) -> bool:
+        """Whether the decode slots may pack float32 CPU weights for B rows (``llm.packed``): a copy of the weights,
+        so only where it fits beside everything else with the working margin to spare."""
+        need = packed_bytes(llama) if slots > 1 else 0
+        if need == 0:
+            return False
+        room = available_bytes(self.device) - WORKING_MARGIN
+        if need > room:
+            log.info("not packing the weights for batched decoding: %.1f GB needed, %.1f GB free", need / 1e9,
+                     max(room, 0) / 1e9)
+            return False
+        return True
 
     def close(self) -> None:
         """Stop the decode thread (answers still in flight end with an error)."""

@@ -94,7 +94,7 @@ class DecodeBatch:
     """B slots over one KV cache; ``admit`` a request into a free slot, ``step`` every live slot by one token."""
 
     def __init__(self, model: Callable, slots: int, *, cache: KVCache | None = None, max_seq_len: int | None = None,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, pack: bool = False):
         if slots < 1:
             raise ValueError(f"need at least one slot, got {slots}")
         self.model = model
@@ -111,6 +111,12 @@ class DecodeBatch:
         # Eager steps run rows 0..(last live slot); a compiled step runs the smallest of ``widths`` that covers them,
         # one static shape (one compiled graph) per width.
         self.widths: tuple[int, ...] = ()
+        # ``pack``: the model's float32 CPU weights get a copy in MKL's layout for products of B rows
+        # (``llm.packed``), with which B rows cost about what one does; then every step with a live slot past the
+        # first runs all B rows. 0: not packed (not asked, one slot, no MKL, or weights that are not float32).
+        self.packed_rows = 0
+        if pack and slots > 1 and hasattr(model, "pack_for_rows") and model.pack_for_rows(slots):
+            self.packed_rows = slots
 
     # -- state ----------------------------------------------------------------------------------------------------
 
@@ -201,7 +207,10 @@ class DecodeBatch:
         live = [i for i, s in enumerate(self.slots) if s is not None]
         if not live:
             return
-        width = next((w for w in self.widths if w > live[-1]), live[-1] + 1)
+        if self.packed_rows and live[-1] > 0:
+            width = self.size
+        else:
+            width = next((w for w in self.widths if w > live[-1]), live[-1] + 1)
         rows = self.slots[:width]
         # Free rows inside the width are fed token 0 at position 0: a harmless write, their next prefill overwrites
         # it, and their logits are ignored.
@@ -283,8 +292,9 @@ class DecodeBatch:
         """Compile the one-token step with ``torch.compile`` (inductor; CUDA graphs on a GPU) and warm it up.
 
         Static shapes, one graph per batch width: on a GPU only the full width B (a step costs about the same for
-        1 or B rows there); on a CPU also 1, 2, 4, ... below B, because there a GEMM of 4 rows takes about twice as
-        long as one of 1 (measured, bench/serve.py), so a lone request must not pay for B rows. Returns False,
+        1 or B rows there); on a CPU with packed weights 1 and B; otherwise also 2, 4, ... below B, because there an
+        ordinary GEMM of 4 rows takes about twice as long as one of 1 (measured, bench/serve.py), so a lone request
+        must not pay for B rows. Returns False,
         keeping the eager step, where compilation fails (no compiler, an unsupported op): serving never depends on
         it. Call it while no slot is live: the warm-up writes position 0 of the rows.
         """
@@ -293,8 +303,12 @@ class DecodeBatch:
         if self.cache is None or self.live:
             raise RuntimeError("compile a DecodeBatch over a real model, before any request is admitted")
         cuda = self.device.type == "cuda"
-        widths = (self.size,) if cuda else tuple(sorted({min(2**i, self.size)
-                                                         for i in range(self.size.bit_length() + 1)}))
+        if cuda:
+            widths: tuple[int, ...] = (self.size,)
+        elif self.packed_rows:  # one row, or all of them through the packed weights
+            widths = tuple(sorted({1, self.size}))
+        else:
+            widths = tuple(sorted({min(2**i, self.size) for i in range(self.size.bit_length() + 1)}))
         if cuda:  # CUDA graphs need the tensors the step mutates at fixed addresses
             for t in (*self.cache.tensors(), self.injection):
                 if t is not None:

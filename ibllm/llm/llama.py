@@ -46,6 +46,7 @@ from ibllm.config import LlamaConfig
 from ibllm.halfgemm import float32_gemm
 from ibllm.llm.gate import TanhGate
 from ibllm.llm.kvcache import KVCache, LayerCache
+from ibllm.llm.packed import pack_linears
 
 OFFICIAL_KEYS = KeyTable([("layers.{}.attention.gate", "layers.{}.attention.gate.scale")])
 """Official LLaMA-adapter names <-> this module's: only the gate differs (a ``TanhGate`` holds it)."""
@@ -430,6 +431,11 @@ class Transformer(nn.Module):
             layer.attention.merge_lora()
             layer.feed_forward.merge_lora()
         self.lora_merged = self.cfg.w_lora
+
+    def pack_for_rows(self, rows: int) -> int:
+        """Give the decode step's float32 CPU Linears a copy of their weight packed for products of ``rows`` rows
+        (``llm.packed``; inference only, after ``merge_lora``/``fuse_projections``); how many were packed."""
+        return pack_linears(self, rows)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:

@@ -11,6 +11,7 @@ import torch
 from ibllm.config import GenerationConfig, LlamaConfig
 from ibllm.llm.batching import DONE, DecodeBatch, Request
 from ibllm.llm.generate import generate_tokens
+from ibllm.llm.packed import PackedLinear
 from tests.tiny_llama import CFG, GREEDY, SAMPLED, Recorded, alone, injection_for, prompt, requests, tiny
 
 
@@ -214,3 +215,47 @@ def test_admitting_more_than_the_free_slots_is_refused(model):
     batch = DecodeBatch(model, 2)
     with pytest.raises(ValueError, match="3 requests for 2 free slots"):
         batch.admit(*requests(model, lengths=(3, 4, 5)))
+
+
+def plain_linears(model) -> int:
+    """The Linears a decode step multiplies by (every projection and the head; not LoRA's rank-r pairs)."""
+    return sum(type(m) is torch.nn.Linear and "lora_" not in name for name, m in model.named_modules())
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_packed_weights_give_every_request_its_tokens_alone(model, options):
+    # The float32 weights packed for 4 rows (MKL's layout): every step with a slot past the first runs all 4 rows
+    # through them, and each request still gets what it gets alone through the plain weights.
+    packed = tiny(CFG)  # the same weights as ``model``, packed (packing changes the modules)
+    batch = DecodeBatch(packed, 4, pack=True)
+    assert batch.packed_rows == 4
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == plain_linears(model)
+    steps = Recorded(packed)
+    batch.model = steps
+    reqs = requests(packed, options, lengths=(3, 9, 5, 14, 7, 2))  # more than the slots: admitted as they free up
+    assert batch.run(reqs) == [alone(model, r) for r in reqs]
+    widths = {shape[0] for kind, shape in steps.calls if kind == "step"}
+    assert widths == {4}  # slot 0 alone never remains: each step ran the packed width
+
+
+def test_a_packed_step_equals_the_plain_one(model):
+    packed = tiny(CFG)
+    assert packed.pack_for_rows(3) == plain_linears(model)
+    x, positions = torch.tensor([[5], [17], [40]]), torch.tensor([2, 7, 4])
+    inj = injection_for(model, 3, seed=5)
+    with torch.no_grad():
+        got = packed(x, positions, inj, last_only=True, cache=packed.new_cache(3, 16))
+        want = model(x, positions, inj, last_only=True, cache=model.new_cache(3, 16))
+        two = packed(x[:2], positions[:2], inj[:, :2], last_only=True, cache=packed.new_cache(3, 16))  # not 3 rows
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(two, want[:2], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+def test_compiled_packed_step_has_two_widths(model):
+    packed = tiny(CFG)
+    batch = DecodeBatch(packed, 3, pack=True)
+    assert batch.compile()
+    assert batch.widths == (1, 3)
+    reqs = requests(packed, lengths=(3, 9, 5))
+    assert batch.run(reqs) == [alone(model, r) for r in reqs]
