@@ -140,6 +140,7 @@ class OpenAIApi:
         self.detect = Detector(engine)
         self.created = int(time.time())
         self.arriving = _Arrivals()
+        self._watchers: set[asyncio.Task] = set()  # asyncio holds tasks weakly: a stream's watcher outlives its call
         router = APIRouter(prefix="/v1")
         router.add_api_route("/models", self.list_models, methods=["GET"])
         router.add_api_route("/models/{model}", self.get_model, methods=["GET"])
@@ -184,6 +185,8 @@ class OpenAIApi:
             # is not enough: a stream whose client left before its first chunk is cancelled before its generator
             # ever starts, and an unstarted generator has no ``finally`` to stop the answer.
             watcher = asyncio.create_task(_cancel_when_gone(request, completion))
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watchers.discard)
             first = await completion.next_delta()  # encoding happens before it: an unusable file fails here
         except ApiError as e:
             return _error(e, completion, watcher, leave)
