@@ -182,8 +182,8 @@ class OpenAIApi:
             call = await run_in_threadpool(self._prepare, body.get("messages"), options)
             completion = Completion(self.engine, call, arrived=leave)
             # From here until the answer ends, whatever the response is doing. Starlette's own disconnect listener
-            # is not enough: a stream whose client left before its first chunk is cancelled before its generator
-            # ever starts, and an unstarted generator has no ``finally`` to stop the answer.
+            # is not enough: it starts only with the response, and it stops the answer only through the stream
+            # generator's ``finally``, which a generator cancelled before its first step never runs.
             watcher = asyncio.create_task(_cancel_when_gone(request, completion))
             self._watchers.add(watcher)
             watcher.add_done_callback(self._watchers.discard)
