@@ -142,9 +142,10 @@ class GenerationConfig:
 
 
 def with_settings(base: Any, values: Mapping[str, Any] | None, what: str) -> Any:
-    """``base`` (a ``GenerationConfig`` or ``VisualCacheConfig``) with the fields in ``values`` replaced: request
-    settings given as JSON (the OpenAI-compatible API, batch files). Each value is checked against its field (type,
-    not negative, ``top_p`` at most 1); ValueError names the setting and what it accepts."""
+    """``base`` (a ``GenerationConfig``, ``VisualCacheConfig`` or ``PictureConfig``) with the fields in ``values``
+    replaced: request settings given as JSON (the OpenAI-compatible API, batch files). Each value is checked against
+    its field (type, not negative, ``top_p`` at most 1); ValueError names the setting and what it accepts (ranges
+    beyond that are the config's own ``check``)."""
     if not values:
         return base
     if not isinstance(values, Mapping):

@@ -48,6 +48,7 @@ from ibllm.types import (
 
 # Leave at least this many positions for the answer when fitting a long conversation into the context.
 MIN_ANSWER_TOKENS = 16
+NO_PICTURE_INPUT = "a picture is drawn from the inputs: attach at least one file (with a weight above 0)"
 
 log = logging.getLogger(__name__)
 
@@ -280,13 +281,23 @@ class ChatEngine:
         """Whether picture answers can be drawn here, and why not (cheap: nothing is imported or loaded)."""
         return self.painter.status()
 
+    def check_picture(self, attachments: Sequence[Attachment]) -> None:
+        """PictureError when no picture of ``attachments`` can be drawn here: pictures unavailable (the reason
+        ``picture_status`` gives) or no input with a weight above 0. Cheap (nothing loaded or encoded), so a front end
+        can refuse a request before it answers anything."""
+        status = self.painter.status()
+        if not status.available and not self.painter.loaded:
+            raise PictureError(f"no picture: {status.note}")
+        if not any(a.weight > 0 for a in attachments):
+            raise PictureError(NO_PICTURE_INPUT)
+
     def picture_feature(self, attachments: Sequence[Attachment],
                         visual_cache: VisualCacheConfig | None = None) -> tuple[torch.Tensor, list[Neighbour]]:
         """The unit feature (1, E) a picture is drawn from: the attachments fused and mixed with the visual cache,
         exactly as the language model gets them, with the neighbours retrieved. PictureError without inputs."""
         feature = self.fused_feature(attachments)
         if feature is None:
-            raise PictureError("a picture is drawn from the inputs: attach at least one file (with a weight above 0)")
+            raise PictureError(NO_PICTURE_INPUT)
         feature, neighbours = self._retrieve(feature, visual_cache or self.cfg.visual_cache)
         return feature.float() / feature.float().norm(dim=-1, keepdim=True), neighbours
 
@@ -303,9 +314,7 @@ class ChatEngine:
         This is the engine-level entry point for every front end (UI, CLI, HTTP API)."""
         picture = picture or PictureConfig()
         picture.check()
-        status = self.painter.status()
-        if not status.available and not self.painter.loaded:
-            raise PictureError(f"no picture: {status.note}")
+        self.check_picture(attachments)
         timings = PictureTimings()
         t0 = time.perf_counter()
         feature, _ = self.picture_feature(attachments, visual_cache)

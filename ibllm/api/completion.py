@@ -1,10 +1,11 @@
-"""One answer of the API in flight: the engine's chat on a thread of its own, its events handed to the event loop,
-cut at the request's stop strings.
+"""One answer of the API in flight: the engine's chat (and/or picture) on a thread of its own, its events handed to
+the event loop, the text cut at the request's stop strings.
 
 A thread per answer (not the server's thread pool): ``ChatEngine.chat`` blocks while it encodes files and while it
 waits for tokens from the engine's scheduler, and an answer waiting in the engine's line must not hold one of the
-pool's workers, which Gradio's own events need. Cancelling (a client gone, a stop string met) raises the chat's
-``should_stop``: the scheduler frees the answer's decode slot before its next step.
+pool's workers, which Gradio's own events need. Cancelling (a client gone) raises the chat's and the picture's
+``should_stop``: the scheduler frees the answer's decode slot before its next step, the painter its pipeline. A stop
+string met ends the text only: a picture asked for is still drawn after it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import asyncio
 import logging
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ibllm.config import GenerationConfig, VisualCacheConfig
+from ibllm.config import GenerationConfig, PictureConfig, VisualCacheConfig
 from ibllm.engine import ChatEngine
-from ibllm.types import Attachment, ChatEvent, Turn
+from ibllm.types import Attachment, ChatEvent, PictureEvent, Turn
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ _END = object()
 
 @dataclass(frozen=True)
 class ChatCall:
-    """Everything ``ChatEngine.chat`` is asked, and the folder holding the request's files (removed at the end)."""
+    """Everything ``ChatEngine.chat`` (and ``imagine``) is asked, and the folder holding the request's files
+    (removed at the end). ``text``: answer in words; ``picture``: then draw the answer with these settings."""
 
     question: str
     history: Sequence[Turn]
@@ -37,6 +39,8 @@ class ChatCall:
     generation: GenerationConfig
     stops: Sequence[str] = ()
     folder: Path | None = None
+    text: bool = True
+    picture: PictureConfig | None = None
 
 
 class StopText:
@@ -77,19 +81,27 @@ class StopText:
 
 @dataclass
 class Answer:
-    """What the caller gets out of a ``Completion``: the events' deltas (cut at a stop string) and the last event."""
+    """What the caller gets out of a ``Completion``: the events' deltas (cut at a stop string), the last chat event
+    and the last picture event (``done``: it holds the picture)."""
 
     text: str = ""
     last: ChatEvent = field(default_factory=ChatEvent)
     stopped_by_string: bool = False
+    picture: PictureEvent | None = None
 
 
 class Completion:
-    """``engine.chat(call)`` running on its own thread; ``next_delta`` gives its text as it comes."""
+    """``engine.chat(call)`` then ``engine.imagine(call)`` (as the call asks) running on their own thread;
+    ``next_delta`` gives the text as it comes.
 
-    def __init__(self, engine: ChatEngine, call: ChatCall):
+    ``arrived`` is called once, from that thread, when the engine has the request in its own line (its first event:
+    a place in line, a token or a picture step) or the answer ended without one."""
+
+    def __init__(self, engine: ChatEngine, call: ChatCall, arrived: Callable[[], None] | None = None):
         self.engine, self.call = engine, call
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # the whole answer (a client gone)
+        self._text_stop = threading.Event()  # the text only (a stop string met)
+        self._arrived = arrived or (lambda: None)
         self.answer = Answer()
         self._cut = StopText(call.stops)
         self._loop = asyncio.get_running_loop()
@@ -106,20 +118,31 @@ class Completion:
     def _produce(self) -> None:
         call = self.call
         try:
-            for event in self.engine.chat(call.question, history=call.history, attachments=call.attachments,
-                                          visual_cache=call.visual_cache, generation=call.generation,
-                                          should_stop=self.stop.is_set):
-                self._put(event)
+            if call.text:
+                for event in self.engine.chat(call.question, history=call.history, attachments=call.attachments,
+                                              visual_cache=call.visual_cache, generation=call.generation,
+                                              should_stop=lambda: self.stop.is_set() or self._text_stop.is_set()):
+                    self._arrived()
+                    self._put(event)
+            if call.picture is not None and not self.stop.is_set():
+                # After the text: its generator has ended, so its decode slot is free before the picture starts.
+                for picture in self.engine.imagine(call.question, attachments=call.attachments,
+                                                   visual_cache=call.visual_cache, picture=call.picture,
+                                                   should_stop=self.stop.is_set):
+                    self._arrived()
+                    self._put(picture)
             self._put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine, which answers with it
             self._put(exc)
         finally:
+            self._arrived()
             if call.folder is not None:
                 shutil.rmtree(call.folder, ignore_errors=True)
 
     async def next_delta(self) -> str | None:
-        """The next piece of answer text ("" for a notice without text, such as a place in the engine's line), or
-        None once the answer is complete. Raises what the chat raised (a MediaError for an unusable file)."""
+        """The next piece of answer text ("" for a notice without text: a place in the engine's line, a picture's
+        progress or the picture itself, in ``answer.picture``), or None once the answer is complete. Raises what the
+        chat raised (a MediaError for an unusable file)."""
         if self._done:
             return None
         item = await self._events.get()
@@ -129,12 +152,15 @@ class Completion:
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        if isinstance(item, PictureEvent):
+            self.answer.picture = item
+            return ""
         assert isinstance(item, ChatEvent)
         self.answer.last = item
         text = self._cut.feed(item.delta, last=item.done)
         if self._cut.hit and not self.answer.stopped_by_string:
             self.answer.stopped_by_string = True
-            self.stop.set()  # the rest is not wanted: free the decode slot now
+            self._text_stop.set()  # the rest of the text is not wanted: free the decode slot now
         self.answer.text += text
         return text
 

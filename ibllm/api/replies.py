@@ -1,17 +1,48 @@
 """The API's answers in OpenAI's shapes: one ``chat.completion`` object, or server-sent ``chat.completion.chunk``
-events ending with ``data: [DONE]``; both carry ``usage``, the whole one also ibllm's timings and neighbours."""
+events ending with ``data: [DONE]``; both carry ``usage``, the whole one also ibllm's timings and neighbours.
+
+A picture answer goes in ibllm's extension where OpenAI's message would carry it: ``message.ibllm.picture`` (a whole
+answer) or ``delta.ibllm.picture`` (a chunk of its own after the text, before the finish chunk), as a PNG data URL
+with the seed it was drawn with; while it is drawn, chunks with ``delta.ibllm.picture_progress`` say how far.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
 from ibllm.api.completion import Completion
 from ibllm.api.errors import ApiError
-from ibllm.types import ChatEvent
+from ibllm.types import ChatEvent, PictureEvent
+
+
+def png_data_url(image: Any) -> str:
+    """A PIL image as a ``data:image/png;base64,...`` URL."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def picture_json(event: PictureEvent) -> dict[str, Any]:
+    """The drawn picture (``event.done``) as the API sends it. The PNG is encoded on a worker thread: hundreds of
+    milliseconds for a full-size picture, which the event loop (and the decode thread, through the GIL) would wait."""
+    t = event.timings
+    return {"url": await run_in_threadpool(png_data_url, event.image), "seed": event.seed,
+            "width": event.image.width, "height": event.image.height, "steps": t.steps,
+            "timings": {"encode": t.encode, "queued": t.queued, "load": t.load, "denoise": t.denoise,
+                        "decode": t.decode}}
+
+
+def picture_progress(event: PictureEvent) -> dict[str, Any]:
+    return {"step": event.step, "steps": event.steps, "queue_position": event.queue_position,
+            "loading": event.loading, "seed": event.seed}
 
 
 class Reply:
@@ -51,8 +82,11 @@ class Reply:
         finally:
             self.completion.cancel()  # a no-op once the answer is complete; frees the slot if this was cancelled
         answer = self.completion.answer
+        message: dict[str, Any] = {"role": "assistant", "content": answer.text, "refusal": None}
+        if answer.picture is not None and answer.picture.done:
+            message["ibllm"] = {"picture": await picture_json(answer.picture)}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
+                "choices": [{"index": 0, "message": message,
                              "logprobs": None, "finish_reason": self._finish_reason(answer.last)}],
                 "usage": self._usage(answer.last), "ibllm": self._extension(answer.last)}
 
@@ -72,12 +106,19 @@ class Reply:
         While the answer waits for a decode slot, SSE comments say where it is in line. A client that goes away
         ends this generator (Starlette cancels it), which stops the answer and frees its slot."""
         completion = self.completion
+        shown: PictureEvent | None = None  # the picture event last sent
         try:
             yield self._chunk({"role": "assistant", "content": ""})
             delta = self.first
             while delta is not None:
+                picture = completion.answer.picture
                 if delta:
                     yield self._chunk({"content": delta})
+                elif picture is not None and picture is not shown:
+                    shown = picture
+                    extension = {"picture": await picture_json(picture)} if picture.done else \
+                        {"picture_progress": picture_progress(picture)}
+                    yield self._chunk({"ibllm": extension})
                 elif completion.queue_position:
                     yield f": waiting for a free decode slot, {completion.queue_position - 1} ahead\n\n"
                 try:

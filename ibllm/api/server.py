@@ -8,11 +8,18 @@ knobs go in one extension field, ``ibllm`` (see README):
 
     "ibllm": {"weights": {"scan.ply": 1.0, "audio": 0.5},      # by file name, modality or position; 0 leaves out
               "modalities": {"scan.png": "depth"},             # how to read a file that could be read several ways
-              "visual_cache": {"enabled": true, "top_k": 10, "temperature": 20.0, "weight": 0.5}}
+              "visual_cache": {"enabled": true, "top_k": 10, "temperature": 20.0, "weight": 0.5},
+              "answer_with": "text+picture",                   # "text" (default), "picture" or both
+              "picture": {"steps": 20, "guidance": 10.0, "seed": 1, "noise_level": 0}}
 
-Errors are OpenAI's JSON bodies: 400 (an unusable file: the media loader's message; a malformed request), 401 (a
-wrong key, when ``IBLLM_API_KEY`` is set), 404 (unknown model), 413 (a file or request too large), 429 (the
-engine's line is full).
+A picture (``ChatEngine.imagine``, after the text when both are asked) comes back in the reply's ``ibllm`` fields
+(``ibllm.api.replies``). Errors are OpenAI's JSON bodies: 400 (an unusable file: the media loader's message; a
+malformed request; a picture that cannot be drawn here, with the reason the browser chat gives), 401 (a wrong key,
+when ``IBLLM_API_KEY`` is set), 404 (unknown model), 413 (a file or request too large), 429 (the engine's line is
+full).
+
+A client that goes away at any point (while its files are read, while it waits in line, while it is answered)
+cancels its answer: a watcher task reads the connection's disconnect from the moment the answer is started.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,8 +47,9 @@ from ibllm.api.completion import ChatCall, Completion
 from ibllm.api.errors import ApiError, bad_request
 from ibllm.api.messages import read_messages, too_large
 from ibllm.api.replies import Reply
-from ibllm.config import GenerationConfig, with_settings
+from ibllm.config import GenerationConfig, PictureConfig, with_settings
 from ibllm.engine import MIN_ANSWER_TOKENS, ChatEngine
+from ibllm.imagine import PictureError
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import DEFAULT_LIMITS
 from ibllm.types import ModelInfo
@@ -48,7 +57,9 @@ from ibllm.ui.history import normalise_history
 from ibllm.ui.inputs import Detector, RequestError, plan_attachments
 from ibllm.ui.session import ChatSession
 
-EXTENSION_KEYS = ("weights", "modalities", "visual_cache")
+EXTENSION_KEYS = ("weights", "modalities", "visual_cache", "answer_with", "picture")
+# ``ibllm.answer_with`` -> (answer in words, draw a picture); spaces are ignored ("text + picture", as the UI says it).
+ANSWER_WITH = {"text": (True, False), "picture": (False, True), "text+picture": (True, True)}
 MAX_STOPS = 4  # as OpenAI's API
 
 
@@ -66,7 +77,8 @@ class ApiSettings:
 
     ``api_key``: when set, every request needs ``Authorization: Bearer <key>`` (env ``IBLLM_API_KEY``).
     ``max_queue``: answers allowed to wait for a decode slot, engine-wide (browser chats included) before a request
-    is refused with 429 (env ``IBLLM_MAX_QUEUE``). ``max_file_bytes``: one decoded file (the media loaders'
+    is refused with 429 (env ``IBLLM_MAX_QUEUE``); an API request counts from when it is accepted, while its files
+    are still read and encoded. ``max_file_bytes``: one decoded file (the media loaders'
     limit); ``max_request_bytes``: one request body (base64 makes files a third larger; default room for about
     two files of the largest size)."""
 
@@ -91,6 +103,32 @@ class _Options:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     stops: list[str] = field(default_factory=list)
     extension: Mapping[str, Any] = field(default_factory=dict)
+    text: bool = True
+    picture: PictureConfig | None = None  # None: no picture asked for
+
+
+class _Arrivals:
+    """API requests accepted but not yet in the engine's own line (their files read, detected, encoded): the
+    scheduler counts a request only once it is submitted, so without these a burst of file-carrying requests would
+    all pass the 429 check while their files are still being read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def enter(self) -> Callable[[], None]:
+        """Count one more; returns its ``leave``, which may be called any number of times, from any thread."""
+        with self._lock:
+            self.count += 1
+        left = threading.Event()
+
+        def leave() -> None:
+            with self._lock:
+                if not left.is_set():
+                    left.set()
+                    self.count -= 1
+
+        return leave
 
 
 class OpenAIApi:
@@ -101,6 +139,8 @@ class OpenAIApi:
         self.settings = settings or ApiSettings.from_env()
         self.detect = Detector(engine)
         self.created = int(time.time())
+        self.arriving = _Arrivals()
+        self._watchers: set[asyncio.Task] = set()  # asyncio holds tasks weakly: a stream's watcher outlives its call
         router = APIRouter(prefix="/v1")
         router.add_api_route("/models", self.list_models, methods=["GET"])
         router.add_api_route("/models/{model}", self.get_model, methods=["GET"])
@@ -133,30 +173,33 @@ class OpenAIApi:
         return JSONResponse(self._model_card())
 
     async def chat_completions(self, request: Request) -> Any:
-        completion = None
+        completion = watcher = leave = None
         try:
             self._check_key(request)
             body = await self._read_json(request)
             options = self._options(body)
-            self._check_line()
+            leave = self._enter_line()
             call = await run_in_threadpool(self._prepare, body.get("messages"), options)
-            completion = Completion(self.engine, call)
+            completion = Completion(self.engine, call, arrived=leave)
+            # From here until the answer ends, whatever the response is doing. Starlette's own disconnect listener
+            # is not enough: it starts only with the response, and it stops the answer only through the stream
+            # generator's ``finally``, which a generator cancelled before its first step never runs.
+            watcher = asyncio.create_task(_cancel_when_gone(request, completion))
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watchers.discard)
             first = await completion.next_delta()  # encoding happens before it: an unusable file fails here
         except ApiError as e:
-            return _error(e)
-        except (MediaError, RequestError) as e:
-            return _error(bad_request(str(e)))
+            return _error(e, completion, watcher, leave)
+        except (MediaError, RequestError, PictureError) as e:
+            return _error(bad_request(str(e)), completion, watcher, leave)
         except Exception as e:  # noqa: BLE001 - one bad request must not take the server down
-            if completion is not None:
-                completion.cancel()
-            return _error(ApiError(500, f"{type(e).__name__}: {e}"))
+            return _error(ApiError(500, f"{type(e).__name__}: {e}"), completion, watcher, leave)
         reply = Reply(completion, first, model=self.model, budget=self._budget(options.generation),
                       include_usage=options.include_usage)
         if options.stream:
+            # The watcher ends by itself: the server reports a disconnect once the response is complete.
             return StreamingResponse(reply.chunks(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        # A stream learns that its client left from Starlette; a whole answer watches for it here.
-        watcher = asyncio.create_task(_cancel_when_gone(request, completion))
         try:
             return JSONResponse(await reply.whole())
         except Exception as e:  # noqa: BLE001 - the engine failed mid-answer
@@ -189,11 +232,16 @@ class OpenAIApi:
             raise ApiError(404, f"The model {model!r} does not exist; this server serves {self.model!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
 
-    def _check_line(self) -> None:
+    def _enter_line(self) -> Callable[[], None]:
+        """Count this request as waiting (429 when ``max_queue`` already wait): the engine's line (browser chats
+        included) and the API's requests not yet in it, less the free slots they will take. Returns its ``leave``.
+        No ``await`` between the check and the count: a burst is counted one request at a time."""
         scheduler = self.engine.scheduler
-        if scheduler.batch.free == 0 and scheduler.waiting >= self.settings.max_queue:
-            raise ApiError(429, f"The server is busy: {scheduler.waiting} answers are waiting for one of its "
+        waiting = scheduler.waiting + self.arriving.count - scheduler.batch.free
+        if waiting >= self.settings.max_queue:
+            raise ApiError(429, f"The server is busy: {waiting} answers are waiting for one of its "
                                 f"{scheduler.slots} decode slots. Retry in a moment.", code="rate_limit_exceeded")
+        return self.arriving.enter()
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
         limit = self.settings.max_request_bytes
@@ -241,9 +289,27 @@ class OpenAIApi:
         extension = body.get("ibllm") or {}
         if not isinstance(extension, Mapping) or set(extension) - set(EXTENSION_KEYS):
             raise bad_request(f"ibllm must be an object with any of {', '.join(EXTENSION_KEYS)}", "ibllm")
+        text, picture = self._answer_form(extension)
         stream_options = body.get("stream_options") or {}
         return _Options(stream=bool(body.get("stream")), generation=generation, stops=stops, extension=extension,
-                        include_usage=bool(isinstance(stream_options, Mapping) and stream_options.get("include_usage")))
+                        include_usage=bool(isinstance(stream_options, Mapping) and stream_options.get("include_usage")),
+                        text=text, picture=picture)
+
+    @staticmethod
+    def _answer_form(extension: Mapping[str, Any]) -> tuple[bool, PictureConfig | None]:
+        """``ibllm.answer_with`` and ``ibllm.picture``: (answer in words, the picture's settings or None)."""
+        answer_with = extension.get("answer_with", "text")
+        form = ANSWER_WITH.get(answer_with.replace(" ", "")) if isinstance(answer_with, str) else None
+        if form is None:
+            raise bad_request(f"ibllm.answer_with must be one of {', '.join(map(repr, ANSWER_WITH))}, got "
+                              f"{answer_with!r}", "ibllm.answer_with")
+        try:  # checked even when no picture is asked for: a misspelt setting is not silently ignored
+            picture = with_settings(PictureConfig(), extension.get("picture"), "picture")
+            picture.check()
+        except ValueError as e:
+            raise bad_request(f"ibllm.picture: {e}", "ibllm.picture") from e
+        text, drawn = form
+        return text, picture if drawn else None
 
     def _prepare(self, messages: Any, options: _Options) -> ChatCall:
         """The engine's call for a request (its files written, detected and planned as the browser chat plans
@@ -261,8 +327,13 @@ class OpenAIApi:
                 cache = with_settings(self.engine.cfg.visual_cache, extension.get("visual_cache"), "visual_cache")
             except ValueError as e:
                 raise bad_request(str(e), "ibllm.visual_cache") from e
+            if options.picture is not None:  # refused before any text is answered: the reason the browser chat gives
+                try:
+                    self.engine.check_picture(attachments)
+                except PictureError as e:
+                    raise bad_request(str(e), "ibllm.answer_with") from e
             return ChatCall(read.question, session.history, attachments, cache, options.generation, options.stops,
-                            folder)
+                            folder, text=options.text, picture=options.picture)
         except BaseException:  # the folder is otherwise removed by the call's Completion, after the answer
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -275,5 +346,13 @@ async def _cancel_when_gone(request: Request, completion: Completion) -> None:
     completion.cancel()
 
 
-def _error(error: ApiError) -> JSONResponse:
+def _error(error: ApiError, completion: Completion | None = None, watcher: asyncio.Task | None = None,
+           leave: Callable[[], None] | None = None) -> JSONResponse:
+    """The error's response; the answer (if one was started), its watcher and its place in line are given up."""
+    if completion is not None:
+        completion.cancel()
+    if watcher is not None:
+        watcher.cancel()
+    if leave is not None:
+        leave()
     return JSONResponse(error.body(), status_code=error.status)

@@ -11,6 +11,7 @@ import base64
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -310,6 +311,72 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_the_slot(url, api, eng
         assert wait_until(lambda: engine.scheduler.batch.live == 0, timeout=10)
         after = len(calls) - at_leaving
     assert at_leaving < 50 and after <= 5, f"{after} more steps after the client left (at step {at_leaving})"
+
+
+@contextmanager
+def held_encoder(engine: Any) -> Iterator[tuple[threading.Event, list[int]]]:
+    """Every encoder call waits until the yielded event is set (or 30 s); the list counts the calls that began."""
+    release, began = threading.Event(), []
+
+    def hook(module: Any, args: tuple[Any, ...]) -> None:
+        began.append(1)
+        release.wait(30)
+
+    handle = engine.net.image_bind.register_forward_pre_hook(hook)
+    try:
+        yield release, began
+    finally:
+        release.set()
+        handle.remove()
+
+
+def fresh_text(tmp_path: Path, words: str = "a red cube") -> Path:
+    """A text file no earlier request sent (its embedding is not in the engine's memo, so it is encoded)."""
+    path = tmp_path / f"note-{uuid.uuid4().hex[:8]}.txt"
+    path.write_text(f"{words} {uuid.uuid4().hex}")
+    return path
+
+
+def answer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ibllm-api-answer"]
+
+
+def test_a_stream_closed_before_its_first_chunk_stops_its_answer(url, api, engine, tmp_path):
+    import httpx
+
+    body = {"model": api.model, "stream": True, "messages": [user(file_part(fresh_text(tmp_path)), "What is it?")],
+            "temperature": 2.0, "top_p": 1.0, "seed": 0, "max_tokens": 100}  # 100 tokens when left alone
+    with held_encoder(engine) as (release, began), slow_decode(engine, 0.05) as calls, no_eos(engine):
+        # No chunk, not even the headers: its file is still being encoded when the client gives up and closes.
+        with pytest.raises(httpx.ReadTimeout), httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                                                            timeout=httpx.Timeout(30, read=1.0)):
+            pass
+        assert began, "the request never reached the encoder"
+        left_behind = answer_threads()
+        assert left_behind, "the answer was not running when the client left"
+        release.set()  # the encoding ends after the client has gone
+        assert wait_until(lambda: not any(t.is_alive() for t in left_behind), timeout=30)
+    assert len(calls) <= 5, f"the abandoned answer made {len(calls)} model calls"
+    assert engine.scheduler.batch.live == 0 and engine.scheduler.waiting == 0
+
+
+def test_requests_still_encoding_their_files_count_toward_the_429_line(client, settings, engine, tmp_path):
+    settings.settings = replace(settings.settings, max_queue=0)  # nobody may wait: one answer for the one slot
+    answers: list[Any] = []
+    with held_encoder(engine) as (release, began):
+        first = threading.Thread(target=lambda: answers.append(ask(
+            client, settings.model, user(file_part(fresh_text(tmp_path)), "What colour is it?"))))
+        first.start()
+        assert wait_until(lambda: bool(began), timeout=30), "the first request never reached the encoder"
+        for _ in range(3):  # a burst: each would take the slot the first one is about to take
+            with pytest.raises(openai.RateLimitError) as e:
+                ask(client, settings.model, user(file_part(fresh_text(tmp_path)), "What colour is it?"),
+                    timeout=10)
+            assert "busy" in e.value.message
+        release.set()
+        first.join(timeout=60)
+    assert answers and answers[0].choices[0].message.content
+    assert ask(client, settings.model, user(file_part(POINT), "What shape is it?")).choices[0].message.content
 
 
 def test_a_full_line_is_429_and_the_line_frees_up(client, settings, engine):
