@@ -25,7 +25,7 @@ from ibllm.config import GenerationConfig, ModelConfig, PictureConfig, VisualCac
 from ibllm.imagine import Painter, PictureError, PictureStatus
 from ibllm.kinds import KINDS
 from ibllm.llm.batching import DecodeBatch
-from ibllm.llm.packed import packed_bytes
+from ibllm.llm.packed import packed_bytes, packed_nbytes
 from ibllm.llm.prompt import build_chat_prompt
 from ibllm.llm.stream import TextStreamer
 from ibllm.llm.tokenizer import Tokenizer
@@ -124,6 +124,9 @@ class ChatEngine:
         self._blank: torch.Tensor | None = None
         batch = DecodeBatch(net.llama, max_batch, vocab_limit=tokenizer.vocab_size,
                             pack=self._room_to_pack(net.llama, max_batch))
+        if batch.packed_rows:
+            log.info("float32 weights packed for %d-row decode steps (%.2f GB more)", batch.packed_rows,
+                     packed_nbytes(net.llama) / 1e9)
         if compile:
             batch.compile()
         self.scheduler = Scheduler(batch)

@@ -66,6 +66,7 @@ MEASURE = """
 import json, resource, sys, torch
 from ibllm.config import IMAGEBIND_TOY
 from ibllm.factory import load_official
+from ibllm.llm.packed import packed_nbytes
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 # The runtime's one-time set-up is not loading: let it happen before the baseline. The first module built on the
@@ -80,8 +81,9 @@ engine = load_official(sys.argv[1], adapter=sys.argv[2], imagebind=sys.argv[3], 
                        max_seq_len=64)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 served = sum(t.numel() * t.element_size() for t in [*engine.net.parameters(), *engine.net.buffers()])
-kv = engine.scheduler.batch.cache.nbytes  # the decode slots' KV cache
-print(json.dumps({"growth": peak - before, "served": served + kv, "dtype": str(engine.dtype)}))
+kv = engine.scheduler.batch.cache.nbytes  # the decode slots' KV cache (reserved; pages committed when written)
+packed = packed_nbytes(engine.net.llama)  # float32 weights also packed for batched decode, where RAM allows
+print(json.dumps({"growth": peak - before, "served": served + kv + packed, "dtype": str(engine.dtype)}))
 """
 
 

@@ -104,3 +104,9 @@ def pack_linears(model: nn.Module, rows: int) -> int:
         if not (isinstance(linear, PackedLinear) and linear.rows == rows):  # packed already: once is enough
             setattr(owner, name, PackedLinear.of(linear, rows))
     return len(linears)
+
+
+def packed_nbytes(model: nn.Module) -> int:
+    """Memory the packed copies of ``model``'s weights hold now (0 when nothing is packed)."""
+    return sum(_PACKED[m.key].numel() * _PACKED[m.key].element_size() for m in model.modules()
+               if isinstance(m, PackedLinear))
