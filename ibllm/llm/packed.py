@@ -1,10 +1,10 @@
 """Float32 products of exactly B rows (the batched decode step of B slots) through MKL's packed GEMM, on a CPU.
 
 A decode step multiplies every weight by one row per live slot. Reading the weights is the whole cost of one row,
-so B rows should cost about the same; but MKL's ordinary GEMM handles a few rows poorly here (8 rows through a
-1024 x 5632 float32 matrix took 3.4x one row; through 4096 x 22016, 3.2x). MKL also keeps a weight in its own
-"packed" layout for a fixed number of rows, and with it 8 rows took 1.0-1.4x one row (measured on this project's
-2-core Xeon, ``bench/serve.py``). So ``pack_linears`` gives each float32 Linear of the decode path a packed copy of
+so B rows should cost about the same; but MKL's ordinary GEMM handles a few rows poorly here: 8 rows through the
+matrices of a 1024-wide, 8-layer model took 2.9x one row. MKL also keeps a weight in its own "packed" layout for a
+fixed number of rows, and through that 8 rows took 2.1x one row (1.5x for the FFN's 1024 x 5632, 3x for the output
+head; this project's 2-core Xeon; ``bench/serve.py`` has the whole-step figures). So ``pack_linears`` gives each float32 Linear of the decode path a packed copy of
 its weight for B rows, and the step of a batch with more than one live slot runs all B rows (``DecodeBatch``).
 
 The packed copy is memory on top of the weight (MKL's layout is ~1.08x its size), used only by products of exactly B
