@@ -4,8 +4,9 @@ A decode step multiplies every weight by one row per live slot. Reading the weig
 so B rows should cost about the same; but MKL's ordinary GEMM handles a few rows poorly here: 8 rows through the
 matrices of a 1024-wide, 8-layer model took 2.9x one row. MKL also keeps a weight in its own "packed" layout for a
 fixed number of rows, and through that 8 rows took 2.1x one row (1.5x for the FFN's 1024 x 5632, 3x for the output
-head; this project's 2-core Xeon; ``bench/serve.py`` has the whole-step figures). So ``pack_linears`` gives each float32 Linear of the decode path a packed copy of
-its weight for B rows, and the step of a batch with more than one live slot runs all B rows (``DecodeBatch``).
+head; this project's 2-core Xeon; ``bench/serve.py`` has the whole-step figures). So ``pack_linears`` gives each
+float32 Linear of the decode path a packed copy of its weight for B rows, and the step of a batch with more than one
+live slot runs all B rows (``DecodeBatch``).
 
 The packed copy is memory on top of the weight (MKL's layout is ~1.08x its size), used only by products of exactly B
 rows; every other product (one row, a prefill) uses the weight as before, so outputs stay those of ``F.linear`` up to
