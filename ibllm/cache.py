@@ -51,6 +51,18 @@ class SearchResult:
     captions: list[list[str | None]] = field(default_factory=list)
     thumbnails: list[list[str | None]] = field(default_factory=list)
 
+    def leave_out(self, rows: Sequence[int] | np.ndarray, k: int) -> SearchResult:
+        """The first ``k`` neighbours of each query other than its stored row in ``rows`` (-1: none): a stored
+        image asked as a query must not find itself (training on the cache's own images)."""
+        keep = self.rows != np.asarray(rows, dtype=np.int64)[:, None]
+        cols = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept columns first, in their order
+
+        def pick(values: list[list]) -> list[list]:
+            return [[row[c] for c in cs] for row, cs in zip(values, cols.tolist(), strict=True)] if values else values
+
+        return SearchResult(np.take_along_axis(self.rows, cols, 1), np.take_along_axis(self.sims, cols, 1),
+                            pick(self.ids), pick(self.captions), pick(self.thumbnails))
+
 
 def _as_matrix(x: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -197,16 +209,19 @@ class VisualCache:
             out = self.index.reconstruct_batch(flat)
         return out.reshape(*np.shape(rows), self.dim)
 
-    def mix(self, v: torch.Tensor, k: int, t: float, weight: float) -> torch.Tensor:
-        """``normalise((1 - weight) v + weight normalise(softmax(t s) @ P))`` for fused features v (B, E)."""
-        return self.mix_with_neighbours(v, k, t, weight)[0]
+    def mix(self, v: torch.Tensor, k: int, t: float, weight: float,
+            exclude: Sequence[int] | None = None) -> torch.Tensor:
+        """``normalise((1 - weight) v + weight normalise(softmax(t s) @ P))`` for fused features v (B, E).
 
-    def mix_with_neighbours(self, v: torch.Tensor, k: int, t: float,
-                            weight: float) -> tuple[torch.Tensor, SearchResult]:
+        ``exclude``: per query, a stored row it may not retrieve (-1: none); see ``SearchResult.leave_out``."""
+        return self.mix_with_neighbours(v, k, t, weight, exclude)[0]
+
+    def mix_with_neighbours(self, v: torch.Tensor, k: int, t: float, weight: float,
+                            exclude: Sequence[int] | None = None) -> tuple[torch.Tensor, SearchResult]:
         """``mix`` plus what was retrieved (for the UI's neighbour view)."""
         squeeze = v.ndim == 1
         v2 = v[None] if squeeze else v
-        found = self.search(v2, k)
+        found = self.search(v2, k) if exclude is None else self.search(v2, k + 1).leave_out(exclude, k)
         sims = torch.from_numpy(found.sims).to(v.device)
         protos = torch.from_numpy(self.vectors(found.rows)).to(v.device)  # (B, k, E)
         a = (sims * t).softmax(dim=-1)

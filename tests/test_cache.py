@@ -46,6 +46,24 @@ def test_search_and_mix_match_brute_force():
     np.testing.assert_allclose(cache.mix(v[0], k, t, w).numpy(), want[0], atol=1e-6)  # a single (E,) vector
 
 
+def test_a_stored_row_asked_as_a_query_can_leave_itself_out():
+    vecs = unit_rows(200, 16, seed=2)
+    cache = VisualCache.build(vecs, captions=[f"c{i}" for i in range(200)])
+    queries, k, t, w = torch.from_numpy(vecs[[5, 17, 42]]), 6, 20.0, 0.5
+    found = cache.search(queries, k + 1).leave_out([5, 17, -1], k)
+    sims_all = vecs[[5, 17, 42]] @ vecs.T
+    sims_all[0, 5] = sims_all[1, 17] = -np.inf  # the third query keeps itself
+    top = np.argsort(-sims_all, axis=1)[:, :k]
+    np.testing.assert_array_equal(found.rows, top)
+    assert found.rows[2, 0] == 42 and 5 not in found.rows[0] and 17 not in found.rows[1]
+    assert found.captions[1] == [f"c{r}" for r in top[1]]
+    # mix(exclude=...) mixes with exactly those neighbours: the same as a cache without the query's own row
+    without = VisualCache.build(np.delete(vecs, 5, axis=0))
+    np.testing.assert_allclose(cache.mix(queries[:1], k, t, w, exclude=[5]).numpy(),
+                               without.mix(queries[:1], k, t, w).numpy(), atol=1e-6)
+    assert not np.allclose(cache.mix(queries[:1], k, t, w).numpy(), without.mix(queries[:1], k, t, w).numpy())
+
+
 def test_save_load_round_trip(tmp_path):
     vecs = unit_rows(50, 8)
     ids = [f"img{i:03d}" for i in range(50)]

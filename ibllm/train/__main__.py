@@ -75,7 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _threads(args.threads)
-    ensure_heldout(args.data, args.n or 120, seed=args.seed, workers=args.workers)
+    if args.split == "heldout":  # another split (e.g. the validation scenes) is read as it is, never generated
+        ensure_heldout(args.data, args.n or 120, seed=args.seed, workers=args.workers)
     engine = load_default(args.model)
     if not engine.info.trained:
         print(f"warning: {args.model} has no trained weights; evaluating random weights", file=sys.stderr)

@@ -28,6 +28,7 @@ as well cost text inputs 27 points without the cache; stage 2 alone did not.)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from ibllm.bind import fuse
+from ibllm.cache import VisualCache
+from ibllm.config import VisualCacheConfig
 from ibllm.llm.llama import init_weights
 from ibllm.llm.lora import from_peft, mark_stage2_trainable, to_peft
 from ibllm.llm.prompt import format_prompt, render_chat
@@ -57,6 +60,7 @@ class Example:
     feature: int  # row of the image-embedding table; -1 = the all-zero image; -2 = no visual input at all
     view: str = "image"  # "image": that row's embedding; a modality name: the centroid view of that row's scene
     mix: tuple[int, str] | None = None  # (row, view) of a second input fused with the first (bind.fuse)
+    cached: bool = False  # the feature goes through the visual cache, as the chat serves it with the cache on
 
 
 # How many earlier turns a stage-2 dialogue has before the question that is trained on (weights of 0, 1, 2, 3).
@@ -75,8 +79,11 @@ class TextMaker:
     other latents of the same inputs, answered in the model's own style, then the question trained on."""
 
     def __init__(self, tokenizer: Tokenizer, records: list[dict[str, Any]], seed: int = 0,
-                 cannot_tell_fraction: float = CANNOT_TELL_FRACTION):
+                 cannot_tell_fraction: float = CANNOT_TELL_FRACTION,
+                 history_weights: tuple[float, ...] = HISTORY_WEIGHTS, word_dropout: float = 0.0):
         self.cannot_tell_fraction = cannot_tell_fraction
+        self.word_dropout = word_dropout  # toyworld.drop_words on every question asked
+        self.history_weights = torch.tensor(history_weights)
         self.tok = tokenizer
         self.scenes: list[tw.Scene] = [r["scene"] for r in records]
         self.captions: list[list[str]] = [r["caption_variants"] for r in records]
@@ -113,12 +120,13 @@ class TextMaker:
     def _turn(self, scene: tw.Scene, carried: tuple[str, ...], avoid: set[str]) -> tuple[str, str, str]:
         latent = self._latent(carried, avoid)
         question = tw.draw(latent, self.rng)
-        return latent, question, tw.answer_for(scene, latent, carried, question)
+        answer = tw.answer_for(scene, latent, carried, question)
+        return latent, tw.drop_words(question, self.rng, self.word_dropout), answer
 
     def history_length(self) -> int:
-        """How many earlier turns a dialogue has (HISTORY_WEIGHTS). Drawn once per batch by the training loops,
+        """How many earlier turns a dialogue has (``history_weights``). Drawn once per batch by the training loops,
         so the rows of a batch have similar lengths and little padding."""
-        return int(torch.multinomial(torch.tensor(HISTORY_WEIGHTS), 1, generator=self.gen))
+        return int(torch.multinomial(self.history_weights, 1, generator=self.gen))
 
     def qa(self, i: int, feature: int, reading: bool = False, view: str = "image",
            mix: tuple[int, str] | None = None, n_history: int | None = None) -> Example:
@@ -200,6 +208,24 @@ class Centroids:
         return F.normalize(self.emb[rows].float().mean(0), dim=-1)
 
 
+@dataclass(frozen=True)
+class ServedCache:
+    """The visual cache as the chat applies it with the cache on: the cache the model ships (rows = the first
+    training images, ``pipeline.build_cache``) with the model's own top-k, temperature and weight."""
+
+    cache: VisualCache
+    options: VisualCacheConfig
+
+    def __call__(self, features: torch.Tensor, exclude: list[int]) -> torch.Tensor:
+        o = self.options
+        return self.cache.mix(features, min(o.top_k, len(self.cache)), o.temperature, o.weight, exclude)
+
+    def exclude(self, e: Example) -> int:
+        """The cache row an example's feature may not retrieve: a cached training image is its own nearest
+        neighbour, which no input the chat sees has (-1: none)."""
+        return e.feature if e.view == "image" and e.mix is None and 0 <= e.feature < len(self.cache) else -1
+
+
 def collate(examples: list[Example], pad_id: int, loss_on_prompt: bool = False,
             max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, targets) of shape (B, T); targets[t] is the id to predict at position t (IGNORE where no loss)."""
@@ -223,7 +249,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _features(examples: list[Example], image_emb: torch.Tensor, blank: torch.Tensor,
-              centroids: Centroids | None = None) -> torch.Tensor:
+              centroids: Centroids | None = None, cache: ServedCache | None = None) -> torch.Tensor:
     def one(i: int, view: str) -> torch.Tensor:
         return image_emb[i] if view == "image" else centroids(i, view)
 
@@ -234,15 +260,19 @@ def _features(examples: list[Example], image_emb: torch.Tensor, blank: torch.Ten
             return one(e.feature, e.view)
         return fuse([one(e.feature, e.view)[None], one(*e.mix)[None]], [1.0, 1.0])[0]  # as the chat fuses inputs
 
-    return torch.stack([row(e) for e in examples])
+    feats = torch.stack([row(e).float() for e in examples])
+    cached = [j for j, e in enumerate(examples) if e.cached]
+    if cached:
+        feats[cached] = cache(feats[cached], [cache.exclude(examples[j]) for j in cached])
+    return feats
 
 
 def _visual_answer_loss(net: ImageBindLLM, examples: list[Example], pad_id: int, image_emb: torch.Tensor,
-                        blank: torch.Tensor, device: torch.device, centroids: Centroids | None = None
-                        ) -> torch.Tensor:
+                        blank: torch.Tensor, device: torch.device, centroids: Centroids | None = None,
+                        cache: ServedCache | None = None) -> torch.Tensor:
     """Stages 1 and 2: next-token loss on the answers, with each example's visual feature injected."""
     tokens, targets = collate(examples, pad_id)
-    feats = _features(examples, image_emb, blank, centroids).to(device)
+    feats = _features(examples, image_emb, blank, centroids, cache).to(device)
     logits = net.llama(tokens.to(device), 0, net.injection(feats), use_cache=False)
     return lm_loss(logits, targets.to(device))
 
@@ -319,16 +349,25 @@ def stage1(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
 
 def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], image_emb: torch.Tensor, *,
            steps: int, batch: int, lr: float, weight_decay: float, seed: int, text_only_fraction: float = 0.2,
-           centroid_fraction: float = 0.0, cannot_tell_fraction: float = CANNOT_TELL_FRACTION, dist: Dist = SINGLE,
+           centroid_fraction: float = 0.0, cannot_tell_fraction: float = CANNOT_TELL_FRACTION,
+           history_weights: tuple[float, ...] = HISTORY_WEIGHTS, word_dropout: float = 0.0,
+           cache: ServedCache | None = None,
+           cached_fraction: float = 0.0, cached_fraction_partial: float = 0.0, dist: Dist = SINGLE,
            show: bool = True) -> dict[str, float]:
-    """Instruction tuning: LoRA (peft) + biases + norms of LLaMA; bind network, prefix queries and gates frozen."""
+    """Instruction tuning: LoRA (peft) + biases + norms of LLaMA; bind network, prefix queries and gates frozen.
+
+    With ``cache``, a share of the visual examples is read through it exactly as the chat serves the cache on
+    (``cached_fraction`` of the images, ``cached_fraction_partial`` of the centroid views and their mixes): the mix
+    pulls a point cloud's or a sound's feature toward particular images, colour and place included, and a
+    language side that has only read unmixed features then names a colour it cannot know. ``word_dropout``:
+    frame words of the questions left out at random (``toyworld.drop_words``)."""
     net.llama.clear_cache()
     for p in net.parameters():
         p.requires_grad_(False)
     peft_model = to_peft(net.llama)
     mark_stage2_trainable(peft_model)
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    maker = TextMaker(tok, records, seed + 2, cannot_tell_fraction)
+    maker = TextMaker(tok, records, seed + 2, cannot_tell_fraction, history_weights, word_dropout)
     gen = torch.Generator().manual_seed(seed + 12)
     centroids = Centroids(maker.scenes, image_emb, gen)
     blank = net.blank_feature()
@@ -342,10 +381,14 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
             i = maker._pick(n)
             reading = float(torch.rand(1, generator=maker.gen)) < text_only_fraction
             view = "image" if reading else maker.view(centroid_fraction)
-            examples.append(maker.qa(i, -1 if reading else i, reading=reading, view=view,
-                                     mix=maker.mix_for(view, n), n_history=turns))
+            example = maker.qa(i, -1 if reading else i, reading=reading, view=view, mix=maker.mix_for(view, n),
+                               n_history=turns)
+            share = cached_fraction if view == "image" else cached_fraction_partial
+            if cache is not None and not reading and maker._chance(share):
+                example = dataclasses.replace(example, cached=True)
+            examples.append(example)
         examples = examples[dist.rank::dist.world]
-        return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, dist.device, centroids)
+        return _visual_answer_loss(net, examples, tok.eos_id, image_emb, blank, dist.device, centroids, cache)
 
     log = train_loop("stage 2 (instructions, LoRA)", steps, named, loss_fn, lr=lr, weight_decay=weight_decay,
                      dist=dist, show=show)

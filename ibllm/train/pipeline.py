@@ -92,6 +92,12 @@ class RunConfig:
     cache_size: int = 8000  # visual-cache entries shipped (training images)
     centroid_fraction: float = 0.4  # stage-2 visual examples that are centroid views (language.Centroids)
     cannot_tell_fraction: float = 0.35  # questions about a centroid view that ask what it does not carry
+    history_weights: tuple[float, ...] = language.HISTORY_WEIGHTS  # stage-2 dialogues with 0, 1, 2, 3 earlier turns
+    # Stage-2 examples read through the shipped visual cache as the chat serves it (language.stage2): images /
+    # centroid views and their mixes.
+    cached_fraction: float = 0.0
+    cached_fraction_partial: float = 0.0
+    word_dropout: float = 0.0  # stage 2: each frame word of a question left out with this probability
     centre_steps: dict[str, int] = field(default_factory=lambda: {
         "audio": 150, "depth": 100, "thermal": 100, "imu": 300, "point": 60})
     centre_lr: float = 5e-4
@@ -109,7 +115,7 @@ PRESETS: dict[str, RunConfig] = {
         bound_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2}, bound_batch=8,
         lm_steps=10, lm_batch=8, lm_lr=3e-3, s1_steps=3, s1_batch=8, s2_steps=3, s2_batch=8,
         centre_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2},
-        eval_n=2, eval_max_new_tokens=4,
+        cached_fraction=0.5, cached_fraction_partial=0.5, word_dropout=0.2, eval_n=2, eval_max_new_tokens=4,
     ),
 }
 
@@ -302,10 +308,17 @@ class Pipeline:
             self._stage_done("stage1", metrics, t0)
         if "stage2" not in self.done:
             t0 = clock()
+            cache = None
+            if r.cached_fraction or r.cached_fraction_partial:  # the same rows stage_export ships
+                cache = language.ServedCache(VisualCache.build(image_emb[:r.cache_size]), self.cfg.visual_cache)
             metrics = language.stage2(self.net, tok, recs, image_emb, steps=r.s2_steps, batch=r.s2_batch,
                                       lr=r.s2_lr, seed=r.seed, text_only_fraction=r.text_only_fraction,
                                       centroid_fraction=r.centroid_fraction,
-                                      cannot_tell_fraction=r.cannot_tell_fraction, **common_kw)
+                                      cannot_tell_fraction=r.cannot_tell_fraction,
+                                      history_weights=tuple(r.history_weights), word_dropout=r.word_dropout,
+                                      cache=cache,
+                                      cached_fraction=r.cached_fraction,
+                                      cached_fraction_partial=r.cached_fraction_partial, **common_kw)
             self._stage_done("stage2", metrics, t0)
 
     def stage_centre(self, image_emb: torch.Tensor) -> None:

@@ -104,3 +104,20 @@ def test_rerun_resumes_without_retraining(run: tuple[Path, Pipeline, dict[str, A
     report = Pipeline(out, SMOKE, show=False).run_all(evaluate=True)
     assert all(report["stages"][s].get("resumed") for s in TRAINING_STAGES)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "ckpt").glob("*.safetensors")}
+
+
+def test_eval_of_a_validation_split_reads_it_as_it_is(run: tuple[Path, Pipeline, dict[str, Any]],
+                                                      tmp_path: Path) -> None:
+    """``train eval --split train`` on a folder of validation scenes asks them and generates no held-out set."""
+    from ibllm.train.__main__ import main
+
+    out, _, _ = run
+    val = tmp_path / "val"
+    val.mkdir()
+    (val / "train.jsonl").write_text((out / "data" / "train.jsonl").read_text())
+    (val / "train").symlink_to(out / "data" / "train")
+    md = tmp_path / "val.md"
+    assert main(["eval", "--model", str(out / "model"), "--data", str(val), "--split", "train", "--part",
+                 "validation", "--n", "2", "--threads", "1", "--md", str(md)]) == 0
+    assert sorted(p.name for p in val.iterdir()) == ["train", "train.jsonl"]
+    assert md.read_text().count("| image |") == 2

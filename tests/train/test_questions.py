@@ -60,6 +60,30 @@ def test_draw_stays_in_its_part() -> None:
             assert all(tw.draw(latent, rng, part) in allowed for _ in range(20))
 
 
+def test_word_dropout_keeps_the_words_that_name_the_latent() -> None:
+    keys = tw.key_words()
+    assert {"shape", "colour", "color", "size", "many", "big", "where", "how"} <= keys
+    assert not {"is", "the", "it", "tell", "me", "you"} & keys  # said of every latent alike
+    rng = np.random.default_rng(0)
+    changed = 0
+    for latent in tw.ASKED:
+        for q in tw.phrasings(latent):
+            assert tw.drop_words(q, rng, 0.0) == q
+            bare = tw.drop_words(q, rng, 1.0)  # only the key words (and the end mark) are left
+            if tw.is_yes_no(q):
+                assert bare == q  # its first word decides the answer's form
+                continue
+            assert not tw.is_yes_no(bare) and bare[-1] == q[-1]
+            if bare != q:  # every key word kept, and only words that hold one ("what's" holds "what")
+                def split(text: str) -> list[set[str]]:
+                    return [set(re.findall("[a-z]+", w.lower())) for w in text.rstrip("?.").split(" ")]
+                assert all(w & keys for w in split(bare)), (q, bare)
+                assert set().union(*split(q)) & keys <= set().union(*split(bare)), (q, bare)
+            changed += bare != q
+    assert changed > 50
+    assert tw.drop_words("Tell me the colour of the thing.", rng, 1.0) == "Colour of."
+
+
 @pytest.mark.parametrize(("question", "yes_no"), [
     ("Is it moving?", True), ("Does the object move?", True), ("Is it large or small?", False),
     ("Is it on the left, in the centre or on the right?", False), ("Do you know the colour of it?", False),

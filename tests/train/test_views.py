@@ -8,12 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ibllm.config import from_name
+from ibllm.bind import fuse
+from ibllm.cache import VisualCache
+from ibllm.config import VisualCacheConfig, from_name
 from ibllm.encoders import ImageBind
 from ibllm.llm.tokenizer import Tokenizer
 from ibllm.train import toyworld as tw
 from ibllm.train.align import CaptionIds, train_image_text, trim_ids
-from ibllm.train.language import CENTROID_IMAGES, CENTROID_VIEWS, Centroids, TextMaker
+from ibllm.train.language import (
+    CENTROID_IMAGES,
+    CENTROID_VIEWS,
+    Centroids,
+    Example,
+    ServedCache,
+    TextMaker,
+    _features,
+)
 from tests.conftest import REPO
 
 TOY_TOKENIZER = REPO / "assets" / "toy" / "tokenizer.model"
@@ -63,6 +73,33 @@ def test_centroid_examples_ask_and_answer_as_that_modality(view: str) -> None:
         question = tok.decode(ex.prompt).split("### Instruction:")[1].split("###")[0].strip()
         (latent,) = [n for n in tw.ASKED if question in tw.QUESTIONS[n]]
         assert tok.decode(ex.answer[:-1]) == tw.answer_for(scenes[i], latent, view, question)
+
+
+def test_cached_examples_are_read_through_the_shipped_cache_as_the_chat_serves_it() -> None:
+    scenes = _scenes(80)
+    emb = F.normalize(torch.randn(len(scenes), 16, generator=torch.Generator().manual_seed(5)), dim=-1)
+    options = VisualCacheConfig(top_k=5, temperature=20.0, weight=0.5)
+    cache = VisualCache.build(emb[:50])  # as shipped: the first rows of the training images
+    served = ServedCache(cache, options)
+    centroids = Centroids(scenes, emb, torch.Generator().manual_seed(6))
+    blank = torch.zeros(1, 16)
+    examples = [Example([1], [2], 3, cached=True), Example([1], [2], 60, cached=True),
+                Example([1], [2], 3), Example([1], [2], -1)]
+    feats = _features(examples, emb, blank, centroids, served)
+    # a cached training image leaves its own row out (no chat input is in the cache); one beyond the cache cannot
+    assert torch.allclose(feats[0], cache.mix(emb[3:4], 5, 20.0, 0.5, exclude=[3])[0], atol=1e-6)
+    assert not torch.allclose(feats[0], cache.mix(emb[3:4], 5, 20.0, 0.5)[0], atol=1e-3)
+    assert torch.allclose(feats[1], cache.mix(emb[60:61], 5, 20.0, 0.5)[0], atol=1e-6)
+    assert torch.equal(feats[2], emb[3]) and torch.equal(feats[3], blank[0])  # the rest untouched
+    # a centroid view (and a mix) is the fused feature, then the cache, with nothing left out
+    point = Example([1], [2], 7, view="point", cached=True)
+    mixed = Example([1], [2], 7, view="point", mix=(9, "imu"), cached=True)
+    assert served.exclude(point) == -1 and served.exclude(mixed) == -1
+    f = _features([point, mixed], emb, blank, centroids, served)
+    centre = centroids(7, "point")  # groups this small use all their images: the same centroid every time
+    fused = fuse([centre[None], centroids(9, "imu")[None]], [1.0, 1.0])[0]  # as the chat fuses two inputs
+    assert torch.allclose(f[0], cache.mix(centre[None], 5, 20.0, 0.5)[0], atol=1e-5)
+    assert torch.allclose(f[1], cache.mix(fused[None], 5, 20.0, 0.5)[0], atol=1e-5)
 
 
 def test_trimmed_caption_ids_give_the_same_text_embeddings() -> None:

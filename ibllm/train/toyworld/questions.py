@@ -17,7 +17,9 @@ located?"). A held-out figure measures generalisation over phrasing.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,3 +154,41 @@ def part_of(question: str) -> str | None:
         if any(question in phrasings(latent, part) for latent in ASKED):
             return part
     return None
+
+
+_ASKING = frozenset({"what", "which", "where", "how", "who", "why"})
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+@functools.cache
+def key_words(part: str = "train") -> frozenset[str]:
+    """Words that say which latent a question of ``part`` is about: every latent's noun, and every word that
+    occurs in the phrasings of one asked latent only ("many", "big", "going"), and the question words ("how
+    many" is not "how big"); "is", "the", "it", "tell me" say nothing of the latent."""
+    where: dict[str, set[str]] = {}
+    for latent in ASKED:
+        for q in phrasings(latent, part):
+            for w in _words(q):
+                where.setdefault(w, set()).add(latent)
+    nouns = {w for names in NOUNS.values() for name in names for w in _words(name)}
+    return frozenset(nouns | _ASKING | {w for w, latents in where.items() if len(latents) == 1})
+
+
+def drop_words(question: str, rng: np.random.Generator, p: float) -> str:
+    """``question`` with each word that is not a ``key_words`` word left out with probability ``p``.
+
+    Training on such questions makes the frame words ("Tell me the ...", "What is the ... of it?") matter less
+    than the word that names the latent, so that an unseen frame around a known noun is still read right. Yes/no
+    questions are left whole: their first word decides the answer's form."""
+    if p <= 0 or is_yes_no(question):
+        return question
+    keys = key_words()
+    tokens = question.rstrip("?.").split(" ")
+    kept = [t for t in tokens if any(w in keys for w in _words(t)) or rng.random() >= p]
+    text = " ".join(kept)
+    if not kept or is_yes_no(text):  # "Where is it?" must not become "Is it?"
+        return question
+    return text[0].upper() + text[1:] + question[len(question.rstrip("?.")):]
