@@ -194,7 +194,10 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                     neighbours = gr.Dataframe(headers=NEIGHBOUR_HEADERS, datatype=["number", "number", "number",
                                                                                   "str"],
                                               interactive=False, label="neighbours", max_height=300)
-                    thumbnails = gr.Gallery(label="neighbour thumbnails", visible=False, columns=5, height=160)
+                    # Always shown and only ever given values: an update that changes a prop (visible=...) makes
+                    # Gradio rebuild the Gallery's JSON schema for the session, ~30 ms of the server's GIL per
+                    # chat turn (py-spy, 8 concurrent sessions).
+                    thumbnails = gr.Gallery(label="neighbour thumbnails", columns=5, height=160)
                     lookup_note = gr.Markdown(label="note")
                     lookup = gr.Button("Look up neighbours of the current inputs", size="sm")
                     compare = gr.Button("Answer the last question again with the cache off", size="sm")

@@ -194,7 +194,9 @@ class ChatHandler:
                 # neighbours), not gr.skip(): Gradio rebuilds a skipped Dataframe or Gallery and its JSON schema
                 # on every update (~20 ms of the event loop holding the GIL, measured), which starved the decode
                 # thread: the app decoded ~10x slower than the engine alone.
-                side = timings_markdown(event, cache, self.engine.info.cache_entries), rows, thumbs, *_skips(3)
+                # The picture output gets None (it is empty until a picture is drawn), not gr.skip(): a skip is a
+                # prop update, for which Gradio rebuilds the Image component and its JSON schema on every event.
+                side = timings_markdown(event, cache, self.engine.info.cache_entries), rows, thumbs, *_skips(2), None
                 if event.delta:
                     if time.monotonic() - shown >= STREAM_INTERVAL_S:
                         shown = time.monotonic()
@@ -205,15 +207,15 @@ class ChatHandler:
             thumbs = neighbour_thumbnails(last.neighbours)
             timings = timings_markdown(last, cache, self.engine.info.cache_entries) if picture.text else ""
             if picture.picture is None:
-                yield (last.text, timings, neighbour_rows(last.neighbours), gr.Gallery(thumbs, visible=bool(thumbs)),
-                       *_skips(3))
+                yield (last.text, timings, neighbour_rows(last.neighbours), thumbs,
+                       *_skips(2), None)
                 return
             text = [last.text] if picture.text else []
             close = getattr(events, "close", None)
             if close is not None:  # the text answer is complete: its decode slot is free before the picture starts
                 close()
             yield ([*text, f"{PICTURE_MARK} …"], timings, neighbour_rows(last.neighbours),
-                   gr.Gallery(thumbs, visible=bool(thumbs)), *_skips(3))
+                   thumbs, *_skips(2), None)
             for picture_message, line, path in self.pictures(text_in, attachments, cache, picture.picture, drawing):
                 yield [*text, picture_message], "  \n".join(t for t in (timings, line) if t) if line else gr.skip(), \
                     *_skips(4), path or gr.skip()
@@ -263,14 +265,14 @@ class ChatHandler:
         try:
             attachments = plan_attachments(session.inputs)
         except (MediaError, RequestError) as e:
-            return [], gr.Gallery([], visible=False), f"{ERROR_MARK} {e}"
+            return [], [], f"{ERROR_MARK} {e}"
         if not attachments:
-            return [], gr.Gallery([], visible=False), "Attach an input first."
+            return [], [], "Attach an input first."
         try:
             found = self.engine.neighbours(attachments, cache)
         except Exception as e:  # noqa: BLE001 - MediaError included: the inspector reports, the server keeps serving
             log.exception("neighbour lookup failed")
-            return [], gr.Gallery([], visible=False), f"{ERROR_MARK} {type(e).__name__}: {e}"
+            return [], [], f"{ERROR_MARK} {type(e).__name__}: {e}"
         thumbs = neighbour_thumbnails(found)
         note = f"{len(found)} neighbours of the fused input feature (top-{cache.top_k})."
-        return neighbour_rows(found), gr.Gallery(thumbs, visible=bool(thumbs)), note
+        return neighbour_rows(found), thumbs, note
