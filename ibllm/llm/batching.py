@@ -294,9 +294,9 @@ class DecodeBatch:
         Static shapes, one graph per batch width: on a GPU only the full width B (a step costs about the same for
         1 or B rows there); on a CPU with packed weights 1 and B; otherwise also 2, 4, ... below B, because there an
         ordinary GEMM of 4 rows takes about twice as long as one of 1 (measured, bench/serve.py), so a lone request
-        must not pay for B rows. Returns False,
-        keeping the eager step, where compilation fails (no compiler, an unsupported op): serving never depends on
-        it. Call it while no slot is live: the warm-up writes position 0 of the rows.
+        must not pay for B rows. Returns False, keeping the eager step, where compilation fails (no compiler, an
+        unsupported op): serving never depends on it. Call it while no slot is live: the warm-up writes position 0 of
+        the rows.
         """
         if self.compiled:
             return True

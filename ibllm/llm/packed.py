@@ -10,7 +10,9 @@ live slot runs all B rows (``DecodeBatch``).
 
 The packed copy is memory on top of the weight (MKL's layout is ~1.08x its size), used only by products of exactly B
 rows; every other product (one row, a prefill) uses the weight as before, so outputs stay those of ``F.linear`` up to
-the summation order. Half-precision, quantised and GPU weights are left alone (MKL packs float32 only). Where torch
+the summation order. The copy is taken once, for inference: a weight changed in place afterwards (training, a LoRA
+merge) is not seen by it, so pack last, after ``merge_lora``/``fuse_projections`` (the engine does, when it is
+built). Half-precision, quantised and GPU weights are left alone (MKL packs float32 only). Where torch
 was built without MKL nothing is packed.
 """
 
