@@ -27,6 +27,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # Babylon.js (gr.Model3D) tries WebGPU first and logs its failure as an error before falling back to WebGL; with
 # --disable-gpu that attempt always fails, so the message says nothing about the app.
 BENIGN_CONSOLE = ("WebGPU",)
+STREAM_DELAY = 0.3  # seconds the spy engine waits per chat event
 
 pytestmark = [
     pytest.mark.browser,
@@ -38,7 +39,9 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def app_url() -> Iterator[tuple[str, SpyEngine]]:
     spy = SpyEngine(load_engine())
-    spy.delay = 0.05  # slow enough that the page shows the answer growing
+    # Slow enough that the page shows the answer growing even on a loaded 2-core CI runner: a short toy answer is
+    # ~4 events, and at 0.05 s each the whole answer once landed between two polls of the page (CI, session 6).
+    spy.delay = STREAM_DELAY
     demo, url = launch(spy)
     try:
         yield url, spy
@@ -143,7 +146,7 @@ def test_browser_walkthrough(app_url, tmp_path: Path):
             page.close()
             assert spy.stopped.wait(30), "the answer went on after the tab was closed"
         finally:
-            spy.delay = 0.05
+            spy.delay = STREAM_DELAY
             browser.close()
 
 
