@@ -73,6 +73,8 @@ def model_markdown(info: ModelInfo) -> str:
         f"- device: `{info.device}` · dtype: `{info.dtype}`" + (f" ({info.memory})" if info.memory else ""),
         f"- visual cache: {info.cache_entries:,} entries",
     ]
+    if info.decode:
+        lines.insert(3, f"- decode: {info.decode}")
     if info.compute:
         lines.insert(3, f"- compute: {info.compute}")
     if info.is_default:

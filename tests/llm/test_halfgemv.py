@@ -1,0 +1,120 @@
+"""The half-precision decode kernel (ibllm.llm.halfgemv), built with the system C compiler as the app builds it:
+its products against float64, a half-precision model's decode step through it, where it is and is not used."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ibllm.llm import halfgemv
+from ibllm.llm.halfgemv import HalfGemvLinear
+from tests.tiny_llama import CFG, injection_for, prompt, tiny
+
+CC = halfgemv._compiler()
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+# Every build this CPU can run: the AVX-512 one, and the AVX2 one that CPUs without AVX-512 get.
+ISAS = {"AVX512": ["AVX512", "AVX2"], "AVX2": ["AVX2"]}.get(CAPABILITY, [])
+
+pytestmark = pytest.mark.skipif(CC is None or not ISAS, reason=f"needs a C compiler and AVX2 ({halfgemv.status()})")
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Each ISA's kernel, built once into a fresh cache folder (as on a first start)."""
+    folder = tmp_path_factory.mktemp("kernels")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IBLLM_KERNEL_CACHE", str(folder))
+        return {isa: halfgemv.load(isa, CC) for isa in ISAS}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])
+# Whole vectors and ragged tails of the inner size; output sizes that are and are not whole blocks of 4 rows.
+@pytest.mark.parametrize("n,k", [(256, 512), (37, 100), (3, 17), (130, 4096 + 9)])
+def test_the_product_is_the_float32_one(builds, isa, dtype, rows, n, k):
+    lib = builds[isa]
+    g = torch.Generator().manual_seed(n * k + rows)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(rows, k, generator=g)
+    got = halfgemv.product(x, w, lib)
+    want = (x.double() @ w.double().T)  # the half weights' exact values, multiplied in float64
+    scale = x.double().abs() @ w.double().abs().T  # what float32 rounding is relative to
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert float(((got.double() - want).abs() / scale).max()) < 1e-6
+
+
+def test_the_op_rounds_like_torch_and_adds_the_bias():
+    w = torch.randn(96, 200).half()
+    b = torch.randn(96).half()
+    x = torch.randn(1, 1, 200).half()  # (batch, one token, dim) as in a decode step
+    got = halfgemv.half_gemv(x, w, b)
+    want = F.linear(x.float(), w.float(), b.float())
+    assert got.dtype == torch.float16 and got.shape == (1, 1, 96)
+    torch.testing.assert_close(got.float(), want, atol=0, rtol=2 ** -10)  # one rounding to float16
+
+
+def half_model():
+    return tiny(CFG).half()
+
+
+def plain_linears(model) -> int:
+    return sum(type(m) is torch.nn.Linear and "lora_" not in name for name, m in model.named_modules())
+
+
+def test_only_half_precision_cpu_decode_linears_are_swapped():
+    assert tiny(CFG).use_half_gemv() == 0  # float32: nothing to do
+    model = half_model()
+    keys = list(model.state_dict())
+    want = plain_linears(model)
+    assert model.use_half_gemv() == want > 0
+    assert plain_linears(model) == 0
+    assert sum(isinstance(m, HalfGemvLinear) for m in model.modules()) == want
+    assert not any(isinstance(m, HalfGemvLinear) for name, m in model.named_modules() if "lora_" in name)
+    assert list(model.state_dict()) == keys  # the same checkpoint layout
+
+
+@torch.no_grad()
+def test_a_decode_step_through_the_kernel_is_as_close_to_float64_as_torchs():
+    exact = tiny(CFG).double()
+    plain = half_model()
+    swapped = copy.deepcopy(plain)
+    swapped.use_half_gemv()
+    ids = prompt(9, seed=3)
+    inj = injection_for(tiny(CFG), 1, seed=4)
+    errors = {}
+    for name, model in (("torch", plain), ("kernel", swapped), ("exact", exact)):
+        dt = next(model.parameters()).dtype
+        cache = model.new_cache(1, 32)
+        prefill = model(torch.tensor([ids[:-1]]), 0, inj.to(dt), cache=cache)  # 8 rows: torch's GEMM in both
+        step = model(torch.tensor([[ids[-1]]]), torch.tensor([8]), inj.to(dt), last_only=True, cache=cache)
+        errors[name] = (prefill, step)
+    torch.testing.assert_close(errors["kernel"][0], errors["torch"][0], atol=0, rtol=0)  # prefill: untouched
+    truth = errors["exact"][1]
+    off = {name: float((errors[name][1].double() - truth).abs().max()) for name in ("torch", "kernel")}
+    assert off["kernel"] <= 1.5 * off["torch"] + 1e-3, off
+
+
+def test_training_goes_through_torch_so_the_weight_gets_its_gradient():
+    layer = HalfGemvLinear.of(torch.nn.Linear(64, 32).half())
+    x = torch.randn(1, 64).half()
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_layer_calls_the_kernel():
+    layer = HalfGemvLinear.of(torch.nn.Linear(256, 128).half()).requires_grad_(False)
+    x = torch.randn(1, 256).half()
+    compiled = torch.compile(layer, fullgraph=True)  # fullgraph: a graph break (e.g. on ctypes) would fail here
+    torch.testing.assert_close(compiled(x), layer(x), atol=0, rtol=0)
+
+
+def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("IBLLM_KERNEL_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="failed"):
+        halfgemv.load(ISAS[-1], "/bin/false")
+    assert not list(tmp_path.glob("*.so"))  # nothing half-built is left to be loaded next time
