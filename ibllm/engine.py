@@ -25,7 +25,8 @@ from ibllm.config import GenerationConfig, ModelConfig, PictureConfig, VisualCac
 from ibllm.imagine import Painter, PictureError, PictureStatus
 from ibllm.kinds import KINDS
 from ibllm.llm.batching import DecodeBatch
-from ibllm.llm.halfgemv import status as halfgemv_status
+from ibllm.llm.gemv import library as gemv_library
+from ibllm.llm.gemv import status as gemv_status
 from ibllm.llm.packed import packed_bytes, packed_nbytes
 from ibllm.llm.prompt import build_chat_prompt
 from ibllm.llm.stream import TextStreamer
@@ -128,10 +129,12 @@ class ChatEngine:
         if batch.packed_rows:
             log.info("float32 weights packed for %d-row decode steps (%.2f GB more)", batch.packed_rows,
                      packed_nbytes(net.llama) / 1e9)
-        # Half-precision CPU weights: one- and two-row products through ibllm's kernel (llm.halfgemv), about twice
-        # torch's rate here; built on first use, and a no-op for float32, quantised or GPU weights.
-        if self.device.type == "cpu" and net.llama.use_half_gemv():
-            self.info = replace(self.info, decode=f"one- and two-row products through {halfgemv_status()}")
+        # Half-precision and int8 CPU weights: one- and two-row products through ibllm's kernel (llm.gemv), about
+        # twice torch's rate here; built now (seconds, once per machine), and nothing for float32 or GPU weights.
+        if self.device.type == "cpu" and (net.llama.use_half_gemv()
+                                          or any(getattr(m, "cpu_int8", False) for m in net.llama.modules())) \
+                and gemv_library() is not None:
+            self.info = replace(self.info, decode=f"one- and two-row products through {gemv_status()}")
             log.info("decode: %s", self.info.decode)
         if compile:
             batch.compile()

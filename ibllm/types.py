@@ -88,7 +88,7 @@ class ModelInfo:
     how_to_load_real: str = ""
     memory: str = ""  # the memory plan's one-line verdict (which dtype and why), for the Model tab
     compute: str = ""  # how many-token steps compute with half-precision weights on a CPU (ibllm.halfgemm.describe)
-    decode: str = ""  # what one-token steps of half-precision CPU weights run on (ibllm.llm.halfgemv.status)
+    decode: str = ""  # what one-token steps of half-precision CPU weights run on (ibllm.llm.gemv.status)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The Linears a decode step multiplies by, for the modules that give them a faster product (``llm.packed`` for
-float32 batches, ``llm.halfgemv`` for half-precision rows)."""
+float32 batches, ``llm.gemv`` for half-precision rows)."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ from ibllm.checkpoint import KeyTable
 from ibllm.config import LlamaConfig
 from ibllm.halfgemm import float32_gemm
 from ibllm.llm.gate import TanhGate
-from ibllm.llm.halfgemv import use_half_gemv
+from ibllm.llm.gemv import use_half_gemv
 from ibllm.llm.kvcache import KVCache, LayerCache
 from ibllm.llm.packed import pack_linears
 
@@ -447,7 +447,7 @@ class Transformer(nn.Module):
 
     def use_half_gemv(self) -> int:
         """Send the decode step's one- and two-row products of half-precision CPU weights through ibllm's kernel
-        (``llm.halfgemv``; built on first use, a no-op where it cannot be); how many Linears now do."""
+        (``llm.gemv``; built on first use, a no-op where it cannot be); how many Linears now do."""
         return use_half_gemv(self)
 
     @torch.no_grad()

@@ -12,10 +12,11 @@ the un-adapted ``wv``): the injection's ``F.linear(adapter, wv.weight)`` goes th
 quantised tensor, i.e. the injection sees the same quantised base ``wv`` as every token.
 
 Kernels:
-- int8 (per output row, symmetric; torchao ``Int8Tensor``): on a CPU ``torch.ops.aten._weight_int8pack_mm`` for decode
-  (torchao's eager linear dequantises the whole matrix on every call, measured 5x slower than float32 here), and for
-  16+ rows (a prefill) a GEMM of the integers converted into the one reused buffer of ``ibllm.halfgemm``; elsewhere
-  torchao's linear (fused by ``torch.compile`` on a GPU).
+- int8 (per output row, symmetric; torchao ``Int8Tensor``): on a CPU, one or two rows (decode) through ibllm's own
+  kernel (``llm.gemv``) where it builds, else ``torch.ops.aten._weight_int8pack_mm`` (torchao's eager linear
+  dequantises the whole matrix on every call, measured 5x slower than float32 here); 16+ rows (a prefill) a GEMM of
+  the integers converted into the one reused buffer of ``ibllm.halfgemm``; elsewhere torchao's linear (fused by
+  ``torch.compile`` on a GPU).
 - int4 (groups of 128 input columns, asymmetric; ``fits_scheme`` says which shapes): on a CPU torchao's
   ``Int4CPULayout`` (``_weight_int4pack_mm_for_cpu``); on an NVIDIA GPU of compute capability 8.0 or newer the
   tinygemm layout (``tile_packed_to_4d``). ``check_supported`` says where it is not available.
@@ -34,6 +35,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ibllm.halfgemm import half_gemm_is_slow, widened
+from ibllm.llm import gemv
 
 SCHEMES = ("int8", "int4")
 SERVING_DTYPE = torch.bfloat16  # of everything not quantised, and of the activations (module docstring)
@@ -140,10 +142,13 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(weight.device, SERVING_DTYPE), requires_grad=False)
-        self._int8_kernel = (scheme == "int8" and weight.device.type == "cpu"
-                             and self.in_features % _INT8_KERNEL_MULTIPLE == 0)
+        self.cpu_int8 = scheme == "int8" and weight.device.type == "cpu"
+        self._int8_kernel = self.cpu_int8 and self.in_features % _INT8_KERNEL_MULTIPLE == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_int8 and x.numel() <= gemv.MAX_ROWS * self.in_features and gemv.library() is not None:
+            # One or two rows (decode): ibllm's kernel reads the integers once, in the activations' own dtype.
+            return gemv.int8_gemv(x, self.weight.qdata, self.weight.scale, self.bias)
         dtype = x.dtype
         x = x.to(SERVING_DTYPE)
         if self._int8_kernel:

@@ -107,3 +107,20 @@ def test_quantize_through_the_cli():
     assert "int8 + bfloat16" in result.stderr
     if (REPO / "assets" / "toy" / "model.safetensors").is_file():  # the trained toy model knows its pyramids
         assert "pyramid" in result.stdout.lower()
+
+
+@torch.no_grad()
+def test_int8_decode_rows_go_through_ibllm_kernel_and_agree_with_torchs(reference):
+    from ibllm.llm import gemv
+
+    if gemv.library() is None:
+        pytest.skip(f"ibllm's kernel is not available here: {gemv.status()}")
+    layer = _quantized(reference, "int8").layers[0].feed_forward.w1
+    x = torch.randn(1, 1, SMALL.dim, generator=torch.Generator().manual_seed(3)).to(SERVING_DTYPE)
+    with torch.profiler.profile() as prof:
+        got = layer(x)
+    assert "ibllm::int8_gemv" in {e.name for e in prof.events()}
+    w = layer.weight
+    want = torch.ops.aten._weight_int8pack_mm(x[0], w.qdata, w.scale.reshape(-1)) + layer.bias  # torch's kernel
+    assert got.dtype == SERVING_DTYPE and got.shape == (1, 1, layer.out_features)
+    torch.testing.assert_close(got[0].float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -1,12 +1,14 @@
-"""One- and two-row products of float16/bfloat16 weights on a CPU (the decode step), through a small C kernel.
+"""One- and two-row products of float16/bfloat16/int8 weights on a CPU (the decode step), through a small C kernel.
 
 A decode step reads every weight once per token, so it should run at the machine's memory read rate. torch's own
-half-precision matrix-vector kernel does not here: on this project's 2-core Xeon it reads a 7B FFN matrix at
-~11 GB/s in float16 (6 GB/s on one core: it is limited by its arithmetic, not by memory), against ~22 GB/s for
-float32, so full-size float16 decode ran at half the memory rate. ``halfgemv.c`` widens each row of 16 (AVX-512) or
-8 (AVX2) half values to float32 in registers and multiply-adds it there, four weight rows at a time, and the rows of
-the output are split between torch's threads: ~19-21 GB/s on the same matrices in the same runs, and the result is
-the float32-accumulated product rounded once to the activations' dtype (as torch's).
+half-precision matrix-vector kernel does not here: on this project's 2-core Xeon it reads 7B-sized matrices at
+10-11 GB/s in float16 (6 GB/s on one core: it is limited by its arithmetic, not by memory), against ~23 GB/s for
+float32, so full-size float16 decode ran at half the memory rate. ``gemv.c`` widens 16 (AVX-512) or 8 (AVX2) values
+of a weight row at a time to float32 in registers and multiply-adds them there, four weight rows at a time, and the
+rows of the output are split between torch's threads: 16-19 GB/s on the same matrices in the same run. The result
+is the float32-accumulated product rounded once to the activations' dtype, as torch's. int8 weights (``--quantize
+int8``: one float scale per output row) go through the same loop, widened from one byte, the scale applied to each
+sum (``llm.quantize`` uses it for one- and two-row products).
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the ISA
 torch reports (``torch.backends.cpu.get_cpu_capability()``), into ``$IBLLM_KERNEL_CACHE`` (default
@@ -41,7 +43,7 @@ from ibllm.llm.linears import decode_linears
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("halfgemv.c")
+SOURCE = Path(__file__).with_name("gemv.c")
 MAX_ROWS = 2  # products of more rows go through torch (module docstring)
 _FLAGS = {"AVX512": ["-DIBLLM_AVX512", "-mavx512f", "-mf16c", "-mfma"],
           "AVX2": ["-DIBLLM_AVX2", "-mavx2", "-mf16c", "-mfma"]}
@@ -65,7 +67,7 @@ def _build(cc: str, isa: str) -> Path:
     flags = ["-O3", "-shared", "-fPIC", *_FLAGS[isa]]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"halfgemv-{isa.lower()}-{key}.so"
+    target = _cache_dir() / f"gemv-{isa.lower()}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,9 +84,9 @@ def load(isa: str, cc: str) -> ctypes.CDLL:
     """The kernel built for ``isa`` ("AVX512" or "AVX2") with the compiler ``cc`` and loaded; raises RuntimeError or
     OSError where that fails. ``library()`` is the one the decode step uses."""
     lib = ctypes.CDLL(str(_build(cc, isa)))
-    lib.half_gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, *[ctypes.c_int64] * 5,
-                              ctypes.c_int]
-    lib.half_gemv.restype = None
+    lib.gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                         ctypes.c_void_p, *[ctypes.c_int64] * 5]
+    lib.gemv.restype = None
     lib.isa = isa
     return lib
 
@@ -106,14 +108,14 @@ def library() -> ctypes.CDLL | None:
             return load(isa, cc)
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _why_not = f"the kernel did not build: {err}"
-    log.info("half-precision decode products go through torch: %s", _why_not)
+    log.info("one-row decode products go through torch's kernels: %s", _why_not)
     return None
 
 
 def status() -> str:
-    """One line for the log and the Model tab: what one-row half-precision products run on here."""
+    """One line for the log and the Model tab: what one-row products of half or int8 weights run on here."""
     lib = library()
-    return f"ibllm's {lib.isa} kernel (llm/halfgemv.c)" if lib is not None else f"torch's kernel ({_why_not})"
+    return f"ibllm's {lib.isa} kernel (llm/gemv.c)" if lib is not None else f"torch's kernels ({_why_not})"
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -124,43 +126,63 @@ def _workers(threads: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None or _pool._max_workers < threads - 1:
-            _pool = ThreadPoolExecutor(max_workers=max(threads - 1, 1), thread_name_prefix="halfgemv")
+            _pool = ThreadPoolExecutor(max_workers=max(threads - 1, 1), thread_name_prefix="gemv")
         return _pool
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x (m, k) @ weight (n, k)^T in float32 through the kernel (``lib``, default ``library()``), the rows of the
-    result split between torch's threads (ctypes lets go of the GIL for each call)."""
+_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}  # gemv.c's F16, BF16, I8
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (m, k) @ weight (n, k)^T in float32 through the kernel (``lib``, default ``library()``), times ``scale`` (n,)
+    per output where given; the rows of the result are split between torch's threads (ctypes lets go of the GIL for
+    each call)."""
     lib = lib or library()
     n, k = weight.shape
     m = x.shape[0]
     x32 = x.float().contiguous()
+    weight = weight.contiguous()
+    scale32 = None if scale is None else scale.reshape(-1).float().contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    bf16 = int(weight.dtype == torch.bfloat16)
     threads = max(1, min(torch.get_num_threads(), n // 64))
     # Whole groups of 4 output rows per thread (the kernel's block), the last thread taking the remainder.
     cuts = [0, *[(n * t // threads) // 4 * 4 for t in range(1, threads)], n]
-    args = (weight.data_ptr(), x32.data_ptr(), k, y.data_ptr(), m, k, n)
-    pending = [_workers(threads).submit(lib.half_gemv, *args, cuts[t], cuts[t + 1], bf16) for t in range(1, threads)]
-    lib.half_gemv(*args, cuts[0], cuts[1], bf16)
+    args = (weight.data_ptr(), None if scale32 is None else scale32.data_ptr(), _KINDS[weight.dtype], x32.data_ptr(),
+            k, y.data_ptr(), m, k, n)
+    pending = [_workers(threads).submit(lib.gemv, *args, cuts[t], cuts[t + 1]) for t in range(1, threads)]
+    lib.gemv(*args, cuts[0], cuts[1])
     for job in pending:
         job.result()
     return y
 
 
-# An op of its own, so that a compiled decode step calls the kernel instead of breaking its graph on ctypes.
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+# Ops of their own, so that a compiled decode step calls the kernel instead of breaking its graph on ctypes.
 @torch.library.custom_op("ibllm::half_gemv", mutates_args=())
 def half_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a half-precision CPU ``weight`` and at most ``MAX_ROWS`` rows of ``x``."""
-    rows = x.reshape(-1, x.shape[-1])
-    y = product(rows, weight.contiguous())
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return _finish(product(x.reshape(-1, x.shape[-1]), weight), x, bias, weight.shape[0])
 
 
 @half_gemv.register_fake
 def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("ibllm::int8_gemv", mutates_args=())
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight * scale[:, None], bias)`` for int8 CPU ``weight`` with one ``scale`` per output row."""
+    return _finish(product(x.reshape(-1, x.shape[-1]), weight, scale), x, bias, weight.shape[0])
+
+
+@int8_gemv.register_fake
+def _(x, weight, scale, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -198,5 +220,5 @@ def use_half_gemv(model: nn.Module) -> int:
     return len(linears)
 
 
-__all__ = ["half_gemv", "HalfGemvLinear", "use_half_gemv", "library", "load", "product", "status", "MAX_ROWS",
-           "SOURCE"]
+__all__ = ["half_gemv", "int8_gemv", "HalfGemvLinear", "use_half_gemv", "library", "load", "product", "status",
+           "MAX_ROWS", "SOURCE"]

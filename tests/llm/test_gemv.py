@@ -1,5 +1,6 @@
-"""The half-precision decode kernel (ibllm.llm.halfgemv), built with the system C compiler as the app builds it:
-its products against float64, a half-precision model's decode step through it, where it is and is not used."""
+"""The decode kernel for half-precision and int8 weights (ibllm.llm.gemv), built with the system C compiler as the
+app builds it: its products against float64, a half-precision model's decode step through it, where it is and is not
+used."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ibllm.llm import halfgemv
-from ibllm.llm.halfgemv import HalfGemvLinear
+from ibllm.llm import gemv
+from ibllm.llm.gemv import HalfGemvLinear
 from tests.tiny_llama import CFG, injection_for, prompt, tiny
 
-CC = halfgemv._compiler()
+CC = gemv._compiler()
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
 # Every build this CPU can run: the AVX-512 one, and the AVX2 one that CPUs without AVX-512 get.
 ISAS = {"AVX512": ["AVX512", "AVX2"], "AVX2": ["AVX2"]}.get(CAPABILITY, [])
 
-pytestmark = pytest.mark.skipif(CC is None or not ISAS, reason=f"needs a C compiler and AVX2 ({halfgemv.status()})")
+pytestmark = pytest.mark.skipif(CC is None or not ISAS, reason=f"needs a C compiler and AVX2 ({gemv.status()})")
 
 
 @pytest.fixture(scope="module")
@@ -27,31 +28,36 @@ def builds(tmp_path_factory):
     folder = tmp_path_factory.mktemp("kernels")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("IBLLM_KERNEL_CACHE", str(folder))
-        return {isa: halfgemv.load(isa, CC) for isa in ISAS}
+        return {isa: gemv.load(isa, CC) for isa in ISAS}
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("rows", [1, 2])
 # Whole vectors and ragged tails of the inner size; output sizes that are and are not whole blocks of 4 rows.
 @pytest.mark.parametrize("n,k", [(256, 512), (37, 100), (3, 17), (130, 4096 + 9)])
 def test_the_product_is_the_float32_one(builds, isa, dtype, rows, n, k):
     lib = builds[isa]
     g = torch.Generator().manual_seed(n * k + rows)
-    w = torch.randn(n, k, generator=g).to(dtype)
+    if dtype == torch.int8:  # int8 weights come with one scale per output row
+        w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) + 0.01
+    else:
+        w, scale = torch.randn(n, k, generator=g).to(dtype), None
     x = torch.randn(rows, k, generator=g)
-    got = halfgemv.product(x, w, lib)
-    want = (x.double() @ w.double().T)  # the half weights' exact values, multiplied in float64
-    scale = x.double().abs() @ w.double().abs().T  # what float32 rounding is relative to
+    got = gemv.product(x, w, scale, lib=lib)
+    per_row = torch.ones(n, dtype=torch.float64) if scale is None else scale.double()
+    want = (x.double() @ w.double().T) * per_row  # the weights' exact values, multiplied in float64
+    bound = (x.double().abs() @ w.double().abs().T) * per_row  # what float32 rounding is relative to
     assert got.dtype == torch.float32 and got.shape == (rows, n)
-    assert float(((got.double() - want).abs() / scale).max()) < 1e-6
+    assert float(((got.double() - want).abs() / bound).max()) < 1e-6
 
 
 def test_the_op_rounds_like_torch_and_adds_the_bias():
     w = torch.randn(96, 200).half()
     b = torch.randn(96).half()
     x = torch.randn(1, 1, 200).half()  # (batch, one token, dim) as in a decode step
-    got = halfgemv.half_gemv(x, w, b)
+    got = gemv.half_gemv(x, w, b)
     want = F.linear(x.float(), w.float(), b.float())
     assert got.dtype == torch.float16 and got.shape == (1, 1, 96)
     torch.testing.assert_close(got.float(), want, atol=0, rtol=2 ** -10)  # one rounding to float16
@@ -116,5 +122,5 @@ def test_a_compiled_layer_calls_the_kernel():
 def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("IBLLM_KERNEL_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="failed"):
-        halfgemv.load(ISAS[-1], "/bin/false")
+        gemv.load(ISAS[-1], "/bin/false")
     assert not list(tmp_path.glob("*.so"))  # nothing half-built is left to be loaded next time

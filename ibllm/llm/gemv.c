@@ -1,0 +1,104 @@
+/* Products of float16, bfloat16 or int8 weights with one or two float32 rows, for ibllm's CPU decode step
+   (ibllm/llm/gemv.py says why). Built from this one file for the CPU at hand: -DIBLLM_AVX512 (16 floats a vector)
+   or -DIBLLM_AVX2 (8). Each weight row is widened to float32 in registers and never written back: the product reads
+   the weight's bytes once, which is all a one-row product needs to cost. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(IBLLM_AVX512)
+#define W 16
+typedef __m512 vec;
+#define ZERO() _mm512_setzero_ps()
+#define LOADX(p) _mm512_loadu_ps(p)
+#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define HSUM(v) _mm512_reduce_add_ps(v)
+#define HALVES(p) _mm256_loadu_si256((const __m256i*)(p))
+#define FROM_F16(p) _mm512_cvtph_ps(HALVES(p))
+#define FROM_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(HALVES(p)), 16))
+#define FROM_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
+#elif defined(IBLLM_AVX2)
+#define W 8
+typedef __m256 vec;
+#define ZERO() _mm256_setzero_ps()
+#define LOADX(p) _mm256_loadu_ps(p)
+#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float HSUM(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define HALVES(p) _mm_loadu_si128((const __m128i*)(p))
+#define FROM_F16(p) _mm256_cvtph_ps(HALVES(p))
+#define FROM_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(HALVES(p)), 16))
+#define FROM_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p))))
+#else
+#error "build with -DIBLLM_AVX512 or -DIBLLM_AVX2"
+#endif
+
+enum { F16 = 0, BF16 = 1, I8 = 2 }; /* the weight's element type: the ``kind`` argument */
+#define NR 4 /* rows of the weight per pass (measured here: 2 was slower, 6 and 8 no faster) */
+/* Rows of x per pass. More would fit in registers, but measured here (2-core Xeon, 7B-sized matrices) 4 rows at once
+   ran at half the rate of 2: the multiply-adds, not the memory, become the limit. The Python side sends 1 or 2. */
+#define MR 2
+
+static inline vec widen(const void* w, int64_t at, const int kind) {
+  if (kind == I8) return FROM_I8((const int8_t*)w + at);
+  const uint16_t* p = (const uint16_t*)w + at;
+  return kind == BF16 ? FROM_BF16(p) : FROM_F16(p);
+}
+
+static inline float widen1(const void* w, int64_t at, const int kind) {
+  if (kind == I8) return (float)((const int8_t*)w)[at];
+  uint16_t h = ((const uint16_t*)w)[at];
+  if (kind == BF16) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return _cvtsh_ss(h);
+}
+
+/* y[j, n + i] = scale[n + i] * sum_k x[j, k] w[n + i, k] for i < nr, j < mr (nr, mr, kind: constants where this is
+   inlined); no scale: 1. */
+static inline __attribute__((always_inline)) void block(const void* w, const float* scale, int64_t k_all,
+                                                        const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n,
+                                                        const int nr, const int mr, const int kind) {
+  vec acc[NR][MR];
+  for (int i = 0; i < nr; i++)
+    for (int j = 0; j < mr; j++) acc[i][j] = ZERO();
+  int64_t k = 0;
+  for (; k + W <= k_all; k += W) {
+    vec xv[MR];
+    for (int j = 0; j < mr; j++) xv[j] = LOADX(x + j * ldx + k);
+    for (int i = 0; i < nr; i++) {
+      vec wv = widen(w, (n + i) * k_all + k, kind);
+      for (int j = 0; j < mr; j++) acc[i][j] = FMA(wv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < nr; i++)
+    for (int j = 0; j < mr; j++) {
+      float s = HSUM(acc[i][j]);
+      for (int64_t t = k; t < k_all; t++) s += widen1(w, (n + i) * k_all + t, kind) * x[j * ldx + t];
+      y[j * ldy + n + i] = scale ? s * scale[n + i] : s;
+    }
+}
+
+#define B(nr, mr, kind) block(w, scale, k_all, x + m0 * ldx, ldx, y + m0 * ldy, ldy, n, nr, mr, kind)
+#define BY_ROWS(nr, kind) switch (mr) { case 1: B(nr, 1, kind); break; default: B(nr, 2, kind); }
+/* All rows of x against weight rows n..n+nr: the block of w is read from memory once, then from cache. */
+#define AT(nr)                                                                   \
+  for (int64_t m0 = 0; m0 < m; m0 += MR) {                                       \
+    int mr = m - m0 < MR ? (int)(m - m0) : MR;                                   \
+    switch (kind) { case I8: BY_ROWS(nr, I8) break; case BF16: BY_ROWS(nr, BF16) break; default: BY_ROWS(nr, F16) } \
+  }
+
+/* Columns n0..n1 of y (m, ldy) = x (m, ldx) w^T over k_all inputs, times scale[n] where scale is not NULL, for
+   w (n, k_all) of ``kind``, x, y and scale float32, all row-major. Callers split [0, n) between threads. */
+void gemv(const void* w, const float* scale, int kind, const float* x, int64_t ldx, float* y, int64_t m,
+          int64_t k_all, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) AT(NR)
+  for (; n < n1; n++) AT(1)
+}
