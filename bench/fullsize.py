@@ -62,12 +62,14 @@ if args["weights"]["quantize"] == "int8":
     ws = [(torch.randn(rows, cols) * 40).to(torch.int8) for _ in range(count)]
     scale, x = torch.rand(rows, dtype=torch.bfloat16), torch.randn(1, cols, dtype=torch.bfloat16)
     products["torch"] = lambda w: torch._weight_int8pack_mm(x, w, scale)
+    if engine.info.decode:
+        products["ibllm"] = lambda w: gemv.int8_linear(x, w, scale, None)
 else:
     ws = [torch.randn(rows, cols).to(engine.dtype) for _ in range(count)]
     x = torch.randn(1, cols).to(engine.dtype)
     products["torch"] = lambda w: torch.nn.functional.linear(x, w)
     if engine.info.decode:
-        products["ibllm"] = lambda w: gemv.half_gemv(x, w, None)
+        products["ibllm"] = lambda w: gemv.linear(x, w, None)
 nbytes = sum(w.numel() * w.element_size() for w in ws)
 rates = {}
 for name, product in products.items():

@@ -164,9 +164,26 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int)
 
 
 # Ops of their own, so that a compiled decode step calls the kernel instead of breaking its graph on ctypes.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a half-precision CPU ``weight`` and at most ``MAX_ROWS`` rows of ``x``.
+    Eager calls skip the custom op's dispatch (measured ~60 us a call here, ~1.5% of a 7B step); a compiled
+    graph needs the op."""
+    if torch.compiler.is_compiling():
+        return half_gemv(x, weight, bias)
+    return _finish(product(x.reshape(-1, x.shape[-1]), weight), x, bias, weight.shape[0])
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight * scale[:, None], bias)`` for int8 CPU ``weight`` with one ``scale`` per output row (at
+    most ``MAX_ROWS`` rows of ``x``; eager calls skip the op's dispatch, as ``linear``)."""
+    if torch.compiler.is_compiling():
+        return int8_gemv(x, weight, scale, bias)
+    return _finish(product(x.reshape(-1, x.shape[-1]), weight, scale), x, bias, weight.shape[0])
+
+
 @torch.library.custom_op("ibllm::half_gemv", mutates_args=())
 def half_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a half-precision CPU ``weight`` and at most ``MAX_ROWS`` rows of ``x``."""
+    """The op of ``linear``."""
     return _finish(product(x.reshape(-1, x.shape[-1]), weight), x, bias, weight.shape[0])
 
 
@@ -177,7 +194,7 @@ def _(x, weight, bias):
 
 @torch.library.custom_op("ibllm::int8_gemv", mutates_args=())
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight * scale[:, None], bias)`` for int8 CPU ``weight`` with one ``scale`` per output row."""
+    """The op of ``int8_linear``."""
     return _finish(product(x.reshape(-1, x.shape[-1]), weight, scale), x, bias, weight.shape[0])
 
 
@@ -199,7 +216,7 @@ class HalfGemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= MAX_ROWS * self.in_features and not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return half_gemv(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -220,5 +237,5 @@ def use_half_gemv(model: nn.Module) -> int:
     return len(linears)
 
 
-__all__ = ["half_gemv", "int8_gemv", "HalfGemvLinear", "use_half_gemv", "library", "load", "product", "status",
-           "MAX_ROWS", "SOURCE"]
+__all__ = ["linear", "int8_linear", "half_gemv", "int8_gemv", "HalfGemvLinear", "use_half_gemv", "library", "load",
+           "product", "status", "MAX_ROWS", "SOURCE"]

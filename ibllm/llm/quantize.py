@@ -148,7 +148,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_int8 and x.numel() <= gemv.MAX_ROWS * self.in_features and gemv.library() is not None:
             # One or two rows (decode): ibllm's kernel reads the integers once, in the activations' own dtype.
-            return gemv.int8_gemv(x, self.weight.qdata, self.weight.scale, self.bias)
+            return gemv.int8_linear(x, self.weight.qdata, self.weight.scale, self.bias)
         dtype = x.dtype
         x = x.to(SERVING_DTYPE)
         if self._int8_kernel:
