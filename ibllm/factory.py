@@ -31,7 +31,13 @@ from ibllm.config import IMAGEBIND_HUGE, AdapterConfig, ImageBindConfig, LlamaCo
 from ibllm.encoders.loading import load_imagebind_weights
 from ibllm.engine import ChatEngine
 from ibllm.halfgemm import describe
-from ibllm.llm.quantize import SERVING_DTYPE, check_supported, is_quantized_weight, quantize_transformer
+from ibllm.llm.quantize import (
+    SERVING_DTYPE,
+    check_supported,
+    is_quantized_weight,
+    quantize_around,
+    quantize_transformer,
+)
 from ibllm.llm.tokenizer import Tokenizer
 from ibllm.memory import PageReleaser, convert_releasing, parse_dtype, plan_memory
 from ibllm.model import ImageBindLLM
@@ -87,6 +93,7 @@ def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merg
         # Block by block, before anything else is converted: the peak holds one block in both forms, not the model.
         # ``release`` drops the file pages of each weight once it is quantised.
         quantize_transformer(net.llama, quantize, device=device, merge_lora=merge_lora, release=release)
+        quantize_around(net, quantize, device=device, release=release)  # int8: the bind network and the encoders
     net = net.to(device=device, dtype=dtype).eval()  # quantised weights stay as they are (QuantizedLinear._apply)
     for p in net.parameters():
         p.requires_grad_(False)
@@ -209,13 +216,17 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     # One file at a time into the serving dtype, releasing each file's pages as they are converted: the peak is
     # what is served, not the files plus their copies. Weights to be quantised stay in the file until then.
     shard = meta.shards[0] if len(meta.shards) == 1 else None
-    keep = is_quantized_weight if quantize else None
-    release = PageReleaser(shard).release if quantize and shard is not None else None
+    keep = (lambda key: is_quantized_weight(key, quantize)) if quantize else None
+    releasers = [PageReleaser(f) for f in (shard, adapter_path, imagebind_path) if f is not None] if quantize else []
+
+    def release(t: torch.Tensor) -> None:  # a quantised weight's file pages, dropped once it is converted
+        for releaser in releasers:
+            releaser.release(t)
     state = convert_releasing(base, dt, shard, keep=keep)
-    state.update(convert_releasing(adapter_state, dt, adapter_path))
+    state.update(convert_releasing(adapter_state, dt, adapter_path, keep=keep))
     net.load_official(state, what=f"{meta.root} + {adapter_path.name}", allow_missing=("image_bind.",), assign=True)
     del state, base, adapter_state
-    load_imagebind_weights(net.image_bind, convert_releasing(imagebind_state, dt, imagebind_path))
+    load_imagebind_weights(net.image_bind, convert_releasing(imagebind_state, dt, imagebind_path, keep=keep))
     del imagebind_state
     cache = None
     if use_cache:

@@ -4,8 +4,9 @@
 cache and a working margin, compares that with what the device has (available RAM on a CPU, free memory on a GPU)
 and picks a dtype: the fastest that fits (float16 on a GPU; on a CPU float32 if it fits, else float16, the dtype
 of Meta's files, so nothing is converted or copied), or refuses, naming the need, what the machine has and the
-options (among them ``--quantize int8`` and what it would need). With ``quantize`` the plan counts LLaMA's linear
-layers at their quantised size (``llm.quantize.quantized_weight_bytes``) and the rest in bfloat16. ``doctor`` prints
+options (among them ``--quantize int8`` and what it would need). With ``quantize`` the plan counts the quantised
+matrices (LLaMA's linear layers; with int8 also the bind network's and the encoder blocks') at their quantised size
+(``llm.quantize.quantized_weight_bytes``) and the rest in bfloat16. ``doctor`` prints
 the same plan.
 
 ``convert_releasing`` turns a memory-mapped state dict into the target dtype tensor by tensor and tells the kernel
@@ -28,7 +29,13 @@ from pathlib import Path
 
 import torch
 
-from ibllm.llm.quantize import SERVING_DTYPE, fits_scheme, is_quantized_weight, quantized_weight_bytes
+from ibllm.llm.quantize import (
+    SERVING_DTYPE,
+    fits_scheme,
+    is_quantized_weight,
+    quantized_parts,
+    quantized_weight_bytes,
+)
 
 GiB = 1024**3
 # Beyond the weights and the KV cache: activations of a prefill, the encoders' largest intermediate, the Python,
@@ -115,9 +122,9 @@ def plan_memory(states: Iterable[Mapping[str, torch.Tensor]], device: torch.devi
                 quantize: str | None = None, kv_cache: tuple[int, int, int, int] = (0, 0, 0, 0),
                 merge_lora: bool = False, available: int | None = None) -> MemoryPlan:
     """Choose the dtype to serve in (or refuse). ``kv_cache``: (n_layers, dim, max_seq_len, max_batch).
-    ``quantize`` ("int8"/"int4"): LLaMA's linear layers quantised, everything else in bfloat16 (``--dtype`` is not
-    used then: the quantised kernels want bfloat16 activations). ``merge_lora``: the LoRA pairs that merging folds
-    away are not counted."""
+    ``quantize`` ("int8"/"int4"): the matrices ``is_quantized_weight`` names quantised, everything else in bfloat16
+    (``--dtype`` is not used then: the quantised kernels want bfloat16 activations). ``merge_lora``: the LoRA pairs
+    that merging folds away are not counted."""
     states = list(states)
     have = available_bytes(device) if available is None else available
     where = "GPU" if device.type == "cuda" else "CPU"
@@ -130,8 +137,8 @@ def plan_memory(states: Iterable[Mapping[str, torch.Tensor]], device: torch.devi
         need = {quantize: needs(SERVING_DTYPE, quantize)}
         if need[quantize] <= have:
             return MemoryPlan(str(device), have, need, SERVING_DTYPE,
-                              f"serving LLaMA's linear layers in {quantize}, the rest in bfloat16, on the {where}: "
-                              f"as asked (--quantize {quantize})")
+                              f"serving {quantized_parts(quantize)} in {quantize}, the rest in bfloat16, on the "
+                              f"{where}: as asked (--quantize {quantize})")
         smaller = [s for s in ("int8", "int4") if s != quantize and needs(SERVING_DTYPE, s) < need[quantize]]
         options = [f"--quantize {s} ({needs(SERVING_DTYPE, s) / GiB:.1f} GB)" for s in smaller]
         return MemoryPlan(str(device), have, need, None, _refusal(need[quantize], quantize, where, have, options))

@@ -86,9 +86,19 @@ class MultiheadAttention(nn.Module):
             nn.init.xavier_normal_(self.bias_k)
             nn.init.xavier_normal_(self.bias_v)
 
+    def quantize_in_proj(self, linear: nn.Module) -> None:
+        """Serve the input projection through ``linear`` (``llm.quantize.quantize_around``: its quantised form) in
+        place of ``in_proj_weight``/``in_proj_bias``, which are dropped."""
+        del self.in_proj_weight, self.in_proj_bias
+        self.in_proj = linear
+
+    def _in_projection(self, x: Tensor) -> Tensor:
+        in_proj = self._modules.get("in_proj")  # set by quantize_in_proj
+        return in_proj(x) if in_proj is not None else F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = self._in_projection(x).chunk(3, dim=-1)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(b, 1, d)], dim=1)
             v = torch.cat([v, self.bias_v.expand(b, 1, d)], dim=1)

@@ -1,8 +1,10 @@
-"""Weight-only quantisation of LLaMA's linear layers (``--quantize int8`` / ``int4``), through torchao.
+"""Weight-only quantisation of the linear layers (``--quantize int8`` / ``int4``), through torchao.
 
-What is quantised: every block's ``wq wk wv wo w1 w2 w3`` and the output head (``is_quantized_weight`` names them by
-their official keys, so the memory plan counts the same tensors). Embeddings, norms, biases, the LoRA of ``wv`` and
-the rest of the model stay in the serving dtype, bfloat16: the quantised matrix products of torch and torchao are
+What is quantised: LLaMA's every block's ``wq wk wv wo w1 w2 w3`` and the output head; with int8 also the bind
+network's Linears and, in every block of the encoders (ImageBind-Huge's trunks, Point-Bind's), the attention's
+projections and the MLP (``quantize_around``). ``is_quantized_weight`` names them all by their official keys, so the
+memory plan counts the same tensors. Embeddings, norms, biases, the LoRA of ``wv``, the encoders' stems and heads
+and the rest of the model stay in the serving dtype, bfloat16: the quantised matrix products of torch and torchao are
 written for bfloat16 activations (measured on this project's CPU: the int8 kernel takes 1.4 ms for a 4096x4096
 matrix-vector product with bfloat16 activations, 32 ms with float32 and 42 ms with float16).
 
@@ -42,6 +44,15 @@ SERVING_DTYPE = torch.bfloat16  # of everything not quantised, and of the activa
 
 # Official LLaMA keys (with or without the "llama." prefix of the adapter files) of the quantised matrices.
 _QUANTIZED = re.compile(r"(^|\.)(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight$")
+# With int8, also the matrices around LLaMA (official keys): the bind network of 7B.pth (0.6 B parameters) and every
+# transformer block of the encoders in imagebind_w3D.pth (ImageBind-Huge's trunks and Point-Bind's, 1.2 B): 1.8 GB
+# less than bfloat16, which is what a 16 GB machine lacked. ``quantize_around`` takes exactly these.
+_AROUND = re.compile(r"^(image_bind_(proj|f[123]_\d+)\.weight"
+                     r"|(image_bind\.)?modality_trunks\.\w+\.blocks\.\d+\.(attn\.(in_proj_weight|out_proj\.weight)"
+                     r"|mlp\.fc[12]\.weight)"
+                     r"|(image_bind\.)?point_trunk\.point_encoder\.blocks\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+                     r"\.weight)$")
+AROUND_SCHEMES = ("int8",)  # int4's kernels are for few rows; the encoders multiply hundreds at a time
 _INT4_GROUP = 128  # input columns sharing a scale and zero point
 _INT8_KERNEL_MULTIPLE = 16  # _weight_int8pack_mm gives NaN/Inf or crashes for other widths (measured: 8, 24, 100)
 # From this many rows on, an int8 product on a CPU converts the matrix to bfloat16 (one reused buffer) and multiplies
@@ -50,8 +61,17 @@ _INT8_KERNEL_MULTIPLE = 16  # _weight_int8pack_mm gives NaN/Inf or crashes for o
 _INT8_WIDEN_ROWS = 16
 
 
-def is_quantized_weight(key: str) -> bool:
-    return _QUANTIZED.search(key) is not None
+def quantized_parts(scheme: str) -> str:
+    """What ``--quantize scheme`` quantises, in words (the memory plan's line)."""
+    if scheme in AROUND_SCHEMES:
+        return "the linear layers of LLaMA, the bind network and the encoders"
+    return "LLaMA's linear layers"
+
+
+def is_quantized_weight(key: str, scheme: str = "int8") -> bool:
+    """Whether ``--quantize scheme`` quantises the tensor of this official key (LLaMA's; with int8 also the bind
+    network's and the encoder blocks')."""
+    return _QUANTIZED.search(key) is not None or (scheme in AROUND_SCHEMES and _AROUND.match(key) is not None)
 
 
 def fits_scheme(shape: tuple[int, ...] | torch.Size, scheme: str) -> bool:
@@ -218,5 +238,39 @@ def quantize_transformer(model: nn.Module, scheme: str, *, device: torch.device 
         model.lora_merged = model.cfg.w_lora
 
 
-__all__ = ["SCHEMES", "SERVING_DTYPE", "QuantizedLinear", "quantize_transformer", "quantize_linear",
-           "quantized_weight_bytes", "is_quantized_weight", "check_supported", "tensor_nbytes", "fits_scheme"]
+@torch.no_grad()
+def quantize_around(net: nn.Module, scheme: str, *, device: torch.device | str = "cpu",
+                    release: Callable[[torch.Tensor], None] | None = None) -> int:
+    """With int8 (``AROUND_SCHEMES``), quantise the matrices around LLaMA in an ``ImageBindLLM``: every Linear of the
+    bind network (``net.bind``), and in each block of the encoders (``net.image_bind``, whose module names are the
+    official keys) the attention's projections and the MLP: the keys ``is_quantized_weight`` names, so the memory
+    plan counts the same. One matrix at a time, ``release`` given each old weight. Embeddings, norms, the patch
+    stems and the heads stay in bfloat16. How many matrices were quantised."""
+    if scheme not in AROUND_SCHEMES:
+        return 0
+    device = torch.device(device)
+    done = 0
+    for owner in list(net.bind.modules()):
+        for name, child in list(owner.named_children()):
+            if type(child) is nn.Linear:
+                quantize_linear(owner, name, scheme, device, release)
+                done += 1
+    for owner_name, owner in list(net.image_bind.named_modules()):
+        where = f"image_bind.{owner_name}"
+        for name, child in list(owner.named_children()):
+            if type(child) is nn.Linear and _AROUND.match(f"{where}.{name}.weight"):
+                quantize_linear(owner, name, scheme, device, release)
+                done += 1
+        if hasattr(owner, "quantize_in_proj") and _AROUND.match(f"{where}.in_proj_weight"):
+            old = owner.in_proj_weight
+            weight = _quantize_weight(old.detach().to(device=device, dtype=SERVING_DTYPE), scheme)
+            owner.quantize_in_proj(QuantizedLinear(weight, owner.in_proj_bias, scheme))
+            if release is not None:
+                release(old)
+            done += 1
+    return done
+
+
+__all__ = ["SCHEMES", "SERVING_DTYPE", "QuantizedLinear", "quantize_transformer", "quantize_linear", "quantize_around",
+           "quantized_weight_bytes", "quantized_parts", "is_quantized_weight", "check_supported", "tensor_nbytes",
+           "fits_scheme"]
