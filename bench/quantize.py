@@ -9,6 +9,8 @@ LLaMA, each size against its own float32 model (same weights): logits relative e
 tokens come before the first that differs from float32's), with decode ms per token and the bytes of the LLaMA
 weights side by side. bfloat16 alone is listed as well: the quantised models compute in it. Random weights have flat
 logits (many near-ties), so agreement on them is a harsher test than on a trained model.
+Encoders (int8 quantises them too): the cosine between the toy model's int8 and float32 embeddings of a gallery file
+of each modality.
 Gallery: the shipped toy model's 16 gallery examples (tests/test_default_model.py), greedy, cache on: how many name
 the right thing, and how many answers are word for word float32's.
 """
@@ -119,13 +121,35 @@ def bench_gallery() -> None:
                 print(f"    {n}: {answers['float32'][n]!r} -> {answers[mode][n]!r}")
 
 
+def bench_encoders() -> None:
+    """int8 also quantises the encoders (and the bind network): how far each modality's embedding of a gallery file
+    moves, as the cosine between the toy model's int8 and float32 embeddings (1 = unchanged)."""
+    examples = json.loads(GALLERY.read_text())["examples"]
+    files: dict[str, str] = {}
+    for entry in examples:  # the first gallery file of each modality
+        for f in entry["files"]:
+            files.setdefault(f["modality"], str(GALLERY.parent / f["path"]))
+    engines = {mode: load_default(quantize=None if mode == "float32" else mode, max_batch=1)
+               for mode in ("float32", "int8")}
+    for modality, path in files.items():
+        emb = {mode: e.embed(Attachment(path, modality)) for mode, e in engines.items()}
+        cos = torch.nn.functional.cosine_similarity(emb["int8"], emb["float32"], dim=0).item()
+        print(f"  toy encoder {modality:>7} ({Path(path).name}): int8 vs float32 embedding cosine {cos:.5f}",
+              flush=True)
+    for e in engines.values():
+        e.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="*", default=["256x4", "1024x8", "4096x2"], help="random LLaMA sizes DIMxLAYERS")
     p.add_argument("--skip-gallery", action="store_true")
+    p.add_argument("--skip-llama", action="store_true", help="only the encoders and the gallery")
     args = p.parse_args()
     names = (["parity-a"] if (PARITY / "config.json").is_file() else []) + args.sizes
-    bench_llama(names)
+    if not args.skip_llama:
+        bench_llama(names)
+    bench_encoders()
     if not args.skip_gallery:
         bench_gallery()
     return 0

@@ -27,6 +27,7 @@ from ibllm.kinds import KINDS
 from ibllm.llm.batching import DecodeBatch
 from ibllm.llm.gemv import library as gemv_library
 from ibllm.llm.gemv import status as gemv_status
+from ibllm.llm.gemv import use_half_gemv
 from ibllm.llm.packed import packed_bytes, packed_nbytes
 from ibllm.llm.prompt import build_chat_prompt
 from ibllm.llm.stream import TextStreamer
@@ -131,8 +132,8 @@ class ChatEngine:
                      packed_nbytes(net.llama) / 1e9)
         # Half-precision and int8 CPU weights: one- and two-row products through ibllm's kernel (llm.gemv), about
         # twice torch's rate here; built now (seconds, once per machine), and nothing for float32 or GPU weights.
-        if self.device.type == "cpu" and (net.llama.use_half_gemv()
-                                          or any(getattr(m, "cpu_int8", False) for m in net.llama.modules())) \
+        if self.device.type == "cpu" and (use_half_gemv(net) or any(getattr(m, "cpu_int8", False)
+                                                                    for m in net.modules())) \
                 and gemv_library() is not None:
             self.info = replace(self.info, decode=f"one- and two-row products through {gemv_status()}")
             log.info("decode: %s", self.info.decode)

@@ -39,8 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ibllm.llm.linears import decode_linears
-
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.c")
@@ -215,9 +213,16 @@ class HalfGemvLinear(nn.Linear):
         return swapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._product(x, self.bias)
+
+    def weight_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight^T`` without the bias (the visual injection's use of the base ``wv``)."""
+        return self._product(x, None)
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.numel() <= MAX_ROWS * self.in_features and not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
 
 
 def _half_cpu(module: nn.Module) -> bool:
@@ -226,9 +231,12 @@ def _half_cpu(module: nn.Module) -> bool:
 
 
 def use_half_gemv(model: nn.Module) -> int:
-    """Route the one- and two-row products of ``model``'s half-precision CPU decode Linears through the kernel; how
-    many Linears now do (0 where the kernel is not available: ``status()``)."""
-    linears = decode_linears(model, _half_cpu)
+    """Route the one- and two-row products of every half-precision CPU Linear in ``model`` (but LoRA's rank-r
+    pairs, too small to gain) through the kernel: LLaMA's decode step, the bind network's one row per input, the
+    injection's base ``wv``. More rows still go through torch. How many Linears now do (0 where the kernel is not
+    available: ``status()``)."""
+    linears = [(owner, name) for owner in model.modules() for name, child in owner.named_children()
+               if _half_cpu(child) and not name.startswith("lora_")]
     if not linears or library() is None:
         return 0
     for owner, name in linears:

@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ibllm.llm.linears import decode_linears
-
 
 def packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
@@ -79,11 +77,24 @@ def _packable(module: nn.Module) -> bool:
             and module.weight.device.type == "cpu")
 
 
+def _decode_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, attribute) of every packable Linear of ``model`` (a ``llm.llama.Transformer``) that a decode step
+    calls: each block's projections and the output head. Not LoRA's rank-r pairs (tiny), nor ``wv`` once fused into
+    ``wqkv`` (then only the visual injection reads its weight)."""
+    found = []
+    for owner in (*(m for block in model.layers for m in (block.attention, block.feed_forward)), model):
+        for name, child in owner.named_children():
+            fused_away = name == "wv" and getattr(owner, "wqkv", None) is not None
+            if _packable(child) and not name.startswith("lora_") and not fused_away:
+                found.append((owner, name))
+    return found
+
+
 def packed_bytes(model: nn.Module) -> int:
     """Memory ``pack_linears`` would add (the packed layout measured ~1.08x the weight; counted as 1.1x)."""
     if not packing_available():
         return 0
-    total = sum(getattr(owner, name).weight.numel() * 4 for owner, name in decode_linears(model, _packable))
+    total = sum(getattr(owner, name).weight.numel() * 4 for owner, name in _decode_linears(model))
     return int(total * 1.1)
 
 
@@ -91,7 +102,7 @@ def pack_linears(model: nn.Module, rows: int) -> int:
     """Give every float32 CPU Linear of the decode path a packed copy for ``rows`` rows; how many were packed."""
     if not packing_available() or rows < 2:
         return 0
-    linears = decode_linears(model, _packable)
+    linears = _decode_linears(model)
     for owner, name in linears:
         linear = getattr(owner, name)
         if not (isinstance(linear, PackedLinear) and linear.rows == rows):  # packed already: once is enough

@@ -166,9 +166,16 @@ class QuantizedLinear(nn.Module):
         self._int8_kernel = self.cpu_int8 and self.in_features % _INT8_KERNEL_MULTIPLE == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._product(x, self.bias)
+
+    def weight_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight^T`` without the bias (the visual injection's use of the base ``wv``)."""
+        return self._product(x, None)
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cpu_int8 and x.numel() <= gemv.MAX_ROWS * self.in_features and gemv.library() is not None:
             # One or two rows (decode): ibllm's kernel reads the integers once, in the activations' own dtype.
-            return gemv.int8_linear(x, self.weight.qdata, self.weight.scale, self.bias)
+            return gemv.int8_linear(x, self.weight.qdata, self.weight.scale, bias)
         dtype = x.dtype
         x = x.to(SERVING_DTYPE)
         if self._int8_kernel:
@@ -181,10 +188,10 @@ class QuantizedLinear(nn.Module):
             else:
                 y = torch.ops.aten._weight_int8pack_mm(rows, w.qdata, w.scale.reshape(-1))
             y = y.view(*x.shape[:-1], self.out_features)
-            if self.bias is not None:
-                y = y + self.bias
+            if bias is not None:
+                y = y + bias
         else:
-            y = F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, bias)
         return y.to(dtype)
 
     def _apply(self, fn, recurse=True):
