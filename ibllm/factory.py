@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from ibllm.llm.quantize import (
     quantize_transformer,
 )
 from ibllm.llm.tokenizer import Tokenizer
-from ibllm.memory import PageReleaser, convert_releasing, parse_dtype, plan_memory
+from ibllm.memory import FilePages, convert_releasing, parse_dtype, plan_memory
 from ibllm.model import ImageBindLLM
 from ibllm.types import ModelInfo
 from ibllm.weights import MetaLlama, WeightsError, resolve
@@ -103,6 +104,18 @@ def _finish(net: ImageBindLLM, device: torch.device, dtype: torch.dtype, *, merg
     if fuse and not quantize and (merge_lora or not net.cfg.llama.w_lora):
         net.llama.fuse_projections()
     return net
+
+
+def _read_in_file_weights(net: torch.nn.Module, files: list[Path]) -> None:
+    """Read in now the pages of the weights served straight from their files (in the files' own dtype, no copy:
+    Meta's float16 LLaMA), so that loading takes that time and the first question does not (``FilePages.read_in``)."""
+    t0 = time.perf_counter()
+    pages = [FilePages(f) for f in files]
+    tensors = [*net.parameters(), *net.buffers()]
+    read = sum(t.numel() * t.element_size() for t in tensors if any([p.read_in(t) for p in pages]))
+    if read:
+        log.info("read in %.1f GB of weights used straight from the files (%.1f s)", read / 1e9,
+                 time.perf_counter() - t0)
 
 
 def _served_dtype(dtype: torch.dtype, quantize: str | None) -> str:
@@ -217,7 +230,7 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     # what is served, not the files plus their copies. Weights to be quantised stay in the file until then.
     shard = meta.shards[0] if len(meta.shards) == 1 else None
     keep = (lambda key: is_quantized_weight(key, quantize)) if quantize else None
-    releasers = [PageReleaser(f) for f in (shard, adapter_path, imagebind_path) if f is not None] if quantize else []
+    releasers = [FilePages(f) for f in (shard, adapter_path, imagebind_path) if f is not None] if quantize else []
 
     def release(t: torch.Tensor) -> None:  # a quantised weight's file pages, dropped once it is converted
         for releaser in releasers:
@@ -238,6 +251,8 @@ def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | 
     # Fusing q|k|v and w1|w3 concatenates weights: on a CPU that is a second copy of them while loading (and the
     # file-backed originals stay mapped), against ~9% faster decode; the memory rule wins there.
     net = _finish(net, dev, dt, merge_lora=merge_lora, fuse=dev.type == "cuda", quantize=quantize, release=release)
+    if dev.type == "cpu" and not quantize:
+        _read_in_file_weights(net, [p for p in (shard, adapter_path, imagebind_path) if p is not None])
     info = ModelInfo(
         name=cfg.name, weights=f"LLaMA {meta.root}{' (7B_chinese)' if meta.is_chinese_merge else ''}; adapter "
         f"{adapter_path}; encoders {imagebind_path}", device=str(dev), dtype=_served_dtype(dt, quantize),
