@@ -41,6 +41,7 @@ enum { F16 = 0, BF16 = 1, I8 = 2 }; /* the weight's element type: the ``kind`` a
 /* Rows of x per pass. More would fit in registers, but measured here (2-core Xeon, 7B-sized matrices) 4 rows at once
    ran at half the rate of 2: the multiply-adds, not the memory, become the limit. The Python side sends 1 or 2. */
 #define MR 2
+#define PARALLEL_MIN (1 << 17) /* weight values from which a product is shared between threads */
 
 static inline vec widen(const void* w, int64_t at, const int kind) {
   if (kind == I8) return FROM_I8((const int8_t*)w + at);
@@ -85,20 +86,34 @@ static inline __attribute__((always_inline)) void block(const void* w, const flo
     }
 }
 
-#define B(nr, mr, kind) block(w, scale, k_all, x + m0 * ldx, ldx, y + m0 * ldy, ldy, n, nr, mr, kind)
-#define BY_ROWS(nr, kind) switch (mr) { case 1: B(nr, 1, kind); break; default: B(nr, 2, kind); }
-/* All rows of x against weight rows n..n+nr: the block of w is read from memory once, then from cache. */
-#define AT(nr)                                                                   \
+#define B(r, nr, mr, kind) block(w, scale, k_all, x + m0 * ldx, ldx, y + m0 * ldy, ldy, r, nr, mr, kind)
+#define BY_ROWS(r, nr, kind) switch (mr) { case 1: B(r, nr, 1, kind); break; default: B(r, nr, 2, kind); }
+/* All rows of x against weight rows r..r+nr: the block of w is read from memory once, then from cache. */
+#define AT(r, nr)                                                                \
   for (int64_t m0 = 0; m0 < m; m0 += MR) {                                       \
     int mr = m - m0 < MR ? (int)(m - m0) : MR;                                   \
-    switch (kind) { case I8: BY_ROWS(nr, I8) break; case BF16: BY_ROWS(nr, BF16) break; default: BY_ROWS(nr, F16) } \
+    switch (kind) {                                                              \
+      case I8: BY_ROWS(r, nr, I8) break;                                         \
+      case BF16: BY_ROWS(r, nr, BF16) break;                                     \
+      default: BY_ROWS(r, nr, F16)                                               \
+    }                                                                            \
   }
 
-/* Columns n0..n1 of y (m, ldy) = x (m, ldx) w^T over k_all inputs, times scale[n] where scale is not NULL, for
-   w (n, k_all) of ``kind``, x, y and scale float32, all row-major. Callers split [0, n) between threads. */
+/* y (m, n) = x (m, ldx) w^T over k_all inputs, times scale[r] where scale is not NULL, for w (n, k_all) of ``kind``,
+   x, y and scale float32, all row-major. Blocks of NR weight rows are shared out between the OpenMP threads of the
+   calling thread's team: torch's own (the library is linked against the libgomp torch already loaded), so the
+   threads that run torch's ops run this too, without a second pool competing for the cores. Small products stay
+   on one thread, where waking the team would cost more than it saves. */
 void gemv(const void* w, const float* scale, int kind, const float* x, int64_t ldx, float* y, int64_t m,
-          int64_t k_all, int64_t ldy, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) AT(NR)
-  for (; n < n1; n++) AT(1)
+          int64_t k_all, int64_t n) {
+  const int64_t ldy = n, blocks = (n + NR - 1) / NR;
+#pragma omp parallel for schedule(static) if (n * k_all >= PARALLEL_MIN)
+  for (int64_t b = 0; b < blocks; b++) {
+    int64_t r = b * NR;
+    if (r + NR <= n) {
+      AT(r, NR)
+    } else {
+      for (; r < n; r++) AT(r, 1)
+    }
+  }
 }

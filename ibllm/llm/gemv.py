@@ -5,15 +5,17 @@ half-precision matrix-vector kernel does not here: on this project's 2-core Xeon
 10-11 GB/s in float16 (6 GB/s on one core: it is limited by its arithmetic, not by memory), against ~23 GB/s for
 float32, so full-size float16 decode ran at half the memory rate. ``gemv.c`` widens 16 (AVX-512) or 8 (AVX2) values
 of a weight row at a time to float32 in registers and multiply-adds them there, four weight rows at a time, and the
-rows of the output are split between torch's threads: 16-19 GB/s on the same matrices in the same run. The result
+rows of the output are shared out between the threads of torch's own OpenMP runtime: 20-22 GB/s on the same
+matrices in the same run, the rate of float32 through MKL (splitting the rows between Python threads instead cost
+~0.1 ms a call in hand-offs and reached 16-19 GB/s). The result
 is the float32-accumulated product rounded once to the activations' dtype, as torch's. int8 weights (``--quantize
 int8``: one float scale per output row) go through the same loop, widened from one byte, the scale applied to each
 sum (``llm.quantize`` uses it for one- and two-row products).
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the ISA
 torch reports (``torch.backends.cpu.get_cpu_capability()``), into ``$IBLLM_KERNEL_CACHE`` (default
-``~/.cache/ibllm/kernels``), keyed by a hash of the source, flags and compiler, so later starts only load it (~0.5 s
-to build). Where there is no compiler, no AVX2, or the build fails, nothing changes: products go through torch, and
+``~/.cache/ibllm/kernels``), keyed by a hash of the source, flags and compiler, so later starts only load it (~1 s
+to build; the compiler needs OpenMP, as gcc's libgomp). Where there is no compiler, no AVX2, or the build fails, nothing changes: products go through torch, and
 ``status()`` says why. ``IBLLM_HALF_GEMV=0`` switches it off (benchmarks compare both).
 
 Only products of one or two rows use it: more rows become arithmetic-bound in this kernel (4 rows ran at half the rate
@@ -31,8 +33,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,6 +45,9 @@ SOURCE = Path(__file__).with_name("gemv.c")
 MAX_ROWS = 2  # products of more rows go through torch (module docstring)
 _FLAGS = {"AVX512": ["-DIBLLM_AVX512", "-mavx512f", "-mf16c", "-mfma"],
           "AVX2": ["-DIBLLM_AVX2", "-mavx2", "-mf16c", "-mfma"]}
+# OpenMP: the kernel shares rows out between the threads of torch's own OpenMP runtime. torch's wheel ships
+# libgomp.so.1 and has loaded it before this library is, so the loader binds this library to that same copy.
+_COMMON = ["-O3", "-shared", "-fPIC", "-fopenmp"]
 _why_not = ""  # the reason the kernel is not used, once asked
 
 
@@ -62,7 +65,7 @@ def _cache_dir() -> Path:
 
 def _build(cc: str, isa: str) -> Path:
     """The shared library for ``isa``, compiled once into the cache (atomically: parallel starts do not clash)."""
-    flags = ["-O3", "-shared", "-fPIC", *_FLAGS[isa]]
+    flags = [*_COMMON, *_FLAGS[isa]]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"gemv-{isa.lower()}-{key}.so"
@@ -83,7 +86,7 @@ def load(isa: str, cc: str) -> ctypes.CDLL:
     OSError where that fails. ``library()`` is the one the decode step uses."""
     lib = ctypes.CDLL(str(_build(cc, isa)))
     lib.gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                         ctypes.c_void_p, *[ctypes.c_int64] * 5]
+                         ctypes.c_void_p, *[ctypes.c_int64] * 3]
     lib.gemv.restype = None
     lib.isa = isa
     return lib
@@ -116,42 +119,22 @@ def status() -> str:
     return f"ibllm's {lib.isa} kernel (llm/gemv.c)" if lib is not None else f"torch's kernels ({_why_not})"
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _workers(threads: int) -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < threads - 1:
-            _pool = ThreadPoolExecutor(max_workers=max(threads - 1, 1), thread_name_prefix="gemv")
-        return _pool
-
-
 _KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}  # gemv.c's F16, BF16, I8
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x (m, k) @ weight (n, k)^T in float32 through the kernel (``lib``, default ``library()``), times ``scale`` (n,)
-    per output where given; the rows of the result are split between torch's threads (ctypes lets go of the GIL for
-    each call)."""
+    per output where given (ctypes lets go of the GIL for the call; the kernel shares the rows between torch's
+    threads)."""
     lib = lib or library()
     n, k = weight.shape
-    m = x.shape[0]
     x32 = x.float().contiguous()
     weight = weight.contiguous()
     scale32 = None if scale is None else scale.reshape(-1).float().contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    threads = max(1, min(torch.get_num_threads(), n // 64))
-    # Whole groups of 4 output rows per thread (the kernel's block), the last thread taking the remainder.
-    cuts = [0, *[(n * t // threads) // 4 * 4 for t in range(1, threads)], n]
-    args = (weight.data_ptr(), None if scale32 is None else scale32.data_ptr(), _KINDS[weight.dtype], x32.data_ptr(),
-            k, y.data_ptr(), m, k, n)
-    pending = [_workers(threads).submit(lib.gemv, *args, cuts[t], cuts[t + 1]) for t in range(1, threads)]
-    lib.gemv(*args, cuts[0], cuts[1])
-    for job in pending:
-        job.result()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    lib.gemv(weight.data_ptr(), None if scale32 is None else scale32.data_ptr(), _KINDS[weight.dtype],
+             x32.data_ptr(), k, y.data_ptr(), x.shape[0], k, n)
     return y
 
 

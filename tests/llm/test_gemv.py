@@ -124,3 +124,10 @@ def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="failed"):
         gemv.load(ISAS[-1], "/bin/false")
     assert not list(tmp_path.glob("*.so"))  # nothing half-built is left to be loaded next time
+
+
+def test_the_kernel_shares_torchs_openmp_runtime():
+    # A second libgomp would bring a second pool of threads competing with torch's for the same cores.
+    assert gemv.library() is not None
+    loaded = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith("/libgomp.so.1")}
+    assert len(loaded) == 1 and "torch" in next(iter(loaded)), loaded
