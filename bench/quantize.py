@@ -103,7 +103,11 @@ def bench_gallery() -> None:
     examples = {e["name"]: e for e in json.loads(GALLERY.read_text())["examples"]}
     answers: dict[str, dict[str, str]] = {}
     for mode in ("float32", "int8", "int4"):
-        engine = load_default(quantize=None if mode == "float32" else mode, max_batch=1)
+        try:
+            engine = load_default(quantize=None if mode == "float32" else mode, max_batch=1)
+        except ValueError as refused:  # int4 on a CPU with torchao 0.16
+            print(f"  toy gallery {mode:>8}: not run here ({refused})")
+            continue
         answers[mode] = {}
         for name in CHECKED:
             entry = examples[name]
