@@ -43,8 +43,9 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: the fastest that fits (float16 on a GPU; on a CPU float32, else float16)")
     g.add_argument("--quantize", choices=["int8", "int4"],
-                   help="weight-only quantised LLaMA linear layers (torchao), the rest in bfloat16: 7B in ~7 GB "
-                        "(int8) or ~4 GB (int4; CPU, or a GPU of compute capability 8.0+)")
+                   help="weight-only quantised linear layers (torchao), the rest in bfloat16. int8: LLaMA's, the bind "
+                        "network's and the encoders' (the released model in ~9 GB); int4: LLaMA's (~7 GB; a GPU of "
+                        "compute capability 8.0+)")
     g.add_argument("--max-seq-len", type=int, default=512, help="context length of the official model")
     g.add_argument("--unclip", metavar="DIR_OR_REPO",
                    help="Stable unCLIP pipeline for picture answers: a diffusers folder or a hub repo id, loaded on "

@@ -8,8 +8,9 @@
   cache (``ibllm.weights.resolve``). Everything is built on the meta device and filled from memory-mapped files,
   so a 7B model needs about its own size in RAM.
 
-Quantisation: ``quantize="int8"`` (or ``"int4"``) serves LLaMA's linear layers quantised through torchao, LoRA merged
-first, the rest in bfloat16 (``ibllm.llm.quantize``); the memory plan counts them at that size.
+Quantisation: ``quantize="int8"`` (or ``"int4"``) serves LLaMA's linear layers (with int8 also the bind network's
+and the encoder blocks') quantised through torchao, LoRA merged first, the rest in bfloat16 (``ibllm.llm.quantize``);
+the memory plan counts them at that size.
 
 Serving: ``max_batch`` decode slots (env ``IBLLM_MAX_BATCH``; default 4) and ``compile`` for the batched decode
 step (env ``IBLLM_COMPILE`` = 1/0; default on CUDA, off on CPU — see ``default_compile``).
