@@ -15,8 +15,9 @@ sum (``llm.quantize`` uses it for one- and two-row products).
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the ISA
 torch reports (``torch.backends.cpu.get_cpu_capability()``), into ``$IBLLM_KERNEL_CACHE`` (default
 ``~/.cache/ibllm/kernels``), keyed by a hash of the source, flags and compiler, so later starts only load it (~1 s
-to build; the compiler needs OpenMP, as gcc's libgomp). Where there is no compiler, no AVX2, or the build fails, nothing changes: products go through torch, and
-``status()`` says why. ``IBLLM_HALF_GEMV=0`` switches it off (benchmarks compare both).
+to build; the compiler needs OpenMP, as gcc's libgomp). Where there is no compiler, no AVX2, or the build fails,
+nothing changes: products go through torch, and ``status()`` says why. ``IBLLM_HALF_GEMV=0`` switches it off
+(benchmarks compare both).
 
 Only products of one or two rows use it: more rows become arithmetic-bound in this kernel (4 rows ran at half the rate
 of 2 here) while torch's GEMM handles them. Training (weights that need a gradient) never does.

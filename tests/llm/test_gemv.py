@@ -5,6 +5,7 @@ used."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,5 +130,6 @@ def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
 def test_the_kernel_shares_torchs_openmp_runtime():
     # A second libgomp would bring a second pool of threads competing with torch's for the same cores.
     assert gemv.library() is not None
-    loaded = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith("/libgomp.so.1")}
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    loaded = {line.split()[-1] for line in maps if line.endswith("/libgomp.so.1")}
     assert len(loaded) == 1 and "torch" in next(iter(loaded)), loaded
