@@ -4,6 +4,7 @@
    the weight's bytes once, which is all a one-row product needs to cost. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(IBLLM_AVX512)
@@ -36,7 +37,7 @@ static inline float HSUM(__m256 v) {
 #error "build with -DIBLLM_AVX512 or -DIBLLM_AVX2"
 #endif
 
-enum { F16 = 0, BF16 = 1, I8 = 2 }; /* the weight's element type: the ``kind`` argument */
+enum { F16 = 0, BF16 = 1, I8 = 2, F32 = 3 }; /* element types: of the weight (F16, BF16, I8), of x and y (F16, BF16, F32) */
 #define NR 4 /* rows of the weight per pass (measured here: 2 was slower, 6 and 8 no faster) */
 /* Rows of x per pass. More would fit in registers, but measured here (2-core Xeon, 7B-sized matrices) 4 rows at once
    ran at half the rate of 2: the multiply-adds, not the memory, become the limit. The Python side sends 1 or 2. */
@@ -50,6 +51,7 @@ static inline vec widen(const void* w, int64_t at, const int kind) {
 }
 
 static inline float widen1(const void* w, int64_t at, const int kind) {
+  if (kind == F32) return ((const float*)w)[at];
   if (kind == I8) return (float)((const int8_t*)w)[at];
   uint16_t h = ((const uint16_t*)w)[at];
   if (kind == BF16) {
@@ -61,11 +63,26 @@ static inline float widen1(const void* w, int64_t at, const int kind) {
   return _cvtsh_ss(h);
 }
 
-/* y[j, n + i] = scale[n + i] * sum_k x[j, k] w[n + i, k] for i < nr, j < mr (nr, mr, kind: constants where this is
-   inlined); no scale: 1. */
-static inline __attribute__((always_inline)) void block(const void* w, const float* scale, int64_t k_all,
-                                                        const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n,
-                                                        const int nr, const int mr, const int kind) {
+/* One output value in y's element type: float16 and bfloat16 rounded to nearest even, as torch rounds. */
+static inline void store(void* y, int64_t at, float v, int kind) {
+  if (kind == F32) {
+    ((float*)y)[at] = v;
+  } else if (kind == F16) {
+    ((uint16_t*)y)[at] = _cvtss_sh(v, 0);
+  } else {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    ((uint16_t*)y)[at] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)  /* NaN stays NaN */
+                                                         : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+  }
+}
+
+/* y[j, n + i] = scale[n + i] * sum_k x[j, k] w[n + i, k] + bias[n + i] for i < nr, j < mr (nr, mr, kind: constants
+   where this is inlined); no scale: 1, no bias: 0. */
+static inline __attribute__((always_inline)) void block(const void* w, const float* scale, const float* bias,
+                                                        int64_t k_all, const float* x, int64_t ldx, void* y,
+                                                        int y_kind, int64_t ldy, int64_t n, const int nr,
+                                                        const int mr, const int kind) {
   vec acc[NR][MR];
   for (int i = 0; i < nr; i++)
     for (int j = 0; j < mr; j++) acc[i][j] = ZERO();
@@ -82,11 +99,13 @@ static inline __attribute__((always_inline)) void block(const void* w, const flo
     for (int j = 0; j < mr; j++) {
       float s = HSUM(acc[i][j]);
       for (int64_t t = k; t < k_all; t++) s += widen1(w, (n + i) * k_all + t, kind) * x[j * ldx + t];
-      y[j * ldy + n + i] = scale ? s * scale[n + i] : s;
+      if (scale) s *= scale[n + i];
+      if (bias) s += bias[n + i];
+      store(y, j * ldy + n + i, s, y_kind);
     }
 }
 
-#define B(r, nr, mr, kind) block(w, scale, k_all, x + m0 * ldx, ldx, y + m0 * ldy, ldy, r, nr, mr, kind)
+#define B(r, nr, mr, kind) block(w, scale, bias, k_all, xf + m0 * k_all, k_all, (char*)y + m0 * ldy * ysize, y_kind, ldy, r, nr, mr, kind)
 #define BY_ROWS(r, nr, kind) switch (mr) { case 1: B(r, nr, 1, kind); break; default: B(r, nr, 2, kind); }
 /* All rows of x against weight rows r..r+nr: the block of w is read from memory once, then from cache. */
 #define AT(r, nr)                                                                \
@@ -99,14 +118,24 @@ static inline __attribute__((always_inline)) void block(const void* w, const flo
     }                                                                            \
   }
 
-/* y (m, n) = x (m, ldx) w^T over k_all inputs, times scale[r] where scale is not NULL, for w (n, k_all) of ``kind``,
-   x, y and scale float32, all row-major. Blocks of NR weight rows are shared out between the OpenMP threads of the
-   calling thread's team: torch's own (the library is linked against the libgomp torch already loaded), so the
-   threads that run torch's ops run this too, without a second pool competing for the cores. Small products stay
-   on one thread, where waking the team would cost more than it saves. */
-void gemv(const void* w, const float* scale, int kind, const float* x, int64_t ldx, float* y, int64_t m,
-          int64_t k_all, int64_t n) {
-  const int64_t ldy = n, blocks = (n + NR - 1) / NR;
+/* y (m, n) = x (m, k_all) w^T, times scale[r] where scale is not NULL, plus bias[r] where bias is not NULL, for w
+   (n, k_all) of ``kind``, x of ``x_kind`` and y of ``y_kind`` (F32, F16 or BF16), scale and bias float32, all
+   row-major and contiguous. x is widened to float32 once, here. Blocks of NR weight rows are shared out between the
+   OpenMP threads of the calling thread's team: torch's own (the library is linked against the libgomp torch already
+   loaded), so the threads that run torch's ops run this too, without a second pool competing for the cores. Small
+   products stay on one thread, where waking the team would cost more than it saves. Returns 0, or -1 when out of
+   memory for the widened x. */
+int gemv(const void* w, const float* scale, int kind, const void* x, int x_kind, const float* bias, void* y,
+         int y_kind, int64_t m, int64_t k_all, int64_t n) {
+  const int64_t ldy = n, blocks = (n + NR - 1) / NR, ysize = y_kind == F32 ? 4 : 2;
+  float* owned = NULL;
+  const float* xf = (const float*)x;
+  if (x_kind != F32) {
+    owned = (float*)malloc((size_t)(m * k_all) * sizeof(float));
+    if (!owned) return -1;
+    for (int64_t i = 0; i < m * k_all; i++) owned[i] = widen1(x, i, x_kind);
+    xf = owned;
+  }
 #pragma omp parallel for schedule(static) if (n * k_all >= PARALLEL_MIN)
   for (int64_t b = 0; b < blocks; b++) {
     int64_t r = b * NR;
@@ -116,4 +145,6 @@ void gemv(const void* w, const float* scale, int kind, const float* x, int64_t l
       for (; r < n; r++) AT(r, 1)
     }
   }
+  free(owned);
+  return 0;
 }

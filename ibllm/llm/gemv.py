@@ -86,9 +86,9 @@ def load(isa: str, cc: str) -> ctypes.CDLL:
     """The kernel built for ``isa`` ("AVX512" or "AVX2") with the compiler ``cc`` and loaded; raises RuntimeError or
     OSError where that fails. ``library()`` is the one the decode step uses."""
     lib = ctypes.CDLL(str(_build(cc, isa)))
-    lib.gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                         ctypes.c_void_p, *[ctypes.c_int64] * 3]
-    lib.gemv.restype = None
+    lib.gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 3]
+    lib.gemv.restype = ctypes.c_int
     lib.isa = isa
     return lib
 
@@ -120,73 +120,88 @@ def status() -> str:
     return f"ibllm's {lib.isa} kernel (llm/gemv.c)" if lib is not None else f"torch's kernels ({_why_not})"
 
 
-_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}  # gemv.c's F16, BF16, I8
+_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2, torch.float32: 3}  # gemv.c's F16, BF16, I8, F32
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None,
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x (m, k) @ weight (n, k)^T in float32 through the kernel (``lib``, default ``library()``), times ``scale`` (n,)
-    per output where given (ctypes lets go of the GIL for the call; the kernel shares the rows between torch's
-    threads)."""
+    """x (..., k) @ weight (n, k)^T through the kernel (``lib``, default ``library()``), times ``scale`` (n,) and plus
+    ``bias`` (n,) per output where given (both float32), in ``out_dtype`` (default x's; x and the result float32,
+    float16 or bfloat16). One call: the kernel widens x, adds, rounds and shares the rows between torch's threads
+    itself, so a product costs no torch op around it (each ~5-15 us at decode sizes); ctypes lets go of the GIL."""
     lib = lib or library()
     n, k = weight.shape
-    x32 = x.float().contiguous()
-    weight = weight.contiguous()
-    scale32 = None if scale is None else scale.reshape(-1).float().contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    lib.gemv(weight.data_ptr(), None if scale32 is None else scale32.data_ptr(), _KINDS[weight.dtype],
-             x32.data_ptr(), k, y.data_ptr(), x.shape[0], k, n)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        x = x.float()
+    rows = x.reshape(-1, k)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=out_dtype or x.dtype)
+    failed = lib.gemv(weight.data_ptr(), _pointer(scale), _KINDS[weight.dtype], rows.data_ptr(), _KINDS[rows.dtype],
+                      _pointer(bias), y.data_ptr(), _KINDS[y.dtype], rows.shape[0], k, n)
+    if failed:
+        raise MemoryError("gemv: no memory to widen the input rows")
     return y
 
 
-def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).view(*x.shape[:-1], n)
+def float32_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias or scale as the kernel takes it: float32, flat, contiguous (taken once per layer, not per call)."""
+    return None if t is None else t.detach().reshape(-1).float().contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a half-precision CPU ``weight`` and at most ``MAX_ROWS`` rows of ``x``, the
+    bias in float32 (``float32_copy``). Eager calls skip the custom op's dispatch (measured ~60 us a call here, ~1.5%
+    of a 7B step); a compiled graph needs the op."""
+    if torch.compiler.is_compiling():
+        return half_gemv(x, weight, bias32)
+    return product(x, weight, None, bias32)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale32: torch.Tensor, bias32: torch.Tensor | None
+                ) -> torch.Tensor:
+    """``F.linear(x, weight * scale[:, None], bias)`` for int8 CPU ``weight`` with one scale per output row, scale
+    and bias in float32 (at most ``MAX_ROWS`` rows of ``x``; eager calls skip the op's dispatch, as ``linear``)."""
+    if torch.compiler.is_compiling():
+        return int8_gemv(x, weight, scale32, bias32)
+    return product(x, weight, scale32, bias32)
 
 
 # Ops of their own, so that a compiled decode step calls the kernel instead of breaking its graph on ctypes.
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a half-precision CPU ``weight`` and at most ``MAX_ROWS`` rows of ``x``.
-    Eager calls skip the custom op's dispatch (measured ~60 us a call here, ~1.5% of a 7B step); a compiled
-    graph needs the op."""
-    if torch.compiler.is_compiling():
-        return half_gemv(x, weight, bias)
-    return _finish(product(x.reshape(-1, x.shape[-1]), weight), x, bias, weight.shape[0])
-
-
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight * scale[:, None], bias)`` for int8 CPU ``weight`` with one ``scale`` per output row (at
-    most ``MAX_ROWS`` rows of ``x``; eager calls skip the op's dispatch, as ``linear``)."""
-    if torch.compiler.is_compiling():
-        return int8_gemv(x, weight, scale, bias)
-    return _finish(product(x.reshape(-1, x.shape[-1]), weight, scale), x, bias, weight.shape[0])
-
-
 @torch.library.custom_op("ibllm::half_gemv", mutates_args=())
-def half_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def half_gemv(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
     """The op of ``linear``."""
-    return _finish(product(x.reshape(-1, x.shape[-1]), weight), x, bias, weight.shape[0])
+    return product(x, weight, None, bias32)
 
 
 @half_gemv.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias32):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("ibllm::int8_gemv", mutates_args=())
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale32: torch.Tensor, bias32: torch.Tensor | None
+              ) -> torch.Tensor:
     """The op of ``int8_linear``."""
-    return _finish(product(x.reshape(-1, x.shape[-1]), weight, scale), x, bias, weight.shape[0])
+    return product(x, weight, scale32, bias32)
 
 
 @int8_gemv.register_fake
-def _(x, weight, scale, bias):
+def _(x, weight, scale32, bias32):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class HalfGemvLinear(nn.Linear):
     """An ``nn.Linear`` (same Parameters and state-dict keys) whose products of one or two rows use the kernel."""
+
+    bias32: torch.Tensor | None  # the bias as the kernel takes it (inference weights: taken once, when swapped)
 
     @classmethod
     def of(cls, linear: nn.Linear) -> HalfGemvLinear:
@@ -194,19 +209,20 @@ class HalfGemvLinear(nn.Linear):
         nn.Module.__init__(swapped)
         swapped.in_features, swapped.out_features = linear.in_features, linear.out_features
         swapped.weight, swapped.bias = linear.weight, linear.bias
+        swapped.bias32 = float32_copy(linear.bias)
         return swapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._product(x, self.bias)
+        return self._product(x, with_bias=True)
 
     def weight_product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight^T`` without the bias (the visual injection's use of the base ``wv``)."""
-        return self._product(x, None)
+        return self._product(x, with_bias=False)
 
-    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, with_bias: bool) -> torch.Tensor:
         if x.numel() <= MAX_ROWS * self.in_features and not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return linear(x, self.weight, bias)
-        return F.linear(x, self.weight, bias)
+            return linear(x, self.weight, self.bias32 if with_bias else None)
+        return F.linear(x, self.weight, self.bias if with_bias else None)
 
 
 def _half_cpu(module: nn.Module) -> bool:
@@ -229,5 +245,5 @@ def use_half_gemv(model: nn.Module) -> int:
     return len(linears)
 
 
-__all__ = ["linear", "int8_linear", "half_gemv", "int8_gemv", "HalfGemvLinear", "use_half_gemv", "library", "load",
-           "product", "status", "MAX_ROWS", "SOURCE"]
+__all__ = ["linear", "int8_linear", "float32_copy", "half_gemv", "int8_gemv", "HalfGemvLinear", "use_half_gemv",
+           "library", "load", "product", "status", "MAX_ROWS", "SOURCE"]

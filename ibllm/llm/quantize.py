@@ -163,6 +163,8 @@ class QuantizedLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(weight.device, SERVING_DTYPE), requires_grad=False)
         self.cpu_int8 = scheme == "int8" and weight.device.type == "cpu"
+        if self.cpu_int8:  # scale and bias as ibllm's kernel takes them, once
+            self.scale32, self.bias32 = gemv.float32_copy(weight.scale), gemv.float32_copy(self.bias)
         self._int8_kernel = self.cpu_int8 and self.in_features % _INT8_KERNEL_MULTIPLE == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +177,7 @@ class QuantizedLinear(nn.Module):
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cpu_int8 and x.numel() <= gemv.MAX_ROWS * self.in_features and gemv.library() is not None:
             # One or two rows (decode): ibllm's kernel reads the integers once, in the activations' own dtype.
-            return gemv.int8_linear(x, self.weight.qdata, self.weight.scale, bias)
+            return gemv.int8_linear(x, self.weight.qdata, self.scale32, None if bias is None else self.bias32)
         dtype = x.dtype
         x = x.to(SERVING_DTYPE)
         if self._int8_kernel:

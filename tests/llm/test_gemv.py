@@ -58,10 +58,14 @@ def test_the_op_rounds_like_torch_and_adds_the_bias():
     w = torch.randn(96, 200).half()
     b = torch.randn(96).half()
     x = torch.randn(1, 1, 200).half()  # (batch, one token, dim) as in a decode step
-    got = gemv.half_gemv(x, w, b)
     want = F.linear(x.float(), w.float(), b.float())
-    assert got.dtype == torch.float16 and got.shape == (1, 1, 96)
-    torch.testing.assert_close(got.float(), want, atol=0, rtol=2 ** -10)  # one rounding to float16
+    for got in (gemv.half_gemv(x, w, gemv.float32_copy(b)), gemv.linear(x, w, gemv.float32_copy(b))):  # op, eager
+        assert got.dtype == torch.float16 and got.shape == (1, 1, 96)
+        torch.testing.assert_close(got.float(), want.half().float(), atol=0, rtol=0)  # rounded once, to nearest
+    bf = gemv.linear(x.bfloat16(), w.bfloat16(), gemv.float32_copy(b))
+    want = F.linear(x.bfloat16().float(), w.bfloat16().float(), b.float())
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.float(), want.bfloat16().float(), atol=0, rtol=2 ** -8)
 
 
 def half_model():
