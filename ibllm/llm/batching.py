@@ -329,7 +329,12 @@ class DecodeBatch:
                     for _ in range(3 if cuda else 1):  # compile, then (CUDA graphs) record and replay
                         want = eager(tokens, positions, injection, cache)
                         got = compiled(tokens, positions, injection, cache)
-                    if not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
+                    # float32 to 1e-3; half precision to its own rounding, a few units of the last place of the
+                    # largest logit (measured 4.9e-3 on logits of ~1 from float16 weights, 4096x4): a broken graph
+                    # is far off either way.
+                    tol = 1e-3 if self.cache.tensors()[0].dtype == torch.float32 else 3e-2
+                    scale = max(1.0, float(want.abs().max()))
+                    if not torch.allclose(got.float(), want.float(), atol=tol * scale, rtol=tol):
                         raise RuntimeError(f"compiled step differs from eager by {(got - want).abs().max():.2e}")
         except Exception as exc:  # noqa: BLE001 - any failure means "serve eagerly"
             log.warning("decode step not compiled (%s: %s); decoding eagerly", type(exc).__name__,
