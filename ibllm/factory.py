@@ -113,7 +113,7 @@ def _read_in_file_weights(net: torch.nn.Module, files: list[Path]) -> None:
     t0 = time.perf_counter()
     pages = [FilePages(f) for f in files]
     tensors = [*net.parameters(), *net.buffers()]
-    read = sum(t.numel() * t.element_size() for t in tensors if any([p.read_in(t) for p in pages]))
+    read = sum(t.numel() * t.element_size() for t in tensors if any(p.read_in(t) for p in pages))  # one file holds it
     if read:
         log.info("read in %.1f GB of weights used straight from the files (%.1f s)", read / 1e9,
                  time.perf_counter() - t0)

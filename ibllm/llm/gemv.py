@@ -201,16 +201,28 @@ def _(x, weight, scale32, bias32):
 class HalfGemvLinear(nn.Linear):
     """An ``nn.Linear`` (same Parameters and state-dict keys) whose products of one or two rows use the kernel."""
 
-    bias32: torch.Tensor | None  # the bias as the kernel takes it (inference weights: taken once, when swapped)
-
     @classmethod
     def of(cls, linear: nn.Linear) -> HalfGemvLinear:
         swapped = cls.__new__(cls)
         nn.Module.__init__(swapped)
         swapped.in_features, swapped.out_features = linear.in_features, linear.out_features
         swapped.weight, swapped.bias = linear.weight, linear.bias
-        swapped.bias32 = float32_copy(linear.bias)
+        swapped._bias32 = (-1, None)  # (the bias's version it was taken at, its float32 copy)
         return swapped
+
+    @property
+    def bias32(self) -> torch.Tensor | None:
+        """The bias as the kernel takes it: copied once, and again only after the bias changed in place (a training
+        step; torch counts in-place changes in ``_version``)."""
+        if self.bias is None:
+            return None
+        if torch.compiler.is_compiling():  # in a graph the conversion is one fused op, and always current
+            return self.bias.float()
+        version, copy = self._bias32
+        if version != self.bias._version:
+            copy = float32_copy(self.bias)
+            self._bias32 = (self.bias._version, copy)
+        return copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._product(x, with_bias=True)

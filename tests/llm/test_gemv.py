@@ -164,3 +164,13 @@ def test_a_half_precision_decode_step_compiles_with_the_kernel_inside():
     want = [alone(model, r) for r in half_requests()]
     same = sum(a == b for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
     assert same >= 0.9 * sum(len(w) for w in want), (got, want)  # but a near-tie flipped by rounding
+
+
+@torch.no_grad()
+def test_a_bias_changed_in_place_reaches_the_kernel():
+    # Stage-2 training changes biases in place; inference in the same process must see the new values.
+    layer = HalfGemvLinear.of(torch.nn.Linear(64, 32).half()).requires_grad_(False)
+    x = torch.randn(1, 64).half()
+    before = layer(x)
+    layer.bias.add_(1.0)
+    torch.testing.assert_close(layer(x).float(), before.float() + 1.0, atol=2e-2, rtol=0)
