@@ -5,7 +5,8 @@ value named and no other value of the same latent):
 - ``trained``: one question per latent the input carries, from the training part of the question grammar;
 - ``heldout``: the same from the grammar's held-out ``test`` part (whole templates training never saw);
 - ``followup``: a conversation of held-out phrasings: a first question, the model's own answer, then a question
-  about another latent (turn 2), the model's answer, then a third (turn 3); turns 2 and 3 are judged;
+  about another latent (turn 2), the model's answer, then a third (turn 3); turns 2 and 3 are judged, over
+  every latent and "describe", and (``followup_latent``, the headline's) over the judged latents only;
 - ``cannot_tell``: a held-out question about a latent the input does not carry; right = "I cannot tell ..."
   naming no value of it;
 - ``describe``: a held-out "describe" question; right = every carried latent named right.
@@ -91,7 +92,7 @@ class _Tally:
         for suite, per in self.right.items():
             out["accuracy"][suite] = {latent: rate(v) for latent, v in per.items()}
             out["accuracy"][suite]["all"] = rate([x for v in per.values() for x in v])
-        for suite in ("trained", "heldout"):
+        for suite in ("trained", "heldout", "followup_latent"):
             per = self.right.get(suite, {})
             out.setdefault("headline", {})[suite] = rate([x for n in judged for x in per.get(n, [])])
         return out
@@ -125,8 +126,9 @@ def _ask_followups(engine: Any, tally: _Tally, scenes: list[tw.Scene], carried: 
         for i, q, a in zip(rows, questions, answers, strict=True):
             latent = str(plans[i][turn])
             if turn:
-                tally.add("followup", f"turn{turn + 1}", tw.judge(a, scenes[i], latent, carried), scenes[i], q,
-                          a, histories[i])
+                ok = tw.judge(a, scenes[i], latent, carried)
+                tally.add("followup", f"turn{turn + 1}", ok, scenes[i], q, a, histories[i])
+                tally.add("followup_latent", latent, ok, scenes[i], q, a, histories[i])
             histories[i] = [*histories[i], Turn(q, a)]
 
 
@@ -221,11 +223,13 @@ def markdown(results: dict[str, Any]) -> str:
         "greedy answers through the chat's own prompt and decode path, strict judge. Each cell: cache off / on "
         f"(top-{opts['top_k']}, temperature {opts['temperature']:g}, weight {opts['weight']:g}). "
         "*Trained* and *held-out phrasings*: mean over the input's carried latents among shape / colour / motion; "
-        "*follow-ups*: turns 2 and 3 of a held-out-phrased conversation; *can't tell*: asked about a latent the "
+        "*follow-ups*: turns 2 and 3 of a held-out-phrased conversation, asking about any latent or to describe "
+        "(*all*) or about the judged latents only (*judged*); *can't tell*: asked about a latent the "
         "input does not carry; *describe*: every carried latent named.",
         "",
-        "| input | judged on | trained phrasings | held-out phrasings | follow-ups | can't tell | describe | target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| input | judged on | trained phrasings | held-out phrasings | follow-ups, judged | follow-ups, all "
+        "| can't tell | describe | target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, per in inputs.items():
         first = per.get("off") or per.get("on")
@@ -234,6 +238,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {', '.join(first['judged'])} "
             f"| {_pair(per, lambda r: r['headline']['trained'])} "
             f"| {_pair(per, lambda r: r['headline']['heldout'])} "
+            f"| {_pair(per, lambda r: r['headline'].get('followup_latent'))} "
             f"| {_pair(per, lambda r: r['accuracy'].get('followup', {}).get('all'))} "
             f"| {_pair(per, lambda r: r['accuracy'].get('cannot_tell', {}).get('all'))} "
             f"| {_pair(per, lambda r: r['accuracy'].get('describe', {}).get('all'))} | {target} |")

@@ -79,13 +79,13 @@ class RunConfig:
     bound_batch: int = 64
     bound_lr: float = 1e-3
     # language
-    lm_steps: int = 500
+    lm_steps: int = 400
     lm_batch: int = 48
     lm_lr: float = 2e-3
-    s1_steps: int = 800
+    s1_steps: int = 600
     s1_batch: int = 48
     s1_lr: float = 2e-3
-    s2_steps: int = 600
+    s2_steps: int = 1000
     s2_batch: int = 48
     s2_lr: float = 1e-3
     text_only_fraction: float = 0.2

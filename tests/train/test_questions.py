@@ -57,7 +57,32 @@ def test_draw_stays_in_its_part() -> None:
     for part in tw.PARTS:
         for latent in tw.ASKED:
             allowed = set(tw.phrasings(latent, part))
-            assert all(tw.draw(latent, rng, part) in allowed for _ in range(20))
+            assert all(tw.unwrap(tw.draw(latent, rng, part)) in allowed for _ in range(20))
+
+
+def test_training_questions_are_at_times_wrapped_in_words_of_no_meaning() -> None:
+    """An opener or a closer around a training question ("OK, what colour is it now?"); yes/no questions keep
+    their first word (it decides the answer's form), and the held-out parts are never wrapped."""
+    rng = np.random.default_rng(0)
+    wrapped = 0
+    for latent in tw.ASKED:
+        allowed = set(tw.phrasings(latent))
+        for _ in range(200):
+            q = tw.draw(latent, rng)
+            assert tw.unwrap(q) in allowed, q
+            assert tw.is_yes_no(q) == tw.is_yes_no(tw.unwrap(q)), q
+            wrapped += q != tw.unwrap(q)
+    assert 0.2 < wrapped / (200 * len(tw.ASKED)) < 0.4
+    held_out = {q for part in ("validation", "test") for latent in tw.ASKED for q in tw.phrasings(latent, part)}
+    for part in ("validation", "test"):
+        for latent in tw.ASKED:
+            allowed = set(tw.phrasings(latent, part))
+            assert all(tw.draw(latent, rng, part) in allowed for _ in range(50))
+    for q in (q for latent in tw.ASKED for q in tw.phrasings(latent)):  # no wrapping makes a held-out question
+        body, end = q[:-1], q[-1]
+        forms = [o + body[0].lower() + body[1:] + end for o in tw.OPENERS] + [body + c + end for c in tw.CLOSERS]
+        assert not set(forms) & held_out, (q, set(forms) & held_out)
+        assert all(tw.unwrap(f) == q for f in forms), q
 
 
 def test_word_dropout_keeps_the_words_that_name_the_latent() -> None:
@@ -138,7 +163,7 @@ def _scenes(n: int) -> list[tw.Scene]:
 
 
 def _latent_of(question: str) -> str:
-    (latent,) = [n for n in tw.ASKED if question in tw.QUESTIONS[n]]
+    (latent,) = [n for n in tw.ASKED if tw.unwrap(question) in tw.QUESTIONS[n]]
     return latent
 
 

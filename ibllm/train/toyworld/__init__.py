@@ -75,8 +75,10 @@ from ibllm.train.toyworld.latents import (
 from ibllm.train.toyworld.points import render_points
 from ibllm.train.toyworld.questions import (
     ASKED,
+    CLOSERS,
     IT,
     NOUNS,
+    OPENERS,
     PARTS,
     draw,
     drop_words,
@@ -85,6 +87,8 @@ from ibllm.train.toyworld.questions import (
     part_of,
     phrasings,
     templates,
+    unwrap,
+    wrap,
 )
 from ibllm.train.toyworld.render import render_depth, render_image, render_thermal, render_video
 from ibllm.train.toyworld.sound import render_audio
@@ -100,8 +104,9 @@ __all__ = [
     "QUESTIONS", "caption_for", "answer_for", "expected_words", "questions_for", "answer_is_correct", "cannot_tell",
     "carried_by", "judge", "mixed_scene", "value_words",
     # the question grammar
-    "ASKED", "IT", "NOUNS", "PARTS", "draw", "drop_words", "key_words", "is_yes_no", "part_of", "phrasings",
-    "templates",
+    "ASKED", "IT", "NOUNS", "OPENERS", "CLOSERS", "PARTS", "draw", "drop_words", "key_words", "is_yes_no",
+    "part_of", "phrasings",
+    "templates", "unwrap", "wrap",
     # geometry and the renderers
     "surface_points", "render_image", "render_video", "render_depth", "render_thermal", "render_points",
     "render_audio", "render_imu",

@@ -29,6 +29,9 @@ ASKED = ("shape", "colour", "size", "position", "count", "motion", "describe")
 
 # Slot words. ``{it}`` is the thing asked about; ``{noun}`` the latent's name (``NOUNS``).
 IT = ("it", "the object", "the thing", "this object")
+# Referents only the training part uses: more ways to point at the thing, while the held-out parts' phrasings stay
+# exactly what they were (their figures stay comparable from one model to the next).
+IT_TRAIN_ONLY = ("the item", "that object", "this thing", "the one shown")
 NOUNS: dict[str, tuple[str, ...]] = {
     "shape": ("shape", "form"),
     "colour": ("colour", "color"),
@@ -42,7 +45,11 @@ NOUNS: dict[str, tuple[str, ...]] = {
 SHARED: dict[str, tuple[str, ...]] = {
     "train": ("What is the {noun} of {it}?", "Tell me the {noun} of {it}.", "{Noun}?", "And its {noun}?",
               "What about the {noun}?", "Can you tell me the {noun}?", "Name the {noun}.",
-              "What's the {noun}?"),
+              "What's the {noun}?", "Its {noun}?", "The {noun}?", "What's its {noun}?", "Tell me its {noun}.",
+              "I'm curious about the {noun}.", "Could you tell me the {noun}?", "Which {noun}?",
+              "{Noun} of {it}?", "Now the {noun}.", "What {noun} does {it} show?", "Identify the {noun}.",
+              "I need the {noun}.", "Any idea of the {noun}?", "What is {it}'s {noun}?",
+              "Report the {noun} of {it}."),
     "validation": ("I would like to know the {noun}.", "Say the {noun} of {it}."),
     "test": ("How about its {noun}?", "Do you know the {noun} of {it}?", "Please give the {noun}.",
              "And what is the {noun}?"),
@@ -53,44 +60,57 @@ OWN: dict[str, dict[str, tuple[str, ...]]] = {
     "shape": {
         "train": ("What shape is {it}?", "What kind of object is this?", "What object is this?",
                   "Which shape do you see?", "What is {it} shaped like?", "What sort of object is {it}?",
-                  "What form does {it} take?"),
+                  "What form does {it} take?", "What is {it}?", "What is this?",
+                  "What shape does {it} show?", "Identify the object.", "Which kind of object is {it}?",
+                  "What solid is {it}?", "What object do you see?", "Which shape does {it} look like?"),
         "validation": ("Which object is it?",),
         "test": ("What form does {it} have?", "Which shape is {it}?", "What kind of thing do you see?"),
     },
     "colour": {
         "train": ("What colour is {it}?", "What color is {it}?", "Which colour is {it}?",
-                  "What colour do you see?", "Which color does {it} have?"),
+                  "What colour do you see?", "Which color does {it} have?",
+                  "In what colour is {it}?", "What colour is this?", "What color does {it} show?",
+                  "Which colour do you see?", "What color would you call {it}?", "Is {it} red, green or blue?"),
         "validation": ("What color do you see?",),
         "test": ("What colour does {it} have?", "Which color is {it}?", "What colour is {it} painted?"),
     },
     "size": {
         "train": ("How big is {it}?", "Is {it} large or small?", "What size is {it}?", "How large is {it}?",
-                  "Is {it} big or small?"),
+                  "Is {it} big or small?", "How small is {it}?",
+                  "Large or small?", "What size do you see?"),
         "validation": ("Is {it} small or large?",),
         "test": ("How big is {it}, large or small?", "What size does {it} have?", "Is {it} small or big?"),
     },
     "position": {
         "train": ("Where is {it}?", "Is {it} on the left, in the centre or on the right?",
-                  "Where do you see {it}?", "On which side is {it}?", "Where is {it} placed?"),
+                  "Where do you see {it}?", "On which side is {it}?", "Where is {it} placed?",
+                  "Where is {it} in the picture?", "Left, centre or right?", "Where does {it} sit?",
+                  "Where is {it} positioned?", "In which part is {it}?", "Where do you find {it}?"),
         "validation": ("Where can you see {it}?",),
         "test": ("Where is {it} located?", "Which side is {it} on?", "Is {it} on the left or on the right?"),
     },
     "count": {
         "train": ("How many objects are there?", "How many are there?", "How many things do you see?",
-                  "How many do you see?", "Count the objects.", "How many?"),
+                  "How many do you see?", "Count the objects.", "How many?",
+                  "How many objects?", "How many objects are shown?", "How many are in it?",
+                  "What number of objects is shown?", "Is there one object or more?", "How many shapes appear?"),
         "validation": ("How many objects can you count?",),
         "test": ("How many objects do you see?", "Count them.", "How many things are there?"),
     },
     "motion": {
         "train": ("Which way does {it} move?", "How is {it} moving?", "Is {it} moving?", "What is {it} doing?",
-                  "Where is {it} going?", "In which direction does {it} move?", "Where does {it} go?"),
+                  "Where is {it} going?", "In which direction does {it} move?", "Where does {it} go?",
+                  "Which direction does {it} go?", "What direction is {it} moving in?", "How does {it} move?",
+                  "Is {it} moving left or right?", "Is {it} in motion?", "What way does {it} go?"),
         "validation": ("Which way is {it} heading?",),
         "test": ("Which way is {it} going?", "Where does {it} move?", "Does {it} move?",
                  "In which direction is {it} going?"),
     },
     "describe": {
         "train": ("Describe it.", "Describe the scene.", "What do you see?", "Describe what you see.",
-                  "Tell me about it.", "Can you describe it?", "Give me a description."),
+                  "Tell me about it.", "Can you describe it?", "Give me a description.",
+                  "Describe everything.", "What is there?", "Explain what you see.",
+                  "Sum up what you see.", "What does it show?", "Give me a full description."),
         "validation": ("Describe this.",),
         "test": ("Describe the object.", "What can you see?", "Please describe it.", "Tell me what you see."),
     },
@@ -115,7 +135,8 @@ class Template:
         """Every question this template makes (each slot filled with each of its words)."""
         nouns = NOUNS.get(self.latent, ("",))
         out = []
-        for it, noun in itertools.product(IT if "{it}" in self.text else ("",),
+        its = (*IT, *IT_TRAIN_ONLY) if self.part == "train" else IT
+        for it, noun in itertools.product(its if "{it}" in self.text else ("",),
                                           nouns if "{noun}" in self.text.lower() else ("",)):
             text = self.text.format(it=it, noun=noun, Noun=noun[:1].upper() + noun[1:])
             out.append(text[0].upper() + text[1:])
@@ -141,11 +162,47 @@ def is_yes_no(question: str) -> bool:
     return low.startswith(_YES_NO_START) and not any(c in low for c in _CHOICE)
 
 
+# Words around a training question, as people add them ("OK, what colour is it now?"): a share of the drawn
+# training questions get an opener or a closer, so that no frame word is a reliable cue and the word naming
+# the latent has to be read. Yes/no questions take no opener: their first word decides the answer's form.
+OPENERS = ("OK, ", "So, ", "Now, ", "Hey, ", "Right, ", "Next: ", "One more thing: ", "Quick question: ", "Look, ",
+           "Hmm, ")
+CLOSERS = (" here", " now", " in this one", " exactly", ", if you can", " this time", " then")
+WRAP_FRACTION = 0.3
+
+
+def wrap(question: str, rng: np.random.Generator) -> str:
+    """``question`` with an opener (not for yes/no questions) or a closer before its end mark."""
+    body, end = question[:-1], question[-1]
+    if not is_yes_no(question) and rng.random() < 0.5:
+        opener = OPENERS[int(rng.integers(len(OPENERS)))]
+        return opener + body[0].lower() + body[1:] + end
+    return body + CLOSERS[int(rng.integers(len(CLOSERS)))] + end
+
+
+def unwrap(question: str) -> str:
+    """``question`` without the opener or closer ``wrap`` may have added."""
+    body, end = question[:-1], question[-1:]
+    for opener in OPENERS:
+        if body.startswith(opener):
+            body = body[len(opener)].upper() + body[len(opener) + 1:]
+            break
+    for closer in CLOSERS:
+        if body.endswith(closer):
+            body = body[:-len(closer)]
+            break
+    return body + end
+
+
 def draw(latent: str, rng: np.random.Generator, part: str = "train") -> str:
-    """One question about ``latent``: a template of ``part`` at random, then its words at random."""
+    """One question about ``latent``: a template of ``part`` at random, then its words at random (and, for the
+    training part, at times wrapped in a few words of no meaning, ``wrap``)."""
     ts = templates(latent, part)
     options = ts[int(rng.integers(len(ts)))].phrasings()
-    return options[int(rng.integers(len(options)))]
+    question = options[int(rng.integers(len(options)))]
+    if part == "train" and rng.random() < WRAP_FRACTION:
+        return wrap(question, rng)
+    return question
 
 
 def part_of(question: str) -> str | None:
