@@ -71,7 +71,7 @@ def test_centroid_examples_ask_and_answer_as_that_modality(view: str) -> None:
         ex = maker.qa(i, i, view=view)
         assert ex.view == view and ex.feature == i and ex.mix is None
         question = tok.decode(ex.prompt).split("### Instruction:")[1].split("###")[0].strip()
-        (latent,) = [n for n in tw.ASKED if question in tw.QUESTIONS[n]]
+        (latent,) = [n for n in tw.ASKED if tw.unwrap(question) in tw.QUESTIONS[n]]
         assert tok.decode(ex.answer[:-1]) == tw.answer_for(scenes[i], latent, view, question)
 
 
