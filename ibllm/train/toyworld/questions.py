@@ -50,7 +50,8 @@ SHARED: dict[str, tuple[str, ...]] = {
               "{Noun} of {it}?", "Now the {noun}.", "What {noun} does {it} show?", "Identify the {noun}.",
               "I need the {noun}.", "Any idea of the {noun}?", "What is {it}'s {noun}?",
               "Report the {noun} of {it}."),
-    "validation": ("I would like to know the {noun}.", "Say the {noun} of {it}."),
+    "validation": ("I would like to know the {noun}.", "Say the {noun} of {it}.", "What would you call its {noun}?",
+                   "I'd like the {noun}.", "Could you name the {noun} of {it}?"),
     "test": ("How about its {noun}?", "Do you know the {noun} of {it}?", "Please give the {noun}.",
              "And what is the {noun}?"),
 }
@@ -63,7 +64,7 @@ OWN: dict[str, dict[str, tuple[str, ...]]] = {
                   "What form does {it} take?", "What is {it}?", "What is this?",
                   "What shape does {it} show?", "Identify the object.", "Which kind of object is {it}?",
                   "What solid is {it}?", "What object do you see?", "Which shape does {it} look like?"),
-        "validation": ("Which object is it?",),
+        "validation": ("Which object is it?", "What shape has {it} got?", "Which geometric form is {it}?"),
         "test": ("What form does {it} have?", "Which shape is {it}?", "What kind of thing do you see?"),
     },
     "colour": {
@@ -71,14 +72,14 @@ OWN: dict[str, dict[str, tuple[str, ...]]] = {
                   "What colour do you see?", "Which color does {it} have?",
                   "In what colour is {it}?", "What colour is this?", "What color does {it} show?",
                   "Which colour do you see?", "What color would you call {it}?", "Is {it} red, green or blue?"),
-        "validation": ("What color do you see?",),
+        "validation": ("What color do you see?", "What's the shade of {it}?", "Which colour has {it} got?"),
         "test": ("What colour does {it} have?", "Which color is {it}?", "What colour is {it} painted?"),
     },
     "size": {
         "train": ("How big is {it}?", "Is {it} large or small?", "What size is {it}?", "How large is {it}?",
                   "Is {it} big or small?", "How small is {it}?",
                   "Large or small?", "What size do you see?"),
-        "validation": ("Is {it} small or large?",),
+        "validation": ("Is {it} small or large?", "How large or small is {it}?", "What's the size of {it} like?"),
         "test": ("How big is {it}, large or small?", "What size does {it} have?", "Is {it} small or big?"),
     },
     "position": {
@@ -86,7 +87,7 @@ OWN: dict[str, dict[str, tuple[str, ...]]] = {
                   "Where do you see {it}?", "On which side is {it}?", "Where is {it} placed?",
                   "Where is {it} in the picture?", "Left, centre or right?", "Where does {it} sit?",
                   "Where is {it} positioned?", "In which part is {it}?", "Where do you find {it}?"),
-        "validation": ("Where can you see {it}?",),
+        "validation": ("Where can you see {it}?", "Whereabouts is {it}?", "Which part of the view is {it} in?"),
         "test": ("Where is {it} located?", "Which side is {it} on?", "Is {it} on the left or on the right?"),
     },
     "count": {
@@ -94,7 +95,7 @@ OWN: dict[str, dict[str, tuple[str, ...]]] = {
                   "How many do you see?", "Count the objects.", "How many?",
                   "How many objects?", "How many objects are shown?", "How many are in it?",
                   "What number of objects is shown?", "Is there one object or more?", "How many shapes appear?"),
-        "validation": ("How many objects can you count?",),
+        "validation": ("How many objects can you count?", "How many can you spot?", "Tell me how many there are."),
         "test": ("How many objects do you see?", "Count them.", "How many things are there?"),
     },
     "motion": {
@@ -102,7 +103,7 @@ OWN: dict[str, dict[str, tuple[str, ...]]] = {
                   "Where is {it} going?", "In which direction does {it} move?", "Where does {it} go?",
                   "Which direction does {it} go?", "What direction is {it} moving in?", "How does {it} move?",
                   "Is {it} moving left or right?", "Is {it} in motion?", "What way does {it} go?"),
-        "validation": ("Which way is {it} heading?",),
+        "validation": ("Which way is {it} heading?", "What direction does {it} travel?", "Where is {it} off to?"),
         "test": ("Which way is {it} going?", "Where does {it} move?", "Does {it} move?",
                  "In which direction is {it} going?"),
     },
@@ -111,7 +112,7 @@ OWN: dict[str, dict[str, tuple[str, ...]]] = {
                   "Tell me about it.", "Can you describe it?", "Give me a description.",
                   "Describe everything.", "What is there?", "Explain what you see.",
                   "Sum up what you see.", "What does it show?", "Give me a full description."),
-        "validation": ("Describe this.",),
+        "validation": ("Describe this.", "Give an account of what you see.", "What is in view?"),
         "test": ("Describe the object.", "What can you see?", "Please describe it.", "Tell me what you see."),
     },
 }
