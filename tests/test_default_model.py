@@ -71,11 +71,9 @@ def test_gallery_answer_names_the_right_thing(engine: Any, gallery: dict[str, di
 
 
 TWO_TURN = ("red_cube", "cone_moving_left", "bell_torus", "pyramid")
-# Known wrong (README's evaluation: image shape in follow-ups and "can't tell" with the cache on are not at their
-# targets): after "It is red." the shipped model calls the red cube a cylinder; after "They are toruses." it calls
-# the doorbell's torus green (with the cache off it says it cannot tell). Strict: the test fails once the answer is
-# right, so this list stays honest.
-WRONG_FOLLOW_UPS = {"red_cube", "bell_torus"}
+# Known wrong: after "It is red." the shipped model calls the red cube a cylinder (README's evaluation: image shape
+# in follow-ups is not at its target). Strict: the test fails once the answer is right, so this list stays honest.
+WRONG_FOLLOW_UPS = {"red_cube"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(

@@ -96,7 +96,7 @@ class RunConfig:
     # Stage-2 examples read through the shipped visual cache as the chat serves it (language.stage2): images /
     # centroid views and their mixes.
     cached_fraction: float = 0.0
-    cached_fraction_partial: float = 0.0
+    cached_fraction_partial: float = 0.35
     word_dropout: float = 0.0  # stage 2: each frame word of a question left out with this probability
     centre_steps: dict[str, int] = field(default_factory=lambda: {
         "audio": 150, "depth": 100, "thermal": 100, "imu": 300, "point": 60})
