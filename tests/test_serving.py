@@ -108,11 +108,11 @@ def test_a_failing_step_ends_the_live_requests_with_the_error_and_the_loop_goes_
     real = batch._forward
     calls = {"n": 0}
 
-    def flaky(*args):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("device lost")
-        return real(*args)
+        return real(*args, **kwargs)
 
     batch._forward = flaky
     try:

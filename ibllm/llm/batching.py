@@ -218,7 +218,11 @@ class DecodeBatch:
                             device=self.device)  # one tensor (one copy to a GPU) for both
         tokens, positions = feed[:, :1], feed[:, 1]
         injection, cache = self._rows(width)
-        logits = self._forward(tokens, positions, injection, cache)
+        if self.compiled:  # one static shape per width: the whole cache length
+            logits = self._forward(tokens, positions, injection, cache)
+        else:  # attention reads only the positions some row has reached
+            span = max(s.position for s in rows if s) + 1
+            logits = self._forward(tokens, positions, injection, cache, span=span)
         for i in live:
             self.slots[i].position += 1
         for i, token in zip(live, self._pick(logits[live] if width != len(live) else logits,
@@ -234,9 +238,12 @@ class DecodeBatch:
                 None if self.cache is None else self.cache.rows(0, width))
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, injection: torch.Tensor | None,
-                 cache: KVCache | None) -> torch.Tensor:
-        """The decode step: one token per row at per-row positions. ``compile`` replaces it with a compiled one."""
-        return self.model(tokens, positions, injection, last_only=True, cache=cache)
+                 cache: KVCache | None, span: int | None = None) -> torch.Tensor:
+        """The decode step: one token per row at per-row positions, attending to cache positions below ``span``
+        (None: all). ``compile`` replaces it with a compiled one (always called without ``span``)."""
+        if span is None:
+            return self.model(tokens, positions, injection, last_only=True, cache=cache)
+        return self.model(tokens, positions, injection, last_only=True, cache=cache, span=span)
 
     def _pick(self, logits: torch.Tensor, slots: Sequence[_Slot]) -> list[int]:
         """Next token of each slot from its row of ``logits``, with its own settings and generator."""

@@ -200,7 +200,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if isinstance(start_pos, torch.Tensor):  # batched decode step: row r at its own position start_pos[r]
             cache.write_at(start_pos, k[:, :, 0], v[:, :, 0])
-            cache_k, cache_v = cache.read(b)
+            cache_k, cache_v = cache.read(b, mask.shape[-1])  # positions 0..span-1 (Transformer.forward)
             if torch.compiler.is_compiling():
                 # One query row per head: written out, inductor fuses the scaling, mask and softmax into its own
                 # kernels, where the CPU SDPA kernel costs ~0.1 ms a call at the toy size (measured, profiler).
@@ -386,7 +386,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, injection: torch.Tensor | None = None,
                 *, last_only: bool = False, use_cache: bool | None = None, cache: KVCache | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
         """Logits (float32) for ``tokens`` (B, T): (B, T, V), or (B, V) if last_only.
 
         ``start_pos``: an int (every row at positions start_pos..), or a (B,) tensor of per-row positions for the
@@ -395,7 +395,9 @@ class Transformer(nn.Module):
         means the call sees only ``tokens`` (training). ``lengths`` (B,): rows padded on the right, row r's tokens
         being its first lengths[r]; with last_only its logits are those of its own last token (several prompts
         prefilled in one call). The padding's keys and values are written to the cache past each row's length, where
-        that row's later steps overwrite them before they are ever attended to.
+        that row's later steps overwrite them before they are ever attended to. ``span`` (decode step only): every
+        row's position is below it, so attention reads cache positions 0..span-1 rather than all of them (None: all;
+        a compiled step keeps the full length, one static shape).
         """
         b, t = tokens.shape
         if use_cache is None:
@@ -413,8 +415,13 @@ class Transformer(nn.Module):
                 raise ValueError("per-row positions are for the one-token decode step through a KV cache")
             if b > cache.batch:
                 raise ValueError(f"batch {b} exceeds the KV cache ({cache.batch} rows)")
+            if span is not None and not 0 < span <= cache.seq_len:
+                raise ValueError(f"span {span} outside the KV cache's 1..{cache.seq_len} positions")
             rope = rope_table[start_pos].unsqueeze(1)  # (B, 1, hd/2, 2): each row's own rotation
-            mask = (torch.arange(cache.seq_len, device=tokens.device) <= start_pos[:, None])[:, None, None, :]
+            # Reading only the positions in use: at 8 slots x 256 positions of a 1024x8 model the whole cache is a
+            # quarter of the bytes a step reads besides the weights (measured, bench/serve.py).
+            seen = torch.arange(span or cache.seq_len, device=tokens.device)
+            mask = (seen <= start_pos[:, None])[:, None, None, :]
             rows = cache.index if cache.index is not None else torch.arange(b, device=tokens.device)
         else:
             start_pos = int(start_pos)

@@ -38,6 +38,32 @@ def test_positions_per_row_equal_each_row_alone(model):
             torch.testing.assert_close(step[row], full, atol=1e-5, rtol=0)
 
 
+def test_the_decode_step_reads_only_the_positions_in_use(model):
+    # Positions past every row's own (another conversation's leftovers, here NaN) are not read at all with a span:
+    # a masked NaN would still reach the output through the softmax's 0 * NaN.
+    x = [prompt(4, 0), prompt(9, 1)]
+    clean, dirty = model.new_cache(2, 32), model.new_cache(2, 32)
+    for t in dirty.tensors():
+        t[:, :, 9:] = float("nan")
+    step = torch.tensor([[x[0][-1]], [x[1][-1]]]), torch.tensor([3, 8])
+    with torch.no_grad():
+        for cache in (clean, dirty):
+            for row, ids in enumerate(x):
+                model(torch.tensor([ids[:-1]]), 0, None, cache=cache.rows(row, row + 1))
+        want = model(*step, None, last_only=True, cache=clean)
+        got = model(*step, None, last_only=True, cache=dirty, span=9)
+        assert torch.isnan(model(*step, None, last_only=True, cache=dirty)).all()  # the whole length: NaN
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="span 33"):
+        model(*step, None, last_only=True, cache=clean, span=33)
+    # And the batch's own steps: a cache left dirty past what these requests reach still gives them their tokens.
+    reqs = requests(model, lengths=(3, 9))
+    batch = DecodeBatch(model, 2, max_seq_len=64)
+    for t in batch.cache.tensors():
+        t[:, :, 40:] = float("nan")
+    assert batch.run(reqs) == [alone(model, r) for r in reqs]
+
+
 @pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
 def test_a_batch_gives_every_request_its_tokens_alone(model, options):
     # Ragged prompts (3..14 tokens), a different injection and seed per slot.

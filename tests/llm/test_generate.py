@@ -19,7 +19,7 @@ class CountingModel:
         self.vocab, self.max_seq_len = vocab, max_seq_len
         self.calls: list[tuple[int, int]] = []  # (start_pos, number of tokens)
 
-    def __call__(self, tokens, start_pos, injection, last_only=True, cache=None):
+    def __call__(self, tokens, start_pos, injection, last_only=True, cache=None, span=None):
         # prefill: an int position; decode steps: one position per row, as a tensor
         self.calls.append((start_pos.tolist() if torch.is_tensor(start_pos) else start_pos, tokens.shape[1]))
         nxt = (tokens[:, -1] + 1) % self.vocab
@@ -147,7 +147,7 @@ def test_streaming_the_engine_output(tokenizer):
     target = tokenizer.encode("the cube 🙂 moves quickly", bos=False)
 
     class Scripted(CountingModel):  # emits `target` token by token, then eos
-        def __call__(self, tokens, start_pos, injection, last_only=True, cache=None):
+        def __call__(self, tokens, start_pos, injection, last_only=True, cache=None, span=None):
             step = int(start_pos) + tokens.shape[1] - 1  # prompt is [bos]
             nxt = target[step] if step < len(target) else 2
             return torch.nn.functional.one_hot(torch.tensor([nxt]), tokenizer.vocab_size).float()
