@@ -121,8 +121,10 @@ def detect_modality(path: str | Path) -> str:
             raise MediaError(f"{p.name}: unrecognised file type ({describe(fmt)}). "
                              f"Accepted: {' '.join(ALL_EXTENSIONS)}")
     if fmt not in _FORMATS_OF_KIND[kind] and not (kind == "video" and fmt in AUDIO_FORMATS):
-        raise MediaError(f"{p.name} is named like a {kind} file but its content looks like {describe(fmt)}. "
-                         f"Accepted for {kind}: {' '.join(KINDS[kind].extensions)}")
+        label = KINDS[kind].label
+        article = "an" if label[0].lower() in "aeiou" else "a"  # "an audio file", "an IMU recording"
+        raise MediaError(f"{p.name} is named like {article} {label} file but its content looks like {describe(fmt)}. "
+                         f"Accepted for {label}: {' '.join(KINDS[kind].extensions)}")
     if kind == "video" and (fmt not in VIDEO_FORMATS or _lacks_video_stream(p)):
         return "audio"
     if kind == "image" and fmt == "png":

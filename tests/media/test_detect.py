@@ -54,7 +54,9 @@ def test_load_media_dispatches(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,match", [
-    ("x.png", b"plain words\n", "named like a image file but its content looks like plain text"),
+    ("x.png", b"plain words\n", "named like an image file but its content looks like plain text"),
+    ("x.wav", b"plain words\n", "named like an audio file"),
+    ("x.ply", b"\x89PNG\r\n\x1a\n" + b"\0" * 32, "named like a 3D point cloud file"),
     ("x.wav", b"\x89PNG\r\n\x1a\n" + b"\0" * 32, "content looks like PNG image"),
     ("x.mp4", b"%PDF-1.7 ...", "PDF document"),
     ("x.dat", b"\x01\x02\x03\x04" * 10, "unrecognised file type"),
