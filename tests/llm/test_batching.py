@@ -3,6 +3,8 @@ gets alone — ragged prompts, its own injection, its own seeded sampling, stops
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -12,6 +14,7 @@ from ibllm.config import GenerationConfig, LlamaConfig
 from ibllm.llm.batching import DONE, DecodeBatch, Request
 from ibllm.llm.generate import generate_tokens
 from ibllm.llm.packed import PackedLinear
+from tests.conftest import REPO
 from tests.tiny_llama import CFG, GREEDY, SAMPLED, Recorded, alone, injection_for, prompt, requests, tiny
 
 
@@ -285,3 +288,20 @@ def test_compiled_packed_step_has_two_widths(model):
     assert batch.widths == (1, 3)
     reqs = requests(packed, lengths=(3, 9, 5))
     assert batch.run(reqs) == [alone(model, r) for r in reqs]
+
+
+def test_an_eager_packed_batch_does_not_import_the_compiler():
+    # Importing torch._dynamo took 1.4 s of the first batched step in the app (py-spy), when every packed product
+    # went through the custom op that only a compiled graph needs. A fresh process, as a server starts.
+    code = ("import sys, torch\n"
+            "from tests.tiny_llama import CFG, alone, requests, tiny\n"
+            "from ibllm.llm.batching import DecodeBatch\n"
+            "model = tiny(CFG)\n"
+            "batch = DecodeBatch(model, 3, pack=True)\n"
+            "assert batch.packed_rows == 3\n"
+            "reqs = requests(model, lengths=(3, 9, 5))\n"
+            "assert batch.run(reqs) == [alone(model, r) for r in reqs]\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
