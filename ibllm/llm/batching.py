@@ -334,8 +334,10 @@ class DecodeBatch:
                                      options=None if cuda else {"cpp_wrapper": True})
             with torch.no_grad():
                 for width in widths:
-                    tokens = torch.zeros(width, 1, dtype=torch.long, device=self.device)
-                    positions = torch.zeros(width, dtype=torch.long, device=self.device)
+                    # Laid out as step() makes them (views of one (width, 2) tensor): a guard on their strides
+                    # would otherwise recompile the graph at the first real step (1-6 s of the first answer).
+                    feed = torch.zeros(width, 2, dtype=torch.long, device=self.device)
+                    tokens, positions = feed[:, :1], feed[:, 1]
                     injection, cache = self._rows(width)
                     for _ in range(3 if cuda else 1):  # compile, then (CUDA graphs) record and replay
                         want = eager(tokens, positions, injection, cache)

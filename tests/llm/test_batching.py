@@ -305,3 +305,17 @@ def test_an_eager_packed_batch_does_not_import_the_compiler():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_warm_up_compiles_what_serving_runs(model):
+    # Every graph is made at start-up: a guard that fails at the first real step (the tokens' strides did) compiled
+    # again inside the first answer, 1-6 s of it.
+    from torch._dynamo.utils import counters
+
+    batch = DecodeBatch(tiny(CFG), 2)
+    assert batch.compile()
+    before = counters["stats"]["unique_graphs"]
+    reqs = requests(batch.model, lengths=(3, 9))
+    batch.run(reqs[:1])  # one row alone, then two together
+    batch.run(reqs)
+    assert counters["stats"]["unique_graphs"] == before
