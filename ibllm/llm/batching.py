@@ -328,8 +328,8 @@ class DecodeBatch:
         t0 = time.perf_counter()
         try:
             # On a CPU the graph's own calls (a C++ wrapper instead of Python's, one per kernel) are much of a small
-            # model's step: toy decode x2.78-2.95 the reference loop with the C++ wrapper against x2.39-2.42
-            # without (bench/serve.py, two alternating runs of each).
+            # model's step: toy decode x2.73-3.58 the reference loop in five runs with the C++ wrapper, against
+            # x2.39-2.42 in two without (bench/serve.py, separate runs alternating).
             compiled = torch.compile(eager, mode="reduce-overhead" if cuda else None, dynamic=False,
                                      options=None if cuda else {"cpp_wrapper": True})
             with torch.no_grad():

@@ -307,7 +307,7 @@ def test_an_eager_packed_batch_does_not_import_the_compiler():
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_the_warm_up_compiles_what_serving_runs(model):
+def test_the_warm_up_compiles_what_serving_runs():
     # Every graph is made at start-up: a guard that fails at the first real step (the tokens' strides did) compiled
     # again inside the first answer, 1-6 s of it.
     from torch._dynamo.utils import counters
