@@ -75,6 +75,7 @@ def ours(cfg: LlamaConfig) -> Transformer:
     init_weights(model, torch.Generator().manual_seed(0), nonzero=0.02)
     model.eval().merge_lora()  # as the engine serves it
     model.fuse_projections()
+    model.use_gemv()  # small products through ibllm's kernel where it builds (else MKL, packed for B rows)
     return model
 
 

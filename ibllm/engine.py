@@ -27,7 +27,7 @@ from ibllm.kinds import KINDS
 from ibllm.llm.batching import DecodeBatch
 from ibllm.llm.gemv import library as gemv_library
 from ibllm.llm.gemv import status as gemv_status
-from ibllm.llm.gemv import use_half_gemv
+from ibllm.llm.gemv import use_gemv
 from ibllm.llm.packed import packed_bytes, packed_nbytes
 from ibllm.llm.prompt import build_chat_prompt
 from ibllm.llm.stream import TextStreamer
@@ -125,18 +125,19 @@ class ChatEngine:
                                       dtype=str(self.dtype).replace("torch.", ""), is_default=False, trained=True)
         self.embeddings = EmbeddingMemo()
         self._blank: torch.Tensor | None = None
+        # CPU weights: the decode step's products of a few rows through ibllm's kernel (llm.gemv), ~1.7-3x torch's
+        # rate (float32 one and 8 rows on a 2-core EPYC; half precision ~2x on a Xeon); built now (seconds, once per
+        # machine). Where it is unavailable, float32 weights may get MKL's packed copy for B-row steps instead.
+        if self.device.type == "cpu" and (use_gemv(net) or any(getattr(m, "cpu_int8", False)
+                                                               for m in net.modules())) \
+                and gemv_library() is not None:
+            self.info = replace(self.info, decode=f"small products through {gemv_status()}")
+            log.info("decode: %s", self.info.decode)
         batch = DecodeBatch(net.llama, max_batch, vocab_limit=tokenizer.vocab_size,
                             pack=self._room_to_pack(net.llama, max_batch))
         if batch.packed_rows:
             log.info("float32 weights packed for %d-row decode steps (%.2f GB more)", batch.packed_rows,
                      packed_nbytes(net.llama) / 1e9)
-        # Half-precision and int8 CPU weights: one- and two-row products through ibllm's kernel (llm.gemv), about
-        # twice torch's rate here; built now (seconds, once per machine), and nothing for float32 or GPU weights.
-        if self.device.type == "cpu" and (use_half_gemv(net) or any(getattr(m, "cpu_int8", False)
-                                                                    for m in net.modules())) \
-                and gemv_library() is not None:
-            self.info = replace(self.info, decode=f"one- and two-row products through {gemv_status()}")
-            log.info("decode: %s", self.info.decode)
         if compile:
             batch.compile()
         self.scheduler = Scheduler(batch)

@@ -1,7 +1,9 @@
-/* Products of float16, bfloat16 or int8 weights with one or two float32 rows, for ibllm's CPU decode step
+/* Products of float32, float16, bfloat16 or int8 weights with a few float32 rows, for ibllm's CPU decode step
    (ibllm/llm/gemv.py says why). Built from this one file for the CPU at hand: -DIBLLM_AVX512 (16 floats a vector)
    or -DIBLLM_AVX2 (8). Each weight row is widened to float32 in registers and never written back: the product reads
-   the weight's bytes once, which is all a one-row product needs to cost. */
+   the weight's bytes once, which is all a product of a few rows needs to cost. Every output is summed in the same
+   order whatever the number of rows, so a row's result does not depend on the rows beside it (a batched decode
+   step gives each slot the values it would get alone). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,11 +39,13 @@ static inline float HSUM(__m256 v) {
 #error "build with -DIBLLM_AVX512 or -DIBLLM_AVX2"
 #endif
 
-enum { F16 = 0, BF16 = 1, I8 = 2, F32 = 3 }; /* element types: of the weight (F16, BF16, I8), of x and y (F16, BF16, F32) */
+enum { F16 = 0, BF16 = 1, I8 = 2, F32 = 3 }; /* element types: of the weight (all four), of x and y (F16, BF16, F32) */
 #define NR 4 /* rows of the weight per pass (measured here: 2 was slower, 6 and 8 no faster) */
-/* Rows of x per pass. More would fit in registers, but measured here (2-core Xeon, 7B-sized matrices) 4 rows at once
-   ran at half the rate of 2: the multiply-adds, not the memory, become the limit. The Python side sends 1 or 2. */
-#define MR 2
+/* Rows of x per pass (the NR x MR sums stay in registers). Half and int8 weights: the Python side sends 1 or 2 rows
+   (on a 2-core Xeon, 7B-sized matrices, 4 rows at once ran at half the rate of 2: widening and multiply-adds, not
+   memory, became the limit). float32 weights need no widening: up to 8 rows, 4 a pass (measured on a 2-core EPYC:
+   NR 4 x MR 4 the best of 4x2, 2x8 and 4x8). */
+#define MR 4
 #define PARALLEL_MIN (1 << 17) /* weight values from which a product is shared between threads */
 /* Bytes ahead in a weight row to ask the cache for while multiplying: the hardware prefetcher alone left ~15 % of the
    read rate unused (measured here on 7B's matrices, one row of x: float16 21.7 -> 25.0 GB/s, int8 14.8 -> 16.8 GB/s;
@@ -50,6 +54,7 @@ enum { F16 = 0, BF16 = 1, I8 = 2, F32 = 3 }; /* element types: of the weight (F1
 #define PREFETCH_AHEAD 512
 
 static inline vec widen(const void* w, int64_t at, const int kind) {
+  if (kind == F32) return LOADX((const float*)w + at);
   if (kind == I8) return FROM_I8((const int8_t*)w + at);
   const uint16_t* p = (const uint16_t*)w + at;
   return kind == BF16 ? FROM_BF16(p) : FROM_F16(p);
@@ -116,7 +121,13 @@ static inline __attribute__((always_inline)) void block(const void* w, const flo
 }
 
 #define B(r, nr, mr, kind) block(w, scale, bias, k_all, xf + m0 * k_all, k_all, (char*)y + m0 * ldy * ysize, y_kind, ldy, r, nr, mr, kind)
-#define BY_ROWS(r, nr, kind) switch (mr) { case 1: B(r, nr, 1, kind); break; default: B(r, nr, 2, kind); }
+#define BY_ROWS(r, nr, kind)                                                                  \
+  switch (mr) {                                                                                \
+    case 1: B(r, nr, 1, kind); break;                                                          \
+    case 2: B(r, nr, 2, kind); break;                                                          \
+    case 3: B(r, nr, 3, kind); break;                                                          \
+    default: B(r, nr, MR, kind);                                                               \
+  }
 /* All rows of x against weight rows r..r+nr: the block of w is read from memory once, then from cache. */
 #define AT(r, nr)                                                                \
   for (int64_t m0 = 0; m0 < m; m0 += MR) {                                       \
@@ -124,6 +135,7 @@ static inline __attribute__((always_inline)) void block(const void* w, const flo
     switch (kind) {                                                              \
       case I8: BY_ROWS(r, nr, I8) break;                                         \
       case BF16: BY_ROWS(r, nr, BF16) break;                                     \
+      case F32: BY_ROWS(r, nr, F32) break;                                       \
       default: BY_ROWS(r, nr, F16)                                               \
     }                                                                            \
   }

@@ -1,16 +1,21 @@
-"""One- and two-row products of float16/bfloat16/int8 weights on a CPU (the decode step), through a small C kernel.
+"""Products of a few rows with float32, float16, bfloat16 or int8 weights on a CPU (the decode step), through a small
+C kernel.
 
-A decode step reads every weight once per token, so it should run at the machine's memory read rate. torch's own
-half-precision matrix-vector kernel does not here: on this project's 2-core Xeon it reads 7B-sized matrices at
-10-11 GB/s in float16 (6 GB/s on one core: it is limited by its arithmetic, not by memory), against ~23 GB/s for
-float32, so full-size float16 decode ran at half the memory rate. ``gemv.c`` widens 16 (AVX-512) or 8 (AVX2) values
-of a weight row at a time to float32 in registers and multiply-adds them there, four weight rows at a time, and the
-rows of the output are shared out between the threads of torch's own OpenMP runtime: 20-22 GB/s on the same
-matrices in the same run, the rate of float32 through MKL (splitting the rows between Python threads instead cost
-~0.1 ms a call in hand-offs and reached 16-19 GB/s). The result
-is the float32-accumulated product rounded once to the activations' dtype, as torch's. int8 weights (``--quantize
-int8``: one float scale per output row) go through the same loop, widened from one byte, the scale applied to each
-sum (``llm.quantize`` uses it for one- and two-row products).
+A decode step reads every weight once per token, so it should run at the machine's memory read rate, and a step of
+B slots (B rows) should cost about what one row does. torch's CPU kernels fall short of both:
+- half precision: its matrix-vector kernel read 7B-sized matrices at 10-11 GB/s in float16 on this project's 2-core
+  Xeon (6 GB/s on one core: limited by its arithmetic, not by memory), against ~23 GB/s for float32;
+- float32, through MKL: on a 2-core AMD EPYC (Zen 4) one row read 7B-sized matrices at 23-27 GB/s where the machine
+  reads ~45 GB/s, and 8 rows ran at 8-14 GB/s (11-12 GB/s through MKL's packed layout: ``llm.packed``).
+``gemv.c`` widens 16 (AVX-512) or 8 (AVX2) values of a weight row at a time to float32 in registers and
+multiply-adds them there, four weight rows at a time against up to four rows of x, and the rows of the output are
+shared out between the threads of torch's own OpenMP runtime. Measured on that EPYC (``bench/serve.py`` has the
+whole-step figures): float32 37-50 GB/s for one row and 31-37 GB/s for 8 rows of 7B-sized matrices, float16 ~38 GB/s;
+on the Xeon, float16 20-25 GB/s (splitting the rows between Python threads instead cost ~0.1 ms a call in hand-offs
+and reached 16-19 GB/s). The result is the float32-accumulated product rounded once to the activations' dtype, as
+torch's, and each output is summed in one order whatever the number of rows, so a batched decode step gives every
+slot exactly the values it would get alone. int8 weights (``--quantize int8``: one float scale per output row) go
+through the same loop, widened from one byte, the scale applied to each sum (``llm.quantize`` uses it).
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the ISA
 torch reports (``torch.backends.cpu.get_cpu_capability()``), into ``$IBLLM_KERNEL_CACHE`` (default
@@ -19,8 +24,9 @@ to build; the compiler needs OpenMP, as gcc's libgomp). Where there is no compil
 nothing changes: products go through torch, and ``status()`` says why. ``IBLLM_HALF_GEMV=0`` switches it off
 (benchmarks compare both).
 
-Only products of one or two rows use it: more rows become arithmetic-bound in this kernel (4 rows ran at half the rate
-of 2 here) while torch's GEMM handles them. Training (weights that need a gradient) never does.
+Only small products use it (``max_rows``): more rows of half or int8 weights become arithmetic-bound in this kernel
+(4 rows ran at half the rate of 2 on the Xeon), and a prefill of many rows is a GEMM, torch's job. Training (weights
+that need a gradient) never does.
 """
 
 from __future__ import annotations
@@ -43,12 +49,20 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.c")
-MAX_ROWS = 2  # products of more rows go through torch (module docstring)
+MAX_ROWS = 2  # of half or int8 weights: products of more rows go through torch (module docstring)
+# Of float32 weights: at 16 rows the kernel still took 0.35-0.6x MKL's time on the EPYC (256- to 4096-wide
+# matrices), so up to 16 slots a batched step stays on it.
+MAX_ROWS_FLOAT32 = 16
+
+
+def max_rows(dtype: torch.dtype) -> int:
+    """The most rows of x that go through the kernel for weights of ``dtype``."""
+    return MAX_ROWS_FLOAT32 if dtype == torch.float32 else MAX_ROWS
 _FLAGS = {"AVX512": ["-DIBLLM_AVX512", "-mavx512f", "-mf16c", "-mfma"],
           "AVX2": ["-DIBLLM_AVX2", "-mavx2", "-mf16c", "-mfma"]}
 # OpenMP: the kernel shares rows out between the threads of torch's own OpenMP runtime. torch's wheel ships
 # libgomp.so.1 and has loaded it before this library is, so the loader binds this library to that same copy.
-_COMMON = ["-O3", "-shared", "-fPIC", "-fopenmp"]
+_COMMON = ["-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
 _why_not = ""  # the reason the kernel is not used, once asked
 
 
@@ -157,11 +171,11 @@ def float32_copy(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a half-precision CPU ``weight`` and at most ``MAX_ROWS`` rows of ``x``, the
-    bias in float32 (``float32_copy``). Eager calls skip the custom op's dispatch (measured ~60 us a call here, ~1.5%
-    of a 7B step); a compiled graph needs the op."""
+    """``F.linear(x, weight, bias)`` for a float32 or half-precision CPU ``weight`` and at most ``max_rows`` rows of
+    ``x``, the bias in float32 (``float32_copy``). Eager calls skip the custom op's dispatch (measured ~60 us a call
+    on the Xeon, ~1.5% of a 7B step); a compiled graph needs the op."""
     if torch.compiler.is_compiling():
-        return half_gemv(x, weight, bias32)
+        return float_gemv(x, weight, bias32)
     return product(x, weight, None, bias32)
 
 
@@ -175,13 +189,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale32: torch.Tensor, bi
 
 
 # Ops of their own, so that a compiled decode step calls the kernel instead of breaking its graph on ctypes.
-@torch.library.custom_op("ibllm::half_gemv", mutates_args=())
-def half_gemv(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
+@torch.library.custom_op("ibllm::float_gemv", mutates_args=())
+def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
     """The op of ``linear``."""
     return product(x, weight, None, bias32)
 
 
-@half_gemv.register_fake
+@float_gemv.register_fake
 def _(x, weight, bias32):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -198,11 +212,12 @@ def _(x, weight, scale32, bias32):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-class HalfGemvLinear(nn.Linear):
-    """An ``nn.Linear`` (same Parameters and state-dict keys) whose products of one or two rows use the kernel."""
+class GemvLinear(nn.Linear):
+    """An ``nn.Linear`` (same Parameters and state-dict keys) whose products of a few rows (``max_rows``) use the
+    kernel."""
 
     @classmethod
-    def of(cls, linear: nn.Linear) -> HalfGemvLinear:
+    def of(cls, linear: nn.Linear) -> GemvLinear:
         swapped = cls.__new__(cls)
         nn.Module.__init__(swapped)
         swapped.in_features, swapped.out_features = linear.in_features, linear.out_features
@@ -232,30 +247,34 @@ class HalfGemvLinear(nn.Linear):
         return self._product(x, with_bias=False)
 
     def _product(self, x: torch.Tensor, with_bias: bool) -> torch.Tensor:
-        if x.numel() <= MAX_ROWS * self.in_features and not (torch.is_grad_enabled() and self.weight.requires_grad):
+        # In a compiled graph too, even the toy model's small float32 weights: its compiled step through the op ran
+        # at x2.76-4.13 the reference loop against x2.00-2.90 through inductor's own product (four runs each,
+        # alternating, bench/serve.py on the EPYC).
+        small = x.numel() <= max_rows(self.weight.dtype) * self.in_features
+        if small and not (torch.is_grad_enabled() and self.weight.requires_grad):
             return linear(x, self.weight, self.bias32 if with_bias else None)
         return F.linear(x, self.weight, self.bias if with_bias else None)
 
 
-def _half_cpu(module: nn.Module) -> bool:
-    return (type(module) in (nn.Linear, HalfGemvLinear) and module.weight.dtype in (torch.float16, torch.bfloat16)
-            and module.weight.device.type == "cpu")
+def _swappable(module: nn.Module) -> bool:
+    return (type(module) in (nn.Linear, GemvLinear) and module.weight.device.type == "cpu"
+            and module.weight.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
-def use_half_gemv(model: nn.Module) -> int:
-    """Route the one- and two-row products of every half-precision CPU Linear in ``model`` (but LoRA's rank-r
-    pairs, too small to gain) through the kernel: LLaMA's decode step, the bind network's one row per input, the
-    injection's base ``wv``. More rows still go through torch. How many Linears now do (0 where the kernel is not
-    available: ``status()``)."""
+def use_gemv(model: nn.Module) -> int:
+    """Route the small products (``max_rows``) of every float32 or half-precision CPU Linear in ``model`` (but
+    LoRA's rank-r pairs, too small to gain) through the kernel: LLaMA's decode step, the bind network's one row per
+    input, the injection's base ``wv``. Larger products still go through torch. How many Linears now do (0 where
+    the kernel is not available: ``status()``)."""
     linears = [(owner, name) for owner in model.modules() for name, child in owner.named_children()
-               if _half_cpu(child) and not name.startswith("lora_")]
+               if _swappable(child) and not name.startswith("lora_")]
     if not linears or library() is None:
         return 0
     for owner, name in linears:
         if type(getattr(owner, name)) is nn.Linear:
-            setattr(owner, name, HalfGemvLinear.of(getattr(owner, name)))
+            setattr(owner, name, GemvLinear.of(getattr(owner, name)))
     return len(linears)
 
 
-__all__ = ["linear", "int8_linear", "float32_copy", "half_gemv", "int8_gemv", "HalfGemvLinear", "use_half_gemv",
-           "library", "load", "product", "status", "MAX_ROWS", "SOURCE"]
+__all__ = ["linear", "int8_linear", "float32_copy", "float_gemv", "int8_gemv", "GemvLinear", "use_gemv",
+           "library", "load", "product", "status", "max_rows", "MAX_ROWS", "MAX_ROWS_FLOAT32", "SOURCE"]

@@ -45,7 +45,7 @@ from ibllm.checkpoint import KeyTable
 from ibllm.config import LlamaConfig
 from ibllm.halfgemm import float32_gemm
 from ibllm.llm.gate import TanhGate
-from ibllm.llm.gemv import use_half_gemv
+from ibllm.llm.gemv import use_gemv
 from ibllm.llm.kvcache import KVCache, LayerCache
 from ibllm.llm.packed import pack_linears
 
@@ -462,10 +462,10 @@ class Transformer(nn.Module):
         (``llm.packed``; inference only, after ``merge_lora``/``fuse_projections``); how many were packed."""
         return pack_linears(self, rows)
 
-    def use_half_gemv(self) -> int:
-        """Send the decode step's one- and two-row products of half-precision CPU weights through ibllm's kernel
-        (``llm.gemv``; built on first use, a no-op where it cannot be); how many Linears now do."""
-        return use_half_gemv(self)
+    def use_gemv(self) -> int:
+        """Send the decode step's small products (``llm.gemv.max_rows``) of float32 or half CPU weights through
+        ibllm's kernel (``llm.gemv``; built on first use, a no-op where it cannot be); how many Linears now do."""
+        return use_gemv(self)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:

@@ -1,6 +1,6 @@
-"""The decode kernel for half-precision and int8 weights (ibllm.llm.gemv), built with the system C compiler as the
-app builds it: its products against float64, a half-precision model's decode step through it, where it is and is not
-used."""
+"""The decode kernel for float32, half-precision and int8 weights (ibllm.llm.gemv), built with the system C compiler
+as the app builds it: its products against float64, rows that do not change each other's sums, a model's decode step
+through it, where it is and is not used."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ibllm.llm import gemv
-from ibllm.llm.gemv import HalfGemvLinear
+from ibllm.llm.gemv import GemvLinear
 from tests.tiny_llama import CFG, injection_for, prompt, tiny
 
 CC = gemv._compiler()
@@ -35,8 +35,8 @@ def builds(tmp_path_factory):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("rows", [1, 2, 7, 16])  # 7 and 16: passes of 4 rows and a ragged last one
 # Whole vectors and ragged tails of the inner size; output sizes that are and are not whole blocks of 4 rows.
 @pytest.mark.parametrize("n,k", [(256, 512), (37, 100), (3, 17), (130, 4096 + 9)])
 def test_the_product_is_the_float32_one(builds, isa, dtype, rows, n, k):
@@ -56,12 +56,25 @@ def test_the_product_is_the_float32_one(builds, isa, dtype, rows, n, k):
     assert float(((got.double() - want).abs() / bound).max()) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_each_row_gets_the_sums_it_gets_alone(builds, dtype):
+    # What makes a batched decode step give every slot the tokens it gets alone: a row's outputs do not depend on how
+    # many rows are multiplied with it, nor on where it sits among them.
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(300, 1000 + 7, generator=g).to(dtype), torch.randn(16, 1000 + 7, generator=g)
+    for lib in builds.values():
+        together = gemv.product(x, w, lib=lib)
+        for i in range(16):
+            assert torch.equal(gemv.product(x[i:i + 1], w, lib=lib)[0], together[i])
+        assert torch.equal(gemv.product(x[3:10], w, lib=lib), together[3:10])
+
+
 def test_the_op_rounds_like_torch_and_adds_the_bias():
     w = torch.randn(96, 200).half()
     b = torch.randn(96).half()
     x = torch.randn(1, 1, 200).half()  # (batch, one token, dim) as in a decode step
     want = F.linear(x.float(), w.float(), b.float())
-    for got in (gemv.half_gemv(x, w, gemv.float32_copy(b)), gemv.linear(x, w, gemv.float32_copy(b))):  # op, eager
+    for got in (gemv.float_gemv(x, w, gemv.float32_copy(b)), gemv.linear(x, w, gemv.float32_copy(b))):  # op, eager
         assert got.dtype == torch.float16 and got.shape == (1, 1, 96)
         torch.testing.assert_close(got.float(), want.half().float(), atol=0, rtol=0)  # rounded once, to nearest
     bf = gemv.linear(x.bfloat16(), w.bfloat16(), gemv.float32_copy(b))
@@ -74,45 +87,50 @@ def half_model():
     return tiny(CFG).half()
 
 
+def model_in(dtype):
+    return tiny(CFG).to(dtype)
+
+
 def plain_linears(model) -> int:
     return sum(type(m) is torch.nn.Linear and "lora_" not in name for name, m in model.named_modules())
 
 
-def test_only_half_precision_cpu_decode_linears_are_swapped():
-    assert tiny(CFG).use_half_gemv() == 0  # float32: nothing to do
-    model = half_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_cpu_linear_but_loras_is_swapped(dtype):
+    model = model_in(dtype)
     keys = list(model.state_dict())
     want = plain_linears(model)
-    assert model.use_half_gemv() == want > 0
+    assert model.use_gemv() == want > 0
     assert plain_linears(model) == 0
-    assert sum(isinstance(m, HalfGemvLinear) for m in model.modules()) == want
-    assert not any(isinstance(m, HalfGemvLinear) for name, m in model.named_modules() if "lora_" in name)
+    assert sum(isinstance(m, GemvLinear) for m in model.modules()) == want
+    assert not any(isinstance(m, GemvLinear) for name, m in model.named_modules() if "lora_" in name)
     assert list(model.state_dict()) == keys  # the same checkpoint layout
 
 
 @torch.no_grad()
-def test_a_decode_step_through_the_kernel_is_as_close_to_float64_as_torchs():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_decode_step_through_the_kernel_is_as_close_to_float64_as_torchs(dtype):
     exact = tiny(CFG).double()
-    plain = half_model()
+    plain = model_in(dtype)
     swapped = copy.deepcopy(plain)
-    swapped.use_half_gemv()
-    ids = prompt(9, seed=3)
+    swapped.use_gemv()
+    ids = prompt(20, seed=3)  # a prefill of 19 rows: more than the kernel takes, torch's GEMM in both
     inj = injection_for(tiny(CFG), 1, seed=4)
     errors = {}
     for name, model in (("torch", plain), ("kernel", swapped), ("exact", exact)):
         dt = next(model.parameters()).dtype
         cache = model.new_cache(1, 32)
-        prefill = model(torch.tensor([ids[:-1]]), 0, inj.to(dt), cache=cache)  # 8 rows: torch's GEMM in both
-        step = model(torch.tensor([[ids[-1]]]), torch.tensor([8]), inj.to(dt), last_only=True, cache=cache)
+        prefill = model(torch.tensor([ids[:-1]]), 0, inj.to(dt), cache=cache)
+        step = model(torch.tensor([[ids[-1]]]), torch.tensor([19]), inj.to(dt), last_only=True, cache=cache)
         errors[name] = (prefill, step)
     torch.testing.assert_close(errors["kernel"][0], errors["torch"][0], atol=0, rtol=0)  # prefill: untouched
     truth = errors["exact"][1]
     off = {name: float((errors[name][1].double() - truth).abs().max()) for name in ("torch", "kernel")}
-    assert off["kernel"] <= 1.5 * off["torch"] + 1e-3, off
+    assert off["kernel"] <= 1.5 * off["torch"] + (1e-3 if dtype == torch.float16 else 1e-6), off
 
 
 def test_training_goes_through_torch_so_the_weight_gets_its_gradient():
-    layer = HalfGemvLinear.of(torch.nn.Linear(64, 32).half())
+    layer = GemvLinear.of(torch.nn.Linear(64, 32).half())
     x = torch.randn(1, 64).half()
     layer(x).float().sum().backward()
     assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) > 0
@@ -120,7 +138,7 @@ def test_training_goes_through_torch_so_the_weight_gets_its_gradient():
 
 @pytest.mark.slow
 def test_a_compiled_layer_calls_the_kernel():
-    layer = HalfGemvLinear.of(torch.nn.Linear(256, 128).half()).requires_grad_(False)
+    layer = GemvLinear.of(torch.nn.Linear(256, 128).half()).requires_grad_(False)
     x = torch.randn(1, 256).half()
     compiled = torch.compile(layer, fullgraph=True)  # fullgraph: a graph break (e.g. on ctypes) would fail here
     torch.testing.assert_close(compiled(x), layer(x), atol=0, rtol=0)
@@ -153,7 +171,7 @@ def test_a_half_precision_decode_step_compiles_with_the_kernel_inside():
     from tests.tiny_llama import alone, requests
 
     model = half_model().requires_grad_(False)
-    model.use_half_gemv()
+    model.use_gemv()
     batch = DecodeBatch(model, 1)
     assert batch.compile()
 
@@ -169,7 +187,7 @@ def test_a_half_precision_decode_step_compiles_with_the_kernel_inside():
 @torch.no_grad()
 def test_a_bias_changed_in_place_reaches_the_kernel():
     # Stage-2 training changes biases in place; inference in the same process must see the new values.
-    layer = HalfGemvLinear.of(torch.nn.Linear(64, 32).half()).requires_grad_(False)
+    layer = GemvLinear.of(torch.nn.Linear(64, 32).half()).requires_grad_(False)
     x = torch.randn(1, 64).half()
     before = layer(x)
     layer.bias.add_(1.0)
