@@ -41,7 +41,8 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--assets", help="folder of a toy-format model (default: assets/toy)")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="default: the fastest that fits (float16 on a GPU; on a CPU float32, else float16)")
+                   help="default: the fastest that fits (float16 on a GPU; on a CPU float32, else bfloat16 where "
+                        "the CPU has bfloat16 units, else float16)")
     g.add_argument("--quantize", choices=["int8", "int4"],
                    help="weight-only quantised linear layers (torchao), the rest in bfloat16. int8: LLaMA's, the bind "
                         "network's and the encoders' (the released model in ~9 GB); int4: LLaMA's (~7 GB; a GPU of "

@@ -2,8 +2,9 @@
 
 ``plan_memory`` adds up the tensors of the (memory-mapped, not yet read) checkpoint files per dtype, adds the KV
 cache and a working margin, compares that with what the device has (available RAM on a CPU, free memory on a GPU)
-and picks a dtype: the fastest that fits (float16 on a GPU; on a CPU float32 if it fits, else float16, the dtype
-of Meta's files, so nothing is converted or copied), or refuses, naming the need, what the machine has and the
+and picks a dtype: the fastest that fits (float16 on a GPU; on a CPU float32 if it fits, else bfloat16 where the
+CPU has bfloat16 units, measured, so prefill and encoders compute in it, else float16, the dtype of Meta's files, so
+nothing is converted or copied), or refuses, naming the need, what the machine has and the
 options (among them ``--quantize int8`` and what it would need). With ``quantize`` the plan counts the quantised
 matrices (LLaMA's linear layers; with int8 also the bind network's and the encoder blocks') at their quantised size
 (``llm.quantize.quantized_weight_bytes``) and the rest in bfloat16. ``doctor`` prints
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ibllm.halfgemm import cpu_half_dtype, gemm_time_ratio
 from ibllm.llm.quantize import (
     SERVING_DTYPE,
     fits_scheme,
@@ -144,20 +146,33 @@ def plan_memory(states: Iterable[Mapping[str, torch.Tensor]], device: torch.devi
         smaller = [s for s in ("int8", "int4") if s != quantize and needs(SERVING_DTYPE, s) < need[quantize]]
         options = [f"--quantize {s} ({needs(SERVING_DTYPE, s) / GiB:.1f} GB)" for s in smaller]
         return MemoryPlan(str(device), have, need, None, _refusal(need[quantize], quantize, where, have, options))
-    candidates = [torch.float16] if device.type == "cuda" else [torch.float32, torch.float16]
     if requested:
-        candidates = [parse_dtype(requested)]
-    need = {dtype_name(d): needs(d) for d in dict.fromkeys([*candidates, torch.float32, torch.float16])}
+        candidates: list[torch.dtype | None] = [parse_dtype(requested)]
+    elif device.type == "cuda":
+        candidates = [torch.float16]
+    else:  # None: the CPU's half-precision dtype, measured (halfgemm.cpu_half_dtype) only once float32 does not fit
+        candidates = [torch.float32, None]
+    need = {dtype_name(d): needs(d) for d in dict.fromkeys([*filter(None, candidates), torch.float32, torch.float16])}
     for d in candidates:
+        if d is None:
+            d = cpu_half_dtype()
+            need.setdefault(dtype_name(d), needs(d))
         if need[dtype_name(d)] <= have:
-            why = "as asked (--dtype)" if requested else (
-                "the fastest that fits" if d == candidates[0] else
-                f"float32 ({need['float32'] / GiB:.1f} GB) does not fit: half precision, the weights' own dtype")
+            if requested:
+                why = "as asked (--dtype)"
+            elif d == candidates[0]:
+                why = "the fastest that fits"
+            elif d == torch.float16:
+                why = f"float32 ({need['float32'] / GiB:.1f} GB) does not fit: half precision, the weights' own dtype"
+            else:
+                why = (f"float32 ({need['float32'] / GiB:.1f} GB) does not fit: bfloat16, whose GEMM takes "
+                       f"x{gemm_time_ratio(d):.2f} the time of float32 on this CPU (--dtype float16 keeps the "
+                       f"files' own dtype)")
             return MemoryPlan(str(device), have, need, d, f"serving in {dtype_name(d)} on the {where}: {why}")
-    options = [] if torch.float16 in candidates else ["a smaller dtype (--dtype float16)"]
+    options = [] if candidates[-1] in (None, torch.float16) else ["a smaller dtype (--dtype float16)"]
     if any(is_quantized_weight(key) for state in states for key in state):
         options.append(f"--quantize int8 ({needs(SERVING_DTYPE, 'int8') / GiB:.1f} GB)")
-    tried = ", ".join(dtype_name(d) for d in candidates)
+    tried = ", ".join(dtype_name(d) if d else "half precision" for d in candidates)
     return MemoryPlan(str(device), have, need, None, _refusal(min(need.values()), tried, where, have, options))
 
 
