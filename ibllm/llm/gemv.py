@@ -58,7 +58,8 @@ MAX_ROWS_FLOAT32 = 16
 def max_rows(dtype: torch.dtype) -> int:
     """The most rows of x that go through the kernel for weights of ``dtype``."""
     return MAX_ROWS_FLOAT32 if dtype == torch.float32 else MAX_ROWS
-_FLAGS = {"AVX512": ["-DIBLLM_AVX512", "-mavx512f", "-mf16c", "-mfma"],
+_FLAGS = {"AVX512_BF16": ["-DIBLLM_AVX512", "-DIBLLM_BF16DP", "-mavx512f", "-mavx512bf16", "-mf16c", "-mfma"],
+          "AVX512": ["-DIBLLM_AVX512", "-mavx512f", "-mf16c", "-mfma"],
           "AVX2": ["-DIBLLM_AVX2", "-mavx2", "-mf16c", "-mfma"]}
 # OpenMP: the kernel shares rows out between the threads of torch's own OpenMP runtime. torch's wheel ships
 # libgomp.so.1 and has loaded it before this library is, so the loader binds this library to that same copy.
@@ -97,14 +98,23 @@ def _build(cc: str, isa: str) -> Path:
 
 
 def load(isa: str, cc: str) -> ctypes.CDLL:
-    """The kernel built for ``isa`` ("AVX512" or "AVX2") with the compiler ``cc`` and loaded; raises RuntimeError or
-    OSError where that fails. ``library()`` is the one the decode step uses."""
+    """The kernel built for ``isa`` ("AVX512_BF16", "AVX512" or "AVX2") with the compiler ``cc`` and loaded; raises
+    RuntimeError or OSError where that fails. ``library()`` is the one the decode step uses."""
     lib = ctypes.CDLL(str(_build(cc, isa)))
     lib.gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 3]
     lib.gemv.restype = ctypes.c_int
     lib.isa = isa
     return lib
+
+
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (Linux's /proc/cpuinfo flags; False where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in info)
+    except OSError:
+        return False
 
 
 @functools.cache
@@ -120,10 +130,13 @@ def library() -> ctypes.CDLL | None:
     elif cc is None:
         _why_not = "no C compiler found (set CC, or install gcc)"
     else:
-        try:
-            return load(isa, cc)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _why_not = f"the kernel did not build: {err}"
+        # AVX512-BF16 (torch reports it as AVX512): the build with its dot products first, the plain one if the
+        # compiler cannot make it.
+        for build in (["AVX512_BF16"] if isa == "AVX512" and has_avx512_bf16() else []) + [isa]:
+            try:
+                return load(build, cc)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _why_not = f"the kernel did not build: {err}"
     log.info("one-row decode products go through torch's kernels: %s", _why_not)
     return None
 
@@ -277,4 +290,5 @@ def use_gemv(model: nn.Module) -> int:
 
 
 __all__ = ["linear", "int8_linear", "float32_copy", "float_gemv", "int8_gemv", "GemvLinear", "use_gemv",
-           "library", "load", "product", "status", "max_rows", "MAX_ROWS", "MAX_ROWS_FLOAT32", "SOURCE"]
+           "library", "load", "has_avx512_bf16", "product", "status", "max_rows", "MAX_ROWS", "MAX_ROWS_FLOAT32",
+           "SOURCE"]

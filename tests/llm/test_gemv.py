@@ -19,6 +19,8 @@ CC = gemv._compiler()
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
 # Every build this CPU can run: the AVX-512 one, and the AVX2 one that CPUs without AVX-512 get.
 ISAS = {"AVX512": ["AVX512", "AVX2"], "AVX2": ["AVX2"]}.get(CAPABILITY, [])
+if CAPABILITY == "AVX512" and gemv.has_avx512_bf16():  # and the build with its dot products for bfloat16
+    ISAS = ["AVX512_BF16", *ISAS]
 
 # Where the kernel cannot be built (no compiler, no OpenMP, no AVX2) the app uses torch's kernels; status() says why.
 pytestmark = pytest.mark.skipif(CC is None or not ISAS or gemv.library() is None,
@@ -56,12 +58,28 @@ def test_the_product_is_the_float32_one(builds, isa, dtype, rows, n, k):
     assert float(((got.double() - want).abs() / bound).max()) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("n,k", [(256, 512), (37, 100), (130, 4096 + 9)])
+def test_bfloat16_rows_through_bfloat16_weights(builds, isa, rows, n, k):
+    # A model served in bfloat16: weights and activations both bfloat16 (AVX512-BF16's dot products, where built).
+    g = torch.Generator().manual_seed(n + k + rows)
+    w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(rows, k, generator=g).bfloat16()
+    got = gemv.product(x, w, out_dtype=torch.float32, lib=builds[isa])
+    want, bound = x.double() @ w.double().T, x.double().abs() @ w.double().abs().T
+    assert float(((got.double() - want).abs() / bound).max()) < 1e-6
+    rounded = gemv.product(x, w, lib=builds[isa])
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, got.bfloat16())  # rounded once, to nearest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_each_row_gets_the_sums_it_gets_alone(builds, dtype):
     # What makes a batched decode step give every slot the tokens it gets alone: a row's outputs do not depend on how
     # many rows are multiplied with it, nor on where it sits among them.
     g = torch.Generator().manual_seed(5)
     w, x = torch.randn(300, 1000 + 7, generator=g).to(dtype), torch.randn(16, 1000 + 7, generator=g)
+    if dtype == torch.bfloat16:
+        x = x.bfloat16()  # a bfloat16 model's rows: the dot-product path where built
     for lib in builds.values():
         together = gemv.product(x, w, lib=lib)
         for i in range(16):
