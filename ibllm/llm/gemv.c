@@ -191,34 +191,28 @@ int gemv(const void* w, const float* scale, int kind, const void* x, int x_kind,
          int y_kind, int64_t m, int64_t k_all, int64_t n) {
   const int64_t ldy = n, blocks = (n + NR - 1) / NR, ysize = y_kind == F32 ? 4 : 2;
 #if defined(IBLLM_BF16DP)
-  if (kind == BF16 && x_kind == BF16 && !scale) {
-#pragma omp parallel for schedule(static) if (n * k_all >= PARALLEL_MIN)
-    for (int64_t b = 0; b < blocks; b++) {
-      int64_t r = b * NR;
-      if (r + NR <= n) {
-        DP(r, NR)
-      } else {
-        for (; r < n; r++) DP(r, 1)
-      }
-    }
-    return 0;
-  }
+  const int dot = kind == BF16 && x_kind == BF16 && !scale; /* x stays bfloat16: block_dp */
+#else
+  const int dot = 0;
+#define DP(r, nr)
 #endif
   float* owned = NULL;
   const float* xf = (const float*)x;
-  if (x_kind != F32) {
+  if (x_kind != F32 && !dot) {
     owned = (float*)malloc((size_t)(m * k_all) * sizeof(float));
     if (!owned) return -1;
     for (int64_t i = 0; i < m * k_all; i++) owned[i] = widen1(x, i, x_kind);
     xf = owned;
   }
+/* Weight rows r..r+nr through the dot products or the widening loop. */
+#define ROWS(r, nr) if (dot) { DP(r, nr) } else { AT(r, nr) }
 #pragma omp parallel for schedule(static) if (n * k_all >= PARALLEL_MIN)
   for (int64_t b = 0; b < blocks; b++) {
     int64_t r = b * NR;
     if (r + NR <= n) {
-      AT(r, NR)
+      ROWS(r, NR)
     } else {
-      for (; r < n; r++) AT(r, 1)
+      for (; r < n; r++) ROWS(r, 1)
     }
   }
   free(owned);
