@@ -10,12 +10,14 @@ B slots (B rows) should cost about what one row does. torch's CPU kernels fall s
 ``gemv.c`` widens 16 (AVX-512) or 8 (AVX2) values of a weight row at a time to float32 in registers and
 multiply-adds them there, four weight rows at a time against up to four rows of x, and the rows of the output are
 shared out between the threads of torch's own OpenMP runtime. Measured on that EPYC (``bench/serve.py`` has the
-whole-step figures): float32 37-50 GB/s for one row and 31-37 GB/s for 8 rows of 7B-sized matrices, float16 ~38 GB/s;
+whole-step figures): float32 37-50 GB/s for one row and 31-37 GB/s for 8 rows of 7B-sized matrices, float16 27-34 GB/s;
 on the Xeon, float16 20-25 GB/s (splitting the rows between Python threads instead cost ~0.1 ms a call in hand-offs
 and reached 16-19 GB/s). The result is the float32-accumulated product rounded once to the activations' dtype, as
 torch's, and each output is summed in one order whatever the number of rows, so a batched decode step gives every
 slot exactly the values it would get alone. int8 weights (``--quantize int8``: one float scale per output row) go
-through the same loop, widened from one byte, the scale applied to each sum (``llm.quantize`` uses it).
+through the same loop, widened from one byte, the scale applied to each sum (``llm.quantize`` uses it). On CPUs
+with AVX512-BF16 a second build (``AVX512_BF16``) multiplies bfloat16 weights by bfloat16 rows with that extension's
+dot products instead (a bfloat16 decode step 32.4 -> 34.8 GB/s on the EPYC).
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the ISA
 torch reports (``torch.backends.cpu.get_cpu_capability()``), into ``$IBLLM_KERNEL_CACHE`` (default
@@ -58,6 +60,8 @@ MAX_ROWS_FLOAT32 = 16
 def max_rows(dtype: torch.dtype) -> int:
     """The most rows of x that go through the kernel for weights of ``dtype``."""
     return MAX_ROWS_FLOAT32 if dtype == torch.float32 else MAX_ROWS
+
+
 _FLAGS = {"AVX512_BF16": ["-DIBLLM_AVX512", "-DIBLLM_BF16DP", "-mavx512f", "-mavx512bf16", "-mf16c", "-mfma"],
           "AVX512": ["-DIBLLM_AVX512", "-mavx512f", "-mf16c", "-mfma"],
           "AVX2": ["-DIBLLM_AVX2", "-mavx2", "-mf16c", "-mfma"]}
@@ -137,7 +141,7 @@ def library() -> ctypes.CDLL | None:
                 return load(build, cc)
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 _why_not = f"the kernel did not build: {err}"
-    log.info("one-row decode products go through torch's kernels: %s", _why_not)
+    log.info("small decode products go through torch's kernels: %s", _why_not)
     return None
 
 
