@@ -80,7 +80,9 @@ class TextMaker:
 
     def __init__(self, tokenizer: Tokenizer, records: list[dict[str, Any]], seed: int = 0,
                  cannot_tell_fraction: float = CANNOT_TELL_FRACTION,
-                 history_weights: tuple[float, ...] = HISTORY_WEIGHTS, word_dropout: float = 0.0):
+                 history_weights: tuple[float, ...] = HISTORY_WEIGHTS, word_dropout: float = 0.0,
+                 word_insertion: float = 0.0):
+        self.word_insertion = word_insertion  # toyworld.insert_words on every question asked
         self.cannot_tell_fraction = cannot_tell_fraction
         self.word_dropout = word_dropout  # toyworld.drop_words on every question asked
         self.history_weights = torch.tensor(history_weights)
@@ -121,7 +123,8 @@ class TextMaker:
         latent = self._latent(carried, avoid)
         question = tw.draw(latent, self.rng)
         answer = tw.answer_for(scene, latent, carried, question)
-        return latent, tw.drop_words(question, self.rng, self.word_dropout), answer
+        question = tw.drop_words(question, self.rng, self.word_dropout)
+        return latent, tw.insert_words(question, latent, self.rng, self.word_insertion), answer
 
     def history_length(self) -> int:
         """How many earlier turns a dialogue has (``history_weights``). Drawn once per batch by the training loops,
@@ -351,7 +354,7 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
            steps: int, batch: int, lr: float, weight_decay: float, seed: int, text_only_fraction: float = 0.2,
            centroid_fraction: float = 0.0, cannot_tell_fraction: float = CANNOT_TELL_FRACTION,
            history_weights: tuple[float, ...] = HISTORY_WEIGHTS, word_dropout: float = 0.0,
-           cache: ServedCache | None = None,
+           word_insertion: float = 0.0, cache: ServedCache | None = None,
            cached_fraction: float = 0.0, cached_fraction_partial: float = 0.0, dist: Dist = SINGLE,
            show: bool = True) -> dict[str, float]:
     """Instruction tuning: LoRA (peft) + biases + norms of LLaMA; bind network, prefix queries and gates frozen.
@@ -360,14 +363,15 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
     (``cached_fraction`` of the images, ``cached_fraction_partial`` of the centroid views and their mixes): the mix
     pulls a point cloud's or a sound's feature toward particular images, colour and place included, and a
     language side that has only read unmixed features then names a colour it cannot know. ``word_dropout``:
-    frame words of the questions left out at random (``toyworld.drop_words``)."""
+    frame words of the questions left out at random (``toyworld.drop_words``); ``word_insertion``: the share of
+    questions naming their latent that get other words strewn in (``toyworld.insert_words``)."""
     net.llama.clear_cache()
     for p in net.parameters():
         p.requires_grad_(False)
     peft_model = to_peft(net.llama)
     mark_stage2_trainable(peft_model)
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    maker = TextMaker(tok, records, seed + 2, cannot_tell_fraction, history_weights, word_dropout)
+    maker = TextMaker(tok, records, seed + 2, cannot_tell_fraction, history_weights, word_dropout, word_insertion)
     gen = torch.Generator().manual_seed(seed + 12)
     centroids = Centroids(maker.scenes, image_emb, gen)
     blank = net.blank_feature()

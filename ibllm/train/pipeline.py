@@ -98,6 +98,7 @@ class RunConfig:
     cached_fraction: float = 0.0
     cached_fraction_partial: float = 0.35
     word_dropout: float = 0.0  # stage 2: each frame word of a question left out with this probability
+    word_insertion: float = 0.0  # stage 2: share of the questions naming their latent with other words put in
     centre_steps: dict[str, int] = field(default_factory=lambda: {
         "audio": 150, "depth": 100, "thermal": 100, "imu": 300, "point": 60})
     centre_lr: float = 5e-4
@@ -115,7 +116,8 @@ PRESETS: dict[str, RunConfig] = {
         bound_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2}, bound_batch=8,
         lm_steps=10, lm_batch=8, lm_lr=3e-3, s1_steps=3, s1_batch=8, s2_steps=3, s2_batch=8,
         centre_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2},
-        cached_fraction=0.5, cached_fraction_partial=0.5, word_dropout=0.2, eval_n=2, eval_max_new_tokens=4,
+        cached_fraction=0.5, cached_fraction_partial=0.5, word_dropout=0.2, word_insertion=0.3,
+        eval_n=2, eval_max_new_tokens=4,
     ),
 }
 
@@ -316,6 +318,7 @@ class Pipeline:
                                       centroid_fraction=r.centroid_fraction,
                                       cannot_tell_fraction=r.cannot_tell_fraction,
                                       history_weights=tuple(r.history_weights), word_dropout=r.word_dropout,
+                                      word_insertion=r.word_insertion,
                                       cache=cache,
                                       cached_fraction=r.cached_fraction,
                                       cached_fraction_partial=r.cached_fraction_partial, **common_kw)

@@ -109,6 +109,30 @@ def test_word_dropout_keeps_the_words_that_name_the_latent() -> None:
     assert tw.drop_words("Tell me the colour of the thing.", rng, 1.0) == "Colour of."
 
 
+def test_inserted_words_never_name_a_latent_or_change_the_answer_form() -> None:
+    nouns = {w for names in tw.NOUNS.values() for name in names for w in WORD.findall(name)} - {"of"}
+    rng = np.random.default_rng(1)
+    changed = 0
+    for latent in tw.ASKED:
+        for q in tw.phrasings(latent):
+            assert tw.insert_words(q, latent, rng, 0.0) == q
+            out = tw.insert_words(q, latent, rng, 1.0)
+            names_it = bool(set(WORD.findall(q.lower())) & {w for n in tw.NOUNS.get(latent, ()) for w in
+                                                             WORD.findall(n)} - {"of"})
+            if not names_it:
+                assert out == q, (q, out)  # nothing but the frame says what is asked: left whole
+                continue
+            before, after = q.rstrip("?.").split(" "), out.rstrip("?.").split(" ")
+            assert after[0] == before[0] and out[-1] == q[-1] and 1 <= len(after) - len(before) <= 2, (q, out)
+            added = list(after)
+            for w in before:  # the original words, in order, with the new ones between them
+                added.remove(w)
+            assert not {w for a in added for w in WORD.findall(a.lower())} & (nouns | {"or"}), (q, out)
+            assert tw.is_yes_no(out) == tw.is_yes_no(q), (q, out)
+            changed += 1
+    assert changed > 100
+
+
 @pytest.mark.parametrize(("question", "yes_no"), [
     ("Is it moving?", True), ("Does the object move?", True), ("Is it large or small?", False),
     ("Is it on the left, in the centre or on the right?", False), ("Do you know the colour of it?", False),

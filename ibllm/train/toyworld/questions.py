@@ -250,3 +250,38 @@ def drop_words(question: str, rng: np.random.Generator, p: float) -> str:
     if not kept or is_yes_no(text):  # "Where is it?" must not become "Is it?"
         return question
     return text[0].upper() + text[1:] + question[len(question.rstrip("?.")):]
+
+
+@functools.cache
+def _noun_words() -> dict[str, frozenset[str]]:
+    """Per latent, the words of its names ("number of objects": number, objects)."""
+    return {latent: frozenset(w for name in names for w in _words(name) if w != "of")
+            for latent, names in NOUNS.items()}
+
+
+@functools.cache
+def _filler_words() -> tuple[str, ...]:
+    """Words of the training phrasings that name no latent and cannot turn a question into a choice ("or")."""
+    nouns = {w for words in _noun_words().values() for w in words}
+    words = {w for latent in ASKED for q in phrasings(latent, "train") for w in _words(q)}
+    return tuple(sorted(words - nouns - {"or"}))
+
+
+def insert_words(question: str, latent: str, rng: np.random.Generator, p: float) -> str:
+    """With probability ``p``, ``question`` with one or two words of other training phrasings put in at random
+    places after its first word ("What colour is it?" -> "What colour going is it?"), when it names its latent.
+
+    Unseen frames carry words, or word pieces, that cue another latent ("Which colour has it got?" is read by
+    the tokenizer as "... ha s it go t?", and "go" means motion). Training on questions with such words strewn in
+    teaches that the latent's name outranks every other word. Questions that do not name the latent ("Where is
+    it going?") are left whole: there the other words are all there is to read."""
+    nouns = _noun_words().get(latent)
+    if p <= 0 or not nouns or rng.random() >= p:
+        return question
+    body, end = question.rstrip("?.").split(" "), question[len(question.rstrip("?.")):]
+    if not any(w in nouns for t in body for w in _words(t)):
+        return question
+    fillers = _filler_words()
+    for _ in range(int(rng.integers(1, 3))):
+        body.insert(int(rng.integers(1, len(body) + 1)), fillers[int(rng.integers(len(fillers)))])
+    return " ".join(body) + end
