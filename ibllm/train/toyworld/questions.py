@@ -268,7 +268,7 @@ def _filler_words() -> tuple[str, ...]:
 
 
 def insert_words(question: str, latent: str, rng: np.random.Generator, p: float) -> str:
-    """With probability ``p``, ``question`` with one or two words of other training phrasings put in at random
+    """With probability ``p``, ``question`` with one or two words of the training phrasings put in at random
     places after its first word ("What colour is it?" -> "What colour going is it?"), when it names its latent.
 
     Unseen frames carry words, or word pieces, that cue another latent ("Which colour has it got?" is read by
