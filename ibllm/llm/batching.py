@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ibllm.config import GenerationConfig
+from ibllm.llm import gemv
 from ibllm.llm.kvcache import KVCache
 from ibllm.llm.sampling import make_generator, sample
 
@@ -316,6 +317,8 @@ class DecodeBatch:
             widths = tuple(sorted({1, self.size}))
         else:
             widths = tuple(sorted({min(2**i, self.size) for i in range(self.size.bit_length() + 1)}))
+        if not cuda:  # the C++ op of the decode kernel, built (once) before tracing, which cannot run a build
+            gemv.native_op()
         if cuda:  # CUDA graphs need the tensors the step mutates at fixed addresses
             for t in (*self.cache.tensors(), self.injection):
                 if t is not None:

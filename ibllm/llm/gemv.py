@@ -42,6 +42,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.c")
+OP_SOURCE = Path(__file__).with_name("gemv_op.cpp")  # the same kernel as a torch op, for compiled graphs
 MAX_ROWS = 2  # of half or int8 weights: products of more rows go through torch (module docstring)
 # Of float32 weights: at 16 rows the kernel still took 0.35-0.6x MKL's time on the EPYC (256- to 4096-wide
 # matrices), so up to 16 slots a batched step stays on it.
@@ -69,10 +71,11 @@ _FLAGS = {"AVX512_BF16": ["-DIBLLM_AVX512", "-DIBLLM_BF16DP", "-mavx512f", "-mav
 # libgomp.so.1 and has loaded it before this library is, so the loader binds this library to that same copy.
 _COMMON = ["-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
 _why_not = ""  # the reason the kernel is not used, once asked
+_native = False  # whether native_op() loaded the C++ op
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+def _compiler(*names: str | None) -> str | None:
+    for name in names or (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
@@ -83,22 +86,52 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "ibllm" / "kernels"
 
 
-def _build(cc: str, isa: str) -> Path:
-    """The shared library for ``isa``, compiled once into the cache (atomically: parallel starts do not clash)."""
-    flags = [*_COMMON, *_FLAGS[isa]]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"gemv-{isa.lower()}-{key}.so"
+def _version(compiler: str) -> str:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+
+
+def _cached(name: str, key: list[str], steps: Callable[[Path, Path], list[list[str]]]) -> Path:
+    """``name``-<hash of key>.so in the cache, made by running ``steps(tmp, target)`` (compiler command lines) once,
+    atomically: parallel starts do not clash."""
+    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        done = subprocess.run([cc, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip()[-500:]}")
+        for command in steps(Path(tmp), built):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+            if done.returncode != 0:
+                raise RuntimeError(f"{Path(command[0]).name} failed: {done.stderr.strip()[-500:]}")
         os.replace(built, target)
     return target
+
+
+def _build(cc: str, isa: str) -> Path:
+    """The shared library for ``isa``, compiled once into the cache."""
+    flags = [*_COMMON, *_FLAGS[isa]]
+    return _cached(f"gemv-{isa.lower()}", [SOURCE.read_text(), *flags, _version(cc)],
+                   lambda tmp, out: [[cc, *flags, "-o", str(out), str(SOURCE)]])
+
+
+def _build_op(cc: str, cxx: str, isa: str) -> Path:
+    """gemv.c linked with gemv_op.cpp: a library of torch's that registers ``ibllm_kernel::gemv``, compiled once into
+    the cache against this torch's headers (keyed by its version)."""
+    torch_dir = Path(torch.__file__).parent
+    c_flags = [*(f for f in _COMMON if f != "-shared"), *_FLAGS[isa]]
+    cxx_flags = ["-O2", "-shared", "-fPIC", "-fopenmp", "-std=c++17", f"-I{torch_dir / 'include'}",
+                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
+    libs = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    key = [SOURCE.read_text(), OP_SOURCE.read_text(), *c_flags, *cxx_flags, torch.__version__, _version(cc),
+           _version(cxx)]
+
+    def steps(tmp: Path, out: Path) -> list[list[str]]:
+        obj = str(tmp / "gemv.o")
+        return [[cc, *c_flags, "-c", "-o", obj, str(SOURCE)],
+                [cxx, *cxx_flags, "-o", str(out), str(OP_SOURCE), obj, *libs]]
+
+    return _cached(f"gemv-op-{isa.lower()}", key, steps)
 
 
 def load(isa: str, cc: str) -> ctypes.CDLL:
@@ -143,6 +176,33 @@ def library() -> ctypes.CDLL | None:
                 _why_not = f"the kernel did not build: {err}"
     log.info("small decode products go through torch's kernels: %s", _why_not)
     return None
+
+
+@functools.cache
+def native_op() -> bool:
+    """Load ``torch.ops.ibllm_kernel.gemv`` (gemv_op.cpp), the op compiled graphs call, building it on first use with
+    the C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against this torch's headers; whether it is loaded.
+    Where that fails, graphs call the Python ops below (the same kernel, ~20 us more a call) and the log says why.
+    Call it before compiling (``DecodeBatch.compile`` does): a build cannot be traced, so a graph traced earlier
+    calls the Python ops."""
+    global _native
+    lib = library()
+    cxx = _compiler(os.environ.get("CXX"), "c++", "g++", "clang++")
+    if lib is None or cxx is None:
+        return False
+    try:
+        torch.ops.load_library(str(_build_op(_compiler(), cxx, lib.isa)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        log.info("compiled graphs call the kernel through Python: its torch op did not build (%s)", err)
+        return False
+    torch.library.register_fake("ibllm_kernel::gemv")(_fake)
+    _native = True
+    return True
+
+
+def _fake(x: torch.Tensor, weight: torch.Tensor, *_: torch.Tensor | None) -> torch.Tensor:
+    """The result's shape and dtype, for tracing (all three ops)."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def status() -> str:
@@ -192,7 +252,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | None) -
     ``x``, the bias in float32 (``float32_copy``). Eager calls skip the custom op's dispatch (measured ~60 us a call
     on the Xeon, ~1.5% of a 7B step); a compiled graph needs the op."""
     if torch.compiler.is_compiling():
-        return float_gemv(x, weight, bias32)
+        return _graph_op(x, weight, None, bias32)
     return product(x, weight, None, bias32)
 
 
@@ -201,8 +261,18 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale32: torch.Tensor, bi
     """``F.linear(x, weight * scale[:, None], bias)`` for int8 CPU ``weight`` with one scale per output row, scale
     and bias in float32 (at most ``MAX_ROWS`` rows of ``x``; eager calls skip the op's dispatch, as ``linear``)."""
     if torch.compiler.is_compiling():
-        return int8_gemv(x, weight, scale32, bias32)
+        return _graph_op(x, weight, scale32, bias32)
     return product(x, weight, scale32, bias32)
+
+
+def _graph_op(x: torch.Tensor, weight: torch.Tensor, scale32: torch.Tensor | None, bias32: torch.Tensor | None
+              ) -> torch.Tensor:
+    """The op a graph being compiled calls: the C++ one where ``native_op()`` loaded it, else the Python ones."""
+    if _native:
+        return torch.ops.ibllm_kernel.gemv(x, weight, scale32, bias32)
+    if scale32 is None:
+        return float_gemv(x, weight, bias32)
+    return int8_gemv(x, weight, scale32, bias32)
 
 
 # Ops of their own, so that a compiled decode step calls the kernel instead of breaking its graph on ctypes.
@@ -212,9 +282,7 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | Non
     return product(x, weight, None, bias32)
 
 
-@float_gemv.register_fake
-def _(x, weight, bias32):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+float_gemv.register_fake(_fake)
 
 
 @torch.library.custom_op("ibllm::int8_gemv", mutates_args=())
@@ -224,9 +292,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale32: torch.Tensor, bias
     return product(x, weight, scale32, bias32)
 
 
-@int8_gemv.register_fake
-def _(x, weight, scale32, bias32):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+int8_gemv.register_fake(_fake)
 
 
 class GemvLinear(nn.Linear):
@@ -294,5 +360,5 @@ def use_gemv(model: nn.Module) -> int:
 
 
 __all__ = ["linear", "int8_linear", "float32_copy", "float_gemv", "int8_gemv", "GemvLinear", "use_gemv",
-           "library", "load", "has_avx512_bf16", "product", "status", "max_rows", "MAX_ROWS", "MAX_ROWS_FLOAT32",
-           "SOURCE"]
+           "library", "load", "native_op", "has_avx512_bf16", "product", "status", "max_rows", "MAX_ROWS",
+           "MAX_ROWS_FLOAT32", "SOURCE", "OP_SOURCE"]
