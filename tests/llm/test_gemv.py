@@ -162,6 +162,71 @@ def test_a_compiled_layer_calls_the_kernel():
     torch.testing.assert_close(compiled(x), layer(x), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+def test_the_cpp_op_is_the_kernel(dtype):
+    # The op compiled graphs call (gemv_op.cpp) passes every argument through as the ctypes call does.
+    if not gemv.native_op():
+        pytest.skip("no C++ compiler or torch headers here: graphs call the Python ops (tested below)")
+    g = torch.Generator().manual_seed(3)
+    if dtype == torch.int8:
+        w, scale = torch.randint(-128, 128, (70, 300), generator=g, dtype=torch.int8), torch.rand(70, generator=g)
+    else:
+        w, scale = torch.randn(70, 300, generator=g).to(dtype), None
+    bias = torch.randn(70, generator=g)
+    for x in (torch.randn(1, 1, 300, generator=g), torch.randn(3, 300, generator=g).to(torch.bfloat16)):
+        x = x.to(dtype) if dtype in (torch.float16, torch.bfloat16) else x
+        got = torch.ops.ibllm_kernel.gemv(x, w, scale, bias)
+        assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], 70)
+        assert torch.equal(got, gemv.product(x, w, scale, bias))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_a_compiled_decode_step_calls_the_cpp_op():
+    # Through the Python op every product of a compiled step went back into the interpreter (~20 us each).
+    from torch.profiler import profile
+
+    from ibllm.llm.batching import DecodeBatch
+
+    model = tiny(CFG).requires_grad_(False)
+    model.use_gemv()
+    batch = DecodeBatch(model, 1)
+    assert batch.compile()
+    if not gemv.native_op():
+        pytest.skip("no C++ compiler or torch headers here")
+    feed = torch.zeros(1, 2, dtype=torch.long)
+    injection, cache = batch._rows(1)
+    with profile() as prof:
+        batch._forward(feed[:, :1], feed[:, 1], injection, cache)
+    names = {event.name for event in prof.events()}
+    assert "ibllm_kernel::gemv" in names and "ibllm::float_gemv" not in names
+
+
+@pytest.mark.slow
+def test_without_the_cpp_op_graphs_call_the_python_op(tmp_path):
+    # A C++ compiler that fails: native_op() says so, and a compiled layer still runs the kernel, through Python.
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from ibllm.llm import gemv
+from ibllm.llm.gemv import GemvLinear
+assert not gemv.native_op()
+layer = GemvLinear.of(torch.nn.Linear(64, 32)).requires_grad_(False)
+x = torch.randn(1, 64)
+with torch.no_grad():
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), atol=0, rtol=0)
+print("python op")
+"""
+    env = {**os.environ, "CXX": "/bin/false", "IBLLM_KERNEL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and "python op" in done.stdout, done.stderr[-2000:]
+    assert not list(tmp_path.glob("gemv-op-*.so"))
+
+
 def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("IBLLM_KERNEL_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="failed"):
