@@ -317,8 +317,11 @@ class DecodeBatch:
             widths = tuple(sorted({1, self.size}))
         else:
             widths = tuple(sorted({min(2**i, self.size) for i in range(self.size.bit_length() + 1)}))
-        if not cuda:  # the C++ op of the decode kernel, built (once) before tracing, which cannot run a build
-            gemv.native_op()
+        if not cuda:
+            gemv.native_op()  # the decode kernel's C++ op, built (once) before tracing, which cannot run a build
+            # The C++ wrapper imports torch.utils.cpp_extension, which warns on every start that no CUDA runtime is
+            # found: true, and beside the point on a CPU.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         if cuda:  # CUDA graphs need the tensors the step mutates at fixed addresses
             for t in (*self.cache.tensors(), self.injection):
                 if t is not None:
