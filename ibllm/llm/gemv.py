@@ -250,7 +250,7 @@ def float32_copy(t: torch.Tensor | None) -> torch.Tensor | None:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a float32 or half-precision CPU ``weight`` and at most ``max_rows`` rows of
     ``x``, the bias in float32 (``float32_copy``). Eager calls skip the custom op's dispatch (measured ~60 us a call
-    on the Xeon, ~1.5% of a 7B step); a compiled graph needs the op."""
+    on the Xeon, ~1.5% of a 7B step); a graph being compiled calls an op (``_graph_op``)."""
     if torch.compiler.is_compiling():
         return _graph_op(x, weight, None, bias32)
     return product(x, weight, None, bias32)
@@ -275,7 +275,8 @@ def _graph_op(x: torch.Tensor, weight: torch.Tensor, scale32: torch.Tensor | Non
     return int8_gemv(x, weight, scale32, bias32)
 
 
-# Ops of their own, so that a compiled decode step calls the kernel instead of breaking its graph on ctypes.
+# Python ops of their own, so that a compiled decode step calls the kernel instead of breaking its graph on ctypes:
+# what graphs call where the C++ op (native_op) does not build.
 @torch.library.custom_op("ibllm::float_gemv", mutates_args=())
 def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
     """The op of ``linear``."""
