@@ -235,8 +235,10 @@ def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
 
 
 def test_the_kernel_shares_torchs_openmp_runtime():
-    # A second libgomp would bring a second pool of threads competing with torch's for the same cores.
+    # A second libgomp would bring a second pool of threads competing with torch's for the same cores (the C++ op's
+    # library links one too).
     assert gemv.library() is not None
+    gemv.native_op()
     maps = Path("/proc/self/maps").read_text().splitlines()
     loaded = {line.split()[-1] for line in maps if line.endswith("/libgomp.so.1")}
     assert len(loaded) == 1 and "torch" in next(iter(loaded)), loaded
