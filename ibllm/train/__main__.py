@@ -2,6 +2,7 @@
 
     python -m ibllm.train run --out runs/toy [--smoke] [--ship assets/toy]   # the whole pipeline, resumable
     python -m ibllm.train run --out runs/lang --towers-from assets/toy      # the language stages only
+    python -m ibllm.train run --out runs/c --language-from assets/toy --set 'centre_steps={"text": 300}'
     python -m ibllm.train eval --model assets/toy [--data runs/toy/data]      # the per-modality table
     python -m ibllm.train ship --run runs/toy --to assets/toy                 # copy a finished run's model
     python -m ibllm.train finetune --data pairs.jsonl --out runs/mine         # stage 2 on your own pairs
@@ -26,7 +27,7 @@ from ibllm.factory import load_default
 from ibllm.train.common import init_dist, write_json
 from ibllm.train.evaluate import ensure_heldout, evaluate, markdown
 from ibllm.train.finetune import LR_OFFICIAL, LR_TOY, FinetuneError, finetune
-from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, reuse_towers, ship
+from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, reuse_model, reuse_towers, ship
 from ibllm.weights import WeightsError
 
 
@@ -57,10 +58,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides["workers"] = args.workers
     run = dataclasses.replace(run, **overrides)
-    if args.towers_from:
+    if args.towers_from and args.language_from:
+        raise SystemExit("--towers-from and --language-from are two ways to start a run: give one")
+    for flag, source, reuse in (("--towers-from", args.towers_from, reuse_towers),
+                                ("--language-from", args.language_from, reuse_model)):
+        if source is None:
+            continue
         if any((args.out / "ckpt").glob("*.safetensors")):
-            raise SystemExit(f"{args.out / 'ckpt'} already has checkpoints: --towers-from starts a new run")
-        print(f"towers from {args.towers_from}: {reuse_towers(args.out, args.towers_from, run)}", file=sys.stderr)
+            raise SystemExit(f"{args.out / 'ckpt'} already has checkpoints: {flag} starts a new run")
+        print(f"{flag[2:]} {source}: {reuse(args.out, source, run)}", file=sys.stderr)
     pipe = Pipeline(args.out, run)
     pipe.run_all(evaluate=not args.no_eval)
     if args.ship and pipe.dist.main:
@@ -135,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threads", type=int, help="torch threads (default: the cores not already busy)")
     run.add_argument("--towers-from", type=Path, metavar="MODEL_DIR",
                      help="skip the encoder stages: take the ImageBind towers of this model (e.g. assets/toy)")
+    run.add_argument("--language-from", type=Path, metavar="MODEL_DIR",
+                     help="skip the encoder and language stages: take every weight and the tokenizer of this "
+                          "model and go on at the centring (--set centre_steps=... names the towers to move)")
     run.add_argument("--set", action="append", metavar="KEY=JSON",
                      help="override a RunConfig field, e.g. --set s2_steps=1000 (repeatable)")
     run.set_defaults(func=cmd_run)

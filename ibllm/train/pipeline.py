@@ -44,7 +44,7 @@ from ibllm.llm.tokenizer import Tokenizer
 from ibllm.model import ImageBindLLM
 from ibllm.train import align, common, language
 from ibllm.train.common import Dist
-from ibllm.train.data import EXTRA, build_data, load_tensor, records
+from ibllm.train.data import EXTRA, EXTRA_MODALITIES, build_data, load_tensor, records
 from ibllm.train.evaluate import evaluate, markdown
 from ibllm.train.language import init_llama
 from ibllm.train.tokenizer import train_tokenizer
@@ -115,7 +115,7 @@ PRESETS: dict[str, RunConfig] = {
         n_train=8, n_heldout=3, n_extra=4, workers=1, it_steps=4, it_class_steps=2, it_batch=8,
         bound_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2}, bound_batch=8,
         lm_steps=10, lm_batch=8, lm_lr=3e-3, s1_steps=3, s1_batch=8, s2_steps=3, s2_batch=8,
-        centre_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2},
+        centre_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2, "text": 2},
         cached_fraction=0.5, cached_fraction_partial=0.5, word_dropout=0.2, word_insertion=0.3,
         eval_n=2, eval_max_new_tokens=4,
     ),
@@ -333,9 +333,14 @@ class Pipeline:
         train = [r["scene"] for r in records(self.data, "train")]
         metrics: dict[str, Any] = {}
         for m, steps in self.run.centre_steps.items():
-            targets = align.centroid_targets(train, bank_scenes, image_emb, m)
+            # A caption is pulled onto the centre of the images of its exact scene (it names every latent): the
+            # language side learnt image embeddings only, and text's own region of the space (its "modality
+            # gap") reads worse. Every captioned scene trains it, the extra ones too.
+            x, scenes = ((self.image_text_tensor(m), bank_scenes) if m in EXTRA_MODALITIES else
+                         (load_tensor(self.data, "train", m), train))
+            targets = align.centroid_targets(scenes, bank_scenes, image_emb, m)
             metrics[m] = align.train_toward_centroids(
-                ib, m, load_tensor(self.data, "train", m), targets, steps=steps, batch=self.run.bound_batch,
+                ib, m, x, targets, steps=steps, batch=self.run.bound_batch,
                 lr=self.run.centre_lr, weight_decay=self.run.weight_decay, gen=self._gen(CENTRE_STAGE),
                 dist=self.dist, show=self.show)
         towers = [metrics[m] for m in self.run.centre_steps]
@@ -407,6 +412,24 @@ def reuse_towers(out: str | Path, model_dir: str | Path, run: RunConfig | None =
     (same seed), with every ``image_bind`` weight replaced by the model's, so the resumed pipeline goes on with
     ``embed``, ``lm``, ``stage1``, ``stage2``, export and evaluation. The towers come as the model stores them
     (fp16-rounded). ``OUT/ckpt/towers.json`` records where they came from."""
+    return _reuse(out, model_dir, run, ENCODER_STAGES[-1])
+
+
+def reuse_model(out: str | Path, model_dir: str | Path, run: RunConfig | None = None) -> Path:
+    """Start a run at its centring stage with every weight and the tokenizer of an earlier run's model.
+
+    For a change to the centring alone: the language side never reads the towers that stage moves, so it need not
+    be trained again. ``centre_steps`` of the run then says which towers move further (e.g. only the text tower:
+    the model's other towers were centred already). Writes ``OUT/ckpt/<last language stage>.safetensors`` and
+    copies ``tokenizer.model`` into ``OUT/model``; ``OUT/ckpt/towers.json`` records where they came from."""
+    model_dir = Path(model_dir)
+    path = _reuse(out, model_dir, run, LANGUAGE_STAGES[-1])
+    (Path(out) / "model").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_dir / "tokenizer.model", Path(out) / "model" / "tokenizer.model")
+    return path
+
+
+def _reuse(out: str | Path, model_dir: str | Path, run: RunConfig | None, stage: str) -> Path:
     out, model_dir = Path(out), Path(model_dir)
     run = run or RunConfig()
     cfg = ModelConfig.load(model_dir / "config.json")
@@ -415,9 +438,11 @@ def reuse_towers(out: str | Path, model_dir: str | Path, run: RunConfig | None =
     init_llama(net, run.seed)
     shipped = ImageBindLLM(cfg)
     shipped.load_official(read_state_dict(model_dir / "model.safetensors"), what=str(model_dir))
-    net.image_bind.load_state_dict({k: v.float() for k, v in shipped.image_bind.state_dict().items()})
-    path = common.save_official(net, _ckpt(out, ENCODER_STAGES[-1]))
-    common.write_json(out / "ckpt" / "towers.json", {"from": str(model_dir), "stage": ENCODER_STAGES[-1]})
+    part = net.image_bind if stage in ENCODER_STAGES else net
+    source = shipped.image_bind if stage in ENCODER_STAGES else shipped
+    part.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in source.state_dict().items()})
+    path = common.save_official(net, _ckpt(out, stage))
+    common.write_json(out / "ckpt" / "towers.json", {"from": str(model_dir), "stage": stage})
     return path
 
 

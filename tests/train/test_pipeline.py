@@ -121,3 +121,23 @@ def test_eval_of_a_validation_split_reads_it_as_it_is(run: tuple[Path, Pipeline,
                  "validation", "--n", "2", "--threads", "1", "--md", str(md)]) == 0
     assert sorted(p.name for p in val.iterdir()) == ["train", "train.jsonl"]
     assert md.read_text().count("| image |") == 2
+
+
+def test_language_from_moves_only_the_towers_it_centres(run: tuple[Path, Pipeline, dict[str, Any]],
+                                                         tmp_path: Path) -> None:
+    """``run --language-from MODEL``: every weight and the tokenizer of MODEL, then only the centring runs, and
+    only the towers ``centre_steps`` names move."""
+    from ibllm.train.__main__ import main
+
+    out, _, _ = run
+    model = out / "model"
+    again = tmp_path / "again"
+    assert main(["run", "--out", str(again), "--smoke", "--language-from", str(model), "--no-eval",
+                 "--threads", "1", "--set", 'centre_steps={"text": 3}']) == 0
+    before = read_state_dict(model / "model.safetensors")
+    after = read_state_dict(again / "model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("image_bind.modality_") and ".text." in k for k in moved), sorted(moved)[:5]
+    assert (again / "model" / "tokenizer.model").read_bytes() == (model / "tokenizer.model").read_bytes()
+    assert not (again / "ckpt" / "lm.safetensors").exists()  # nothing before the centring was trained again
