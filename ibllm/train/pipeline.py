@@ -100,7 +100,7 @@ class RunConfig:
     word_dropout: float = 0.0  # stage 2: each frame word of a question left out with this probability
     word_insertion: float = 0.0  # stage 2: share of the questions naming their latent with other words put in
     centre_steps: dict[str, int] = field(default_factory=lambda: {
-        "audio": 150, "depth": 100, "thermal": 100, "imu": 300, "point": 60})
+        "audio": 150, "depth": 100, "thermal": 100, "imu": 300, "point": 60, "text": 300})
     centre_lr: float = 5e-4
     eval_n: int | None = None  # held-out scenes to evaluate (None: all)
     eval_max_new_tokens: int = 40
