@@ -40,6 +40,7 @@ from ibllm.config import LLAMA_TOY, GenerationConfig, LlamaConfig  # noqa: E402
 from ibllm.llm.batching import DONE, DecodeBatch, Request  # noqa: E402
 from ibllm.llm.llama import Transformer, init_weights  # noqa: E402
 from ibllm.serving import Queued, Scheduler  # noqa: E402
+from ibllm.threads import in_passing_thread  # noqa: E402
 
 # The sizes of issue 11. toy: the embedded model's LLaMA (LLAMA_TOY). The others: LLaMA-7B's conventions (heads of
 # 64 / 128, FFN multiple of 256, LoRA rank 16) at other widths and depths, vocabulary 32000.
@@ -203,11 +204,17 @@ def bench_concurrent(names: list[str], n: int, prompt_len: int, new: int, compil
           f"(in-process, one thread per request; {prompt_len}-token prompts, {new} new tokens each)")
     print(f"{'size':8s} {'one-at-a-time tok/s':>20s} {'concurrent tok/s':>17s} {'x':>6s} {'lone TTFT ms':>13s} "
           f"{'p50 TTFT ms':>12s} {'p95 TTFT ms':>12s}")
-    for name in names:
+    def build(name: str) -> tuple[Transformer, DecodeBatch]:
         model = ours(SIZES[name])
         batch = DecodeBatch(model, n, pack=True)  # as the engine serves float32 on a CPU (weights packed for n rows)
         if compile:
             batch.compile()
+        return model, batch
+
+    for name in names:
+        # Built as the factory builds a served model, in a thread that ends (ibllm/threads.py): then the scheduler's
+        # thread is the one OpenMP pool, as in the app.
+        model, batch = in_passing_thread(build, name)
         scheduler = Scheduler(batch)
         reqs = [request(model, prompt_len, new, seed=i) for i in range(n)]
         serve(scheduler, reqs[:2], concurrent=True)  # warm-up
@@ -380,12 +387,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     with torch.no_grad():
+        # Each part in a thread of its own that ends with it, so no part's OpenMP pool outlives it (ibllm/threads.py)
         if not args.skip_decode:
             if not (BASELINES / "refstyle.py").is_file():
                 raise SystemExit(f"{BASELINES / 'refstyle.py'} not found (it ships in ../shared beside the repo)")
-            bench_decode(args.sizes, args.prompt, args.new, args.repeats, args.compile, args.slots)
+            in_passing_thread(bench_decode, args.sizes, args.prompt, args.new, args.repeats, args.compile, args.slots)
         if not args.skip_concurrent:
-            bench_concurrent(args.concurrent_sizes, args.concurrent, args.prompt, args.new, args.compile_concurrent)
+            in_passing_thread(bench_concurrent, args.concurrent_sizes, args.concurrent, args.prompt, args.new,
+                              args.compile_concurrent)
     if args.app:
         bench_app(args.concurrent, args.new)
     if args.app_stream:

@@ -38,6 +38,7 @@ from ibllm.media.errors import MediaError
 from ibllm.memory import WORKING_MARGIN, available_bytes
 from ibllm.model import ImageBindLLM
 from ibllm.serving import Queued, Scheduler, TokenStream
+from ibllm.threads import in_passing_thread
 from ibllm.types import (
     Attachment,
     ChatEvent,
@@ -178,17 +179,23 @@ class ChatEngine:
         cached = self.embeddings.get(key)
         if cached is not None:
             return cached
-        x = load_media(attachment.path, modality, self.cfg.imagebind)
-        x = x.unsqueeze(0).to(self.device)
-        if x.is_floating_point() and modality != "point":
-            x = x.to(self.dtype)
-        emb = self.net.image_bind(KINDS[modality].branch, x)[0].float().cpu()
+        # Decoded and encoded in a thread that ends with it: a web server's worker thread that ran torch's
+        # parallel regions itself would keep an OpenMP pool alive and slow the decode loop's (ibllm/threads.py).
+        emb = in_passing_thread(self._encode, attachment.path, modality)
         self.embeddings.put(key, emb)
         return emb
 
+    @torch.no_grad()
+    def _encode(self, path: str, modality: str) -> torch.Tensor:
+        x = load_media(path, modality, self.cfg.imagebind)
+        x = x.unsqueeze(0).to(self.device)
+        if x.is_floating_point() and modality != "point":
+            x = x.to(self.dtype)
+        return self.net.image_bind(KINDS[modality].branch, x)[0].float().cpu()
+
     def _blank_feature(self) -> torch.Tensor:
         if self._blank is None:  # the same for every text-only turn: computed once
-            self._blank = self.net.blank_feature().cpu()
+            self._blank = in_passing_thread(self.net.blank_feature).cpu()
         return self._blank
 
     def fused_feature(self, attachments: Sequence[Attachment]) -> torch.Tensor | None:
@@ -251,7 +258,7 @@ class ChatEngine:
 
         with torch.no_grad():
             t0 = time.perf_counter()
-            injection = self.net.injection(feature.to(self.device))
+            injection = in_passing_thread(self.net.injection, feature.to(self.device))
             timings.bind = time.perf_counter() - t0
         stream = self.scheduler.submit(prompt.ids, injection, replace(generation, max_new_tokens=max_new),
                                        eos_id=self.tokenizer.eos_id, should_stop=should_stop)

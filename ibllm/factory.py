@@ -43,6 +43,7 @@ from ibllm.llm.quantize import (
 from ibllm.llm.tokenizer import Tokenizer
 from ibllm.memory import FilePages, convert_releasing, parse_dtype, plan_memory
 from ibllm.model import ImageBindLLM
+from ibllm.threads import passing_thread
 from ibllm.types import ModelInfo
 from ibllm.weights import MetaLlama, WeightsError, resolve
 
@@ -123,6 +124,7 @@ def _served_dtype(dtype: torch.dtype, quantize: str | None) -> str:
     return f"{quantize} + bfloat16" if quantize else str(dtype).removeprefix("torch.")
 
 
+@passing_thread  # the torch work of loading and warming up leaves no OpenMP pool behind (ibllm/threads.py)
 def load_default(assets: str | os.PathLike = DEFAULT_ASSETS, *, adapter: str | os.PathLike | None = None,
                  device: str | None = None, dtype: str | None = None, quantize: str | None = None,
                  merge_lora: bool = True, seed: int = 0, max_batch: int | None = None, compile: bool | None = None,
@@ -186,6 +188,7 @@ def config_from_adapter(adapter_state: dict[str, torch.Tensor], llama: LlamaConf
     )
 
 
+@passing_thread  # the torch work of loading and warming up leaves no OpenMP pool behind (ibllm/threads.py)
 def load_official(llama_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
                   imagebind: str | os.PathLike | None = None, knn_index: str | os.PathLike | None = None,
                   tokenizer: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
