@@ -204,13 +204,14 @@ class ChatEngine:
         if not kept:
             return None
         embeddings = [self.embed(a)[None] for a in kept]
-        return fuse(embeddings, [a.weight for a in kept])
+        return in_passing_thread(fuse, embeddings, [a.weight for a in kept])  # torch work: ibllm/threads.py
 
     def _retrieve(self, feature: torch.Tensor, options: VisualCacheConfig) -> tuple[torch.Tensor, list[Neighbour]]:
         if self.visual_cache is None or not options.enabled or options.top_k <= 0 or options.weight <= 0:
             return feature, []
         k = min(int(options.top_k), self.visual_cache.index.ntotal)
-        mixed, found = self.visual_cache.mix_with_neighbours(feature, k, options.temperature, options.weight)
+        mixed, found = in_passing_thread(self.visual_cache.mix_with_neighbours, feature, k, options.temperature,
+                                         options.weight)
         neighbours = [
             Neighbour(index=int(found.rows[0, j]), similarity=float(found.sims[0, j]),
                       caption=found.captions[0][j] if found.captions else None,
