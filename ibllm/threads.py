@@ -13,7 +13,10 @@ pool.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import sys
 import threading
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -22,6 +25,21 @@ import torch
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def _one_malloc_arena() -> None:
+    """glibc gives each new thread a malloc arena of its own, and what a loading thread frees there (the buffers of
+    converting weights) stays in that arena instead of going back to the system: loading the 1.3 GB model of
+    tests/test_memory.py in a passing thread grew the peak by 1.45 GB instead of 1.40 (1.34 with one arena). One
+    arena for the whole process, as the main thread alone would have; the GIL serialises most allocations anyway."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+            ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+
+
+_one_malloc_arena()
 
 
 def in_passing_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
