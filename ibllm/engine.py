@@ -195,23 +195,24 @@ class ChatEngine:
 
     def _blank_feature(self) -> torch.Tensor:
         if self._blank is None:  # the same for every text-only turn: computed once
-            self._blank = in_passing_thread(self.net.blank_feature).cpu()
+            self._blank = self.net.blank_feature().cpu()
         return self._blank
 
     def fused_feature(self, attachments: Sequence[Attachment]) -> torch.Tensor | None:
         """Weighted fusion of the attachments' embeddings (1, E); None when nothing has a positive weight."""
+        return in_passing_thread(self._fuse, attachments)  # torch work outside the decode loop: ibllm/threads.py
+
+    def _fuse(self, attachments: Sequence[Attachment]) -> torch.Tensor | None:
         kept = [a for a in attachments if a.weight > 0]
         if not kept:
             return None
-        embeddings = [self.embed(a)[None] for a in kept]
-        return in_passing_thread(fuse, embeddings, [a.weight for a in kept])  # torch work: ibllm/threads.py
+        return fuse([self.embed(a)[None] for a in kept], [a.weight for a in kept])
 
     def _retrieve(self, feature: torch.Tensor, options: VisualCacheConfig) -> tuple[torch.Tensor, list[Neighbour]]:
         if self.visual_cache is None or not options.enabled or options.top_k <= 0 or options.weight <= 0:
             return feature, []
         k = min(int(options.top_k), self.visual_cache.index.ntotal)
-        mixed, found = in_passing_thread(self.visual_cache.mix_with_neighbours, feature, k, options.temperature,
-                                         options.weight)
+        mixed, found = self.visual_cache.mix_with_neighbours(feature, k, options.temperature, options.weight)
         neighbours = [
             Neighbour(index=int(found.rows[0, j]), similarity=float(found.sims[0, j]),
                       caption=found.captions[0][j] if found.captions else None,
@@ -223,12 +224,35 @@ class ChatEngine:
     def neighbours(self, attachments: Sequence[Attachment],
                    visual_cache: VisualCacheConfig | None = None) -> list[Neighbour]:
         """What the visual cache retrieves for these inputs (for the UI's inspector), even where it is switched off."""
+        return in_passing_thread(self._neighbours, attachments, replace(visual_cache or self.cfg.visual_cache,
+                                                                       enabled=True))
+
+    def _neighbours(self, attachments: Sequence[Attachment], visual_cache: VisualCacheConfig) -> list[Neighbour]:
         feature = self.fused_feature(attachments)
-        if feature is None:
-            return []
-        return self._retrieve(feature, replace(visual_cache or self.cfg.visual_cache, enabled=True))[1]
+        return [] if feature is None else self._retrieve(feature, visual_cache)[1]
 
     # -- chat -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _visual_term(self, attachments: Sequence[Attachment], visual_cache: VisualCacheConfig,
+                     timings: Timings) -> tuple[torch.Tensor, list[Neighbour]]:
+        """A turn's inputs encoded, fused, mixed with the cache and bound: the per-layer injection and the
+        neighbours retrieved (``timings`` gets encode / cache / bind). Run in one passing thread per turn."""
+        t0 = time.perf_counter()
+        feature = self.fused_feature(attachments)
+        timings.encode = time.perf_counter() - t0
+        neighbours: list[Neighbour] = []
+        if feature is None:
+            feature = self._blank_feature()
+        else:
+            t0 = time.perf_counter()
+            feature, neighbours = self._retrieve(feature, visual_cache)
+            timings.cache = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        injection = self.net.injection(feature.to(self.device))
+        timings.bind = time.perf_counter() - t0
+        return injection, neighbours
+
 
     def chat(self, message: str, *, history: Sequence[Turn] = (), attachments: Sequence[Attachment] = (),
              visual_cache: VisualCacheConfig | None = None, generation: GenerationConfig | None = None,
@@ -240,27 +264,12 @@ class ChatEngine:
         generation = generation or self.cfg.generation
         timings = Timings()
 
-        t0 = time.perf_counter()
-        feature = self.fused_feature(attachments)
-        timings.encode = time.perf_counter() - t0
-        neighbours: list[Neighbour] = []
-        if feature is None:
-            feature = self._blank_feature()
-        else:
-            t0 = time.perf_counter()
-            feature, neighbours = self._retrieve(feature, visual_cache)
-            timings.cache = time.perf_counter() - t0
-
+        injection, neighbours = in_passing_thread(self._visual_term, attachments, visual_cache, timings)
         max_new = max(1, min(int(generation.max_new_tokens), self.cfg.llama.max_seq_len - MIN_ANSWER_TOKENS))
         prompt = build_chat_prompt(message, history, self.tokenizer,
                                    max(self.cfg.llama.max_seq_len - max_new, MIN_ANSWER_TOKENS))
         timings.prompt_tokens = len(prompt.ids)
         notes = list(prompt.notes)
-
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            injection = in_passing_thread(self.net.injection, feature.to(self.device))
-            timings.bind = time.perf_counter() - t0
         stream = self.scheduler.submit(prompt.ids, injection, replace(generation, max_new_tokens=max_new),
                                        eos_id=self.tokenizer.eos_id, should_stop=should_stop)
         streamer = TextStreamer(self.tokenizer.decode)
@@ -317,10 +326,14 @@ class ChatEngine:
                         visual_cache: VisualCacheConfig | None = None) -> tuple[torch.Tensor, list[Neighbour]]:
         """The unit feature (1, E) a picture is drawn from: the attachments fused and mixed with the visual cache,
         exactly as the language model gets them, with the neighbours retrieved. PictureError without inputs."""
+        return in_passing_thread(self._picture_feature, attachments, visual_cache or self.cfg.visual_cache)
+
+    def _picture_feature(self, attachments: Sequence[Attachment],
+                         visual_cache: VisualCacheConfig) -> tuple[torch.Tensor, list[Neighbour]]:
         feature = self.fused_feature(attachments)
         if feature is None:
             raise PictureError(NO_PICTURE_INPUT)
-        feature, neighbours = self._retrieve(feature, visual_cache or self.cfg.visual_cache)
+        feature, neighbours = self._retrieve(feature, visual_cache)
         return feature.float() / feature.float().norm(dim=-1, keepdim=True), neighbours
 
     def imagine(self, message: str, *, attachments: Sequence[Attachment] = (),

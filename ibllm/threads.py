@@ -40,15 +40,20 @@ def _one_malloc_arena() -> None:
 
 
 _one_malloc_arena()
+_here = threading.local()  # .passing: this thread is a passing one
 
 
 def in_passing_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """``fn(*args, **kwargs)`` in a new thread, waited for: its result, or its exception raised here. The caller's
-    grad mode goes with it (grad mode is per thread)."""
+    grad mode goes with it (grad mode is per thread). Called from a passing thread already, it runs right there:
+    nested entry points (a chat turn's encode inside its fuse) start one thread, not one each."""
+    if getattr(_here, "passing", False):
+        return fn(*args, **kwargs)
     grad = torch.is_grad_enabled()
     box: dict[str, object] = {}
 
     def work() -> None:
+        _here.passing = True
         try:
             with torch.set_grad_enabled(grad):
                 box["result"] = fn(*args, **kwargs)

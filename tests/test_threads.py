@@ -27,6 +27,14 @@ def test_result_error_and_grad_mode_come_back() -> None:
     assert double(21) == 42 and double.__name__ == "double"
 
 
+def test_one_thread_however_deep_the_calls() -> None:
+    """A passing thread's own calls run in it: a chat turn's encode inside its fuse starts no second thread."""
+    import threading
+
+    outer, inner = in_passing_thread(lambda: (threading.get_ident(), in_passing_thread(threading.get_ident)))
+    assert outer == inner != threading.get_ident()
+
+
 def test_the_thread_takes_its_openmp_workers_with_it() -> None:
     """In a fresh process: a parallel region run through the helper leaves the process's thread count as it was;
     the same region run in the main thread leaves torch's OpenMP workers behind (the thing the helper avoids)."""
