@@ -199,32 +199,40 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def bench_concurrent(names: list[str], n: int, prompt_len: int, new: int, compile: bool) -> None:
+def bench_concurrent(names: list[str], n: int, prompt_len: int, new: int, compile: bool, rounds: int) -> None:
     print(f"\n## {n} concurrent requests through the scheduler ({n} slots) vs the same {n} one at a time "
-          f"(in-process, one thread per request; {prompt_len}-token prompts, {new} new tokens each)")
+          f"(in-process, one thread per request; {prompt_len}-token prompts, {new} new tokens each; medians of "
+          f"{rounds} rounds, alternating)")
     print(f"{'size':8s} {'one-at-a-time tok/s':>20s} {'concurrent tok/s':>17s} {'x':>6s} {'lone TTFT ms':>13s} "
-          f"{'p50 TTFT ms':>12s} {'p95 TTFT ms':>12s}")
-    def build(name: str) -> tuple[Transformer, DecodeBatch]:
+          f"{'p50 TTFT ms':>12s} {'p95 TTFT ms':>12s} {'p95/lone':>9s}")
+
+    def build(name: str) -> tuple[DecodeBatch, list[Request]]:
         model = ours(SIZES[name])
         batch = DecodeBatch(model, n, pack=True)  # as the engine serves float32 on a CPU (weights packed for n rows)
         if compile:
             batch.compile()
-        return model, batch
+        return batch, [request(model, prompt_len, new, seed=i) for i in range(n)]
 
     for name in names:
         # Built as the factory builds a served model, in a thread that ends (ibllm/threads.py): then the scheduler's
-        # thread is the one OpenMP pool, as in the app.
-        model, batch = in_passing_thread(build, name)
+        # thread is the one OpenMP pool, as in the app. (This function must not itself run in a passing thread:
+        # the build would then run inline, and that thread's pool would outlive it.)
+        batch, reqs = in_passing_thread(build, name)
         scheduler = Scheduler(batch)
-        reqs = [request(model, prompt_len, new, seed=i) for i in range(n)]
         serve(scheduler, reqs[:2], concurrent=True)  # warm-up
-        alone_s, alone_ttft, alone_tokens = serve(scheduler, reqs, concurrent=False)
-        both_s, ttft, both_tokens = serve(scheduler, reqs, concurrent=True)
+        figures = []
+        for _ in range(rounds):
+            alone_s, alone_ttft, alone_tokens = serve(scheduler, reqs, concurrent=False)
+            both_s, ttft, both_tokens = serve(scheduler, reqs, concurrent=True)
+            assert alone_tokens == both_tokens == n * new
+            lone = statistics.median(alone_ttft)
+            figures.append((alone_tokens / alone_s, both_tokens / both_s, lone, percentile(ttft, 0.5),
+                            percentile(ttft, 0.95)))
         scheduler.close()
-        assert alone_tokens == both_tokens == n * new
-        a, b = alone_tokens / alone_s, both_tokens / both_s
-        print(f"{name:8s} {a:20.1f} {b:17.1f} {b / a:5.2f}x {1e3 * statistics.median(alone_ttft):13.1f} "
-              f"{1e3 * percentile(ttft, 0.5):12.1f} {1e3 * percentile(ttft, 0.95):12.1f}", flush=True)
+        a, b, lone, p50, p95 = (statistics.median(column) for column in zip(*figures, strict=True))
+        ratio = statistics.median(f[4] / f[2] for f in figures)
+        print(f"{name:8s} {a:20.1f} {b:17.1f} {b / a:5.2f}x {1e3 * lone:13.1f} {1e3 * p50:12.1f} {1e3 * p95:12.1f} "
+              f"{ratio:8.1f}x", flush=True)
 
 
 def bench_app(n: int, new: int) -> None:
@@ -387,14 +395,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     with torch.no_grad():
-        # Each part in a thread of its own that ends with it, so no part's OpenMP pool outlives it (ibllm/threads.py)
+        # Each part's torch work in a thread of its own that ends with it, so no part's OpenMP pool outlives it
+        # (ibllm/threads.py)
         if not args.skip_decode:
             if not (BASELINES / "refstyle.py").is_file():
                 raise SystemExit(f"{BASELINES / 'refstyle.py'} not found (it ships in ../shared beside the repo)")
             in_passing_thread(bench_decode, args.sizes, args.prompt, args.new, args.repeats, args.compile, args.slots)
-        if not args.skip_concurrent:
-            in_passing_thread(bench_concurrent, args.concurrent_sizes, args.concurrent, args.prompt, args.new,
-                              args.compile_concurrent)
+        if not args.skip_concurrent:  # in this thread: it runs its own torch work in passing threads
+            bench_concurrent(args.concurrent_sizes, args.concurrent, args.prompt, args.new, args.compile_concurrent,
+                             args.repeats)
     if args.app:
         bench_app(args.concurrent, args.new)
     if args.app_stream:

@@ -172,6 +172,7 @@ class Scheduler:
                 request.outbox.put(Queued(position))
 
     def _loop(self) -> None:
+        just_prefilled = False
         with torch.no_grad():  # grad mode is per thread: the callers' no_grad does not reach here
             while True:
                 with self._cond:
@@ -195,6 +196,13 @@ class Scheduler:
                 if admitted:
                     with self._cond:
                         self._announce()
+                        # Those who arrived during that prefill get theirs before the step, once: a burst of
+                        # arrivals then waits for at most two prefills and no step between them.
+                        again = not just_prefilled and bool(self._waiting) and self.batch.free > 0
+                    just_prefilled = True
+                    if again:
+                        continue
+                just_prefilled = False
                 try:
                     self.batch.step()
                 except Exception as exc:  # noqa: BLE001

@@ -277,3 +277,23 @@ def test_a_chat_stopped_during_its_prefill_ends_without_a_token_and_frees_its_sl
         assert list(submit(scheduler, r)) == alone(model, r)  # the slot serves the next one
     finally:
         scheduler.close()
+
+
+def test_requests_arriving_during_a_prefill_get_theirs_before_the_next_step(model):
+    reqs = requests(model, lengths=(3, 9, 5))
+    late: list = []
+
+    def arrive_during_first_prefill():
+        if not late:  # the two others come while the first one's prompt is being read
+            late.extend(submit(scheduler, r) for r in reqs[1:])
+
+    recorded = Recorded(model, on_prefill=arrive_during_first_prefill)
+    scheduler = Scheduler(DecodeBatch(recorded, 4))
+    try:
+        first = submit(scheduler, reqs[0])
+        got = [list(first)] + [list(s) for s in late]
+    finally:
+        scheduler.close()
+    assert [kind for kind, _ in recorded.calls[:3]] == ["prefill", "prefill", "step"]
+    assert recorded.calls[1] == ("prefill", (2, 9))
+    assert got == [alone(model, r) for r in reqs]
