@@ -35,6 +35,8 @@ from ibllm.llm.tokenizer import Tokenizer
 from ibllm.media import detect_modality, load_media
 from ibllm.media.digest import file_digest
 from ibllm.media.errors import MediaError
+from ibllm.media.limits import DEFAULT_LIMITS
+from ibllm.media.validate import check_file
 from ibllm.memory import WORKING_MARGIN, available_bytes
 from ibllm.model import ImageBindLLM
 from ibllm.serving import Queued, Scheduler, TokenStream
@@ -175,7 +177,11 @@ class ChatEngine:
             raise MediaError(f"unknown modality {modality!r}; accepted: {', '.join(KINDS)}")
         if not Path(attachment.path).is_file():
             raise MediaError(f"{Path(attachment.path).name}: file not found (was it removed or never uploaded?)")
-        key = (file_digest(attachment.path), modality)
+        check_file(attachment.path, DEFAULT_LIMITS)  # before hashing: a 30 GB file is refused, not read
+        try:
+            key = (file_digest(attachment.path), modality)
+        except OSError as exc:  # a special file behind a link (/proc/self/mem), a read error
+            raise MediaError(f"{Path(attachment.path).name} could not be read ({exc.strerror or exc})") from None
         cached = self.embeddings.get(key)
         if cached is not None:
             return cached

@@ -70,6 +70,11 @@ FULL_DECODE_SECONDS = 60.0
 _WINDOW_SAMPLES = 400  # one 25 ms Kaldi frame at 16 kHz
 # torchaudio.functional.resample defaults, needed to size the margins of the windowed reads.
 _LOWPASS_WIDTH, _ROLLOFF = 6, 0.99
+# Sample rates a recording may have: telephone-band and below down to 1 kHz, hi-res studio rates up to 768 kHz.
+MIN_RATE, MAX_RATE = 1_000, 768_000
+# torchaudio's sinc kernel has about (16000 / g) x (rate / g) taps for g = gcd(rate, 16000): 0.3 M at 44.1 kHz,
+# 706 M (2.8 GB) at 44,101 Hz. Above this many taps the rate is rounded first (resampling_rate).
+_MAX_KERNEL_TAPS = 4_000_000
 
 
 def clip_ranges(num_samples: int, clips: int = CLIPS, clip_seconds: int = CLIP_SECONDS,
@@ -107,10 +112,26 @@ def waveform_to_clips(waveform: torch.Tensor, cfg: ImageBindConfig | None = None
     return torch.stack(out)
 
 
+def resampling_rate(rate: int) -> int:
+    """The rate the resampler takes a recording to have: its own, or for a rate that shares few factors with
+    16 kHz (44,101 Hz) the nearest multiple of 100 Hz, whose kernel is small (g >= 100). Every common rate is
+    its own; a rounded one is off by at most 50 Hz (0.1 % of pitch at 44.1 kHz)."""
+    g = math.gcd(rate, SAMPLE_RATE)
+    if (SAMPLE_RATE // g) * (rate // g) <= _MAX_KERNEL_TAPS:
+        return rate
+    return max(100, round(rate / 100) * 100)
+
+
+def check_rate(name: str, rate: int) -> None:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise MediaError(f"{name} declares a sample rate of {rate:,} Hz; accepted are {MIN_RATE:,} to "
+                         f"{MAX_RATE:,} Hz. Convert it (e.g. to 16 or 44.1 kHz WAV) and upload it again.")
+
+
 def resample(waveform: torch.Tensor, orig_rate: int) -> torch.Tensor:
     if orig_rate == SAMPLE_RATE:
         return waveform
-    return torchaudio.functional.resample(waveform, orig_freq=orig_rate, new_freq=SAMPLE_RATE)
+    return torchaudio.functional.resample(waveform, orig_freq=resampling_rate(orig_rate), new_freq=SAMPLE_RATE)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,8 +146,7 @@ def _sf_info(path: str | Path, limits: Limits) -> sf._SoundFileInfo:
         raise MediaError(f"{name} could not be read as audio (damaged or truncated?): {exc}") from None
     if info.channels <= 0:
         raise MediaError(f"{name} has no audio channels")
-    if info.samplerate <= 0:
-        raise MediaError(f"{name} declares an invalid sample rate ({info.samplerate} Hz)")
+    check_rate(name, info.samplerate)
     if info.frames <= 0:
         raise MediaError(f"{name} contains no audio samples")
     _check_duration(name, info.frames / info.samplerate, limits)
@@ -155,7 +175,7 @@ def _read_frames(snd: sf.SoundFile, start: int, stop: int) -> np.ndarray:
 
 def _soundfile_windows(path: str | Path, info: sf._SoundFileInfo, clips: int, clip_seconds: int) -> list[torch.Tensor]:
     """Only the clip windows of a long file, resampled, at the whole-file path's sample positions."""
-    sr, n = info.samplerate, info.frames
+    sr, n = resampling_rate(info.samplerate), info.frames  # the rate resample() takes the samples to have
     g = math.gcd(sr, SAMPLE_RATE)
     orig, new = sr // g, SAMPLE_RATE // g
     width = math.ceil(_LOWPASS_WIDTH * orig / (_ROLLOFF * min(orig, new)))
@@ -216,6 +236,7 @@ def _decord_audio(path: str | Path, fmt: str, limits: Limits) -> torch.Tensor:
     if rate is None:
         raise MediaError(f"{name}: its container does not state the audio sample rate. Convert it to WAV, FLAC, "
                          "MP3 or M4A and upload it again.")
+    check_rate(name, rate)
     if arr.shape[1] / rate > limits.max_audio_seconds + 1:  # the header understated it
         _check_duration(name, arr.shape[1] / rate, limits)
     check_finite(arr, name, "the decoded audio")

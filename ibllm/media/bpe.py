@@ -24,6 +24,7 @@ import regex
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 NUM_MERGES = 49152 - 256 - 2  # merges CLIP uses from the file (the rest are ignored)
+_MAX_PIECE = 200  # symbols of one word merged at a time (BPETokenizer.encode)
 SOT_TOKEN, EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 _SPLIT = regex.compile(
@@ -106,12 +107,20 @@ class BPETokenizer:
             self._cache[piece] = word
         return word
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """BPE ids of ``text``; with ``max_tokens``, its first ``max_tokens`` ids, found without encoding the rest.
+
+        Merging is quadratic in a word's length, so a word longer than _MAX_PIECE symbols (no language has one:
+        a 99,000-letter "word" took 80 s) is merged in pieces of that length, which changes at most the tokens
+        next to each cut."""
         ids: list[int] = []
         for piece in _SPLIT.findall(clean_text(text)):
             symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[tok] for tok in self._bpe(symbols))
-        return ids
+            for start in range(0, len(symbols), _MAX_PIECE):
+                if max_tokens is not None and len(ids) >= max_tokens:
+                    return ids[:max_tokens]
+                ids.extend(self.encoder[tok] for tok in self._bpe(symbols[start:start + _MAX_PIECE]))
+        return ids if max_tokens is None else ids[:max_tokens]
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text (cleaned and lower-cased, as it was encoded); start/end tokens are dropped."""

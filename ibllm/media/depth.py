@@ -27,7 +27,7 @@ from ibllm.media.errors import MediaError
 from ibllm.media.image import open_image, to_gray
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
 from ibllm.media.pointio import npy_header, read_npy
-from ibllm.media.validate import IMAGE_FORMATS, check_file, require_format
+from ibllm.media.validate import IMAGE_FORMATS, check_aspect, check_file, require_format
 
 MIN_DEPTH_M, MAX_DEPTH_M = 0.01, 50.0
 
@@ -70,6 +70,7 @@ def read_disparity(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> np.ndar
         if squeezed[0] * squeezed[1] > limits.max_image_pixels:
             raise MediaError(f"{p.name}: {squeezed[0]}x{squeezed[1]} depth values exceed the limit of "
                              f"{limits.max_image_pixels / 1e6:.0f} megapixels")
+        check_aspect(squeezed[1], squeezed[0], limits, p.name, "a depth map")
         depth = read_npy(p, limits, "depth map").astype(np.float64).reshape(squeezed)
         return depth_to_disparity(depth)
     img = open_image(p, limits)

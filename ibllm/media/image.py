@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from ibllm.config import ImageBindConfig
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
-from ibllm.media.validate import IMAGE_FORMATS, check_file, require_format
+from ibllm.media.validate import IMAGE_FORMATS, check_aspect, check_file, require_format
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,6 +47,7 @@ def open_image(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Image.Image
                     f"{name} declares {width}x{height} = {width * height / 1e6:.0f} megapixels; the limit is "
                     f"{limits.max_image_pixels / 1e6:.0f} megapixels. Downscale the image and upload it again."
                 )
+            check_aspect(width, height, limits, name, "an image")
             src.seek(0)  # first frame of an animation
             src.load()
             img = ImageOps.exif_transpose(src)  # a copy: the file is closed when this block ends

@@ -18,6 +18,9 @@ class Limits:
 
     max_file_bytes: int = 200 * MB
     max_image_pixels: int = 50_000_000  # width * height from the header, checked before any pixel is decoded
+    # Long side / short side of an image, depth map or video frame. The encoders scale the short side to 224 and
+    # crop the centre square, so a 1 x 200,000 strip would become 224 x 44.8 million pixels (~40 GB) first.
+    max_aspect_ratio: float = 100.0
     max_audio_seconds: float = 600.0
     max_video_seconds: float = 600.0
     max_video_pixels: int = 8192 * 4352  # one frame; 8K UHD fits

@@ -87,7 +87,8 @@ def normalize_points(xyz: np.ndarray) -> np.ndarray:
     if is_normalized(xyz):
         return xyz
     centred = xyz.astype(np.float64) - xyz.astype(np.float64).mean(axis=0)
-    return centred / np.sqrt((centred**2).sum(axis=1)).max()
+    with np.errstate(divide="ignore", invalid="ignore", under="ignore"):  # a zero radius: checked by the caller
+        return centred / np.sqrt((centred**2).sum(axis=1)).max()
 
 
 def read_points(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
@@ -117,17 +118,21 @@ def points_to_tensor(xyz: np.ndarray, n: int, name: str = "point cloud", limits:
     """(M, 3) xyz -> validated, resampled, normalised (n, 3) float32."""
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise MediaError(f"{name}: expected (N, 3) coordinates, got {xyz.shape}")
+    if xyz.shape[0] < limits.min_points:  # before any reduction: a file of no points has no maximum
+        raise MediaError(f"{name} has {xyz.shape[0]} point(s); at least {limits.min_points} are needed")
+    if xyz.shape[0] > limits.max_points:
+        raise MediaError(f"{name} has {xyz.shape[0]:,} points; the limit is {limits.max_points:,}")
     check_finite(xyz, name, "the point cloud")
     if float(np.abs(xyz).max()) > MAX_COORDINATE:
         raise MediaError(f"{name}: coordinates reach {float(np.abs(xyz).max()):.3g}; values beyond "
                          f"{MAX_COORDINATE:.0e} are not a usable point cloud (damaged file?)")
-    if xyz.shape[0] < limits.min_points:
-        raise MediaError(f"{name} has {xyz.shape[0]} point(s); at least {limits.min_points} are needed")
-    if xyz.shape[0] > limits.max_points:
-        raise MediaError(f"{name} has {xyz.shape[0]:,} points; the limit is {limits.max_points:,}")
-    if float(np.ptp(xyz, axis=0).max()) == 0.0:
+    spread = float(np.ptp(xyz, axis=0).max())
+    if spread == 0.0:
         raise MediaError(f"{name}: all {xyz.shape[0]} points are at the same position; there is no shape to see")
     out = normalize_points(resample_points(xyz, n))
+    if not np.isfinite(out).all():  # the squared radius underflowed (points within ~1e-160 of each other)
+        raise MediaError(f"{name}: all {xyz.shape[0]} points lie within {spread:.1e} of each other, too close "
+                         "together to scale to a shape; check the file's units")
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 

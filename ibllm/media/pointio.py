@@ -17,6 +17,7 @@ holds. Colours, normals and other properties are ignored. Formats:
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -31,11 +32,33 @@ _PLY_TYPES = {
     "double": "f8", "float64": "f8",
 }
 _MAX_HEADER = 64 * 1024
+_MAX_WALKED = 200_000  # PLY list items walked one at a time (~20 us each) when their lengths vary
 
 
 def _check_count(name: str, count: int, limits: Limits) -> None:
     if count > limits.max_points:
         raise MediaError(f"{name} has {count:,} points; the limit is {limits.max_points:,}. Downsample it first.")
+
+
+def _numeric_lines(text: bytes, name: str, what: str, columns: list[int], rows: int | None = None) -> np.ndarray:
+    """The ``columns`` of whitespace-separated number lines (at most ``rows``), parsed by numpy in C: a Python
+    list of every token of a 200 MB file would take gigabytes."""
+    try:
+        return np.loadtxt(io.BytesIO(text), dtype=np.float64, usecols=columns, max_rows=rows, ndmin=2,
+                          comments=None, encoding="latin-1")
+    except (ValueError, IndexError):
+        raise MediaError(f"{name}: malformed {what} (every line needs the header's numbers)") from None
+
+
+def _line_starts(data: bytes) -> np.ndarray:
+    """Byte offsets where each line of ``data`` starts (vectorised: no list of lines)."""
+    return np.concatenate([[0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + 1])
+
+
+def _unique_names(name: str, names: list[str], what: str) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MediaError(f"{name}: the {what} names {', '.join(repeated)} more than once")
 
 
 def _header_lines(data: bytes, name: str, end_marker: bytes | None) -> tuple[list[str], int]:
@@ -85,6 +108,8 @@ def read_ply(path: Path, limits: Limits) -> np.ndarray:
         raise MediaError(f"{name}: unsupported PLY format {fmt!r} (ascii or binary little/big endian expected)")
     if any(count < 0 for _, count, _ in elements):
         raise MediaError(f"{name}: negative element count in the PLY header")
+    for el_name, _, props in elements:
+        _unique_names(name, [p[0] for p in props], f"PLY {el_name} element")
     vertex = next((e for e in elements if e[0] == "vertex"), None)
     if vertex is None:
         raise MediaError(f"{name}: the PLY file has no 'vertex' element")
@@ -121,7 +146,7 @@ def write_ply(path: str | Path, points: np.ndarray, colours: np.ndarray | None =
 
 
 def _ply_ascii(body: bytes, elements, name: str) -> np.ndarray:
-    rows = body.split(b"\n")
+    starts = _line_starts(body)
     pos = 0
     for el_name, count, props in elements:
         if el_name != "vertex":
@@ -129,16 +154,17 @@ def _ply_ascii(body: bytes, elements, name: str) -> np.ndarray:
             continue
         if any(lc is not None for _, _, lc in props):
             raise MediaError(f"{name}: list properties inside the PLY vertex element are not supported")
-        chunk = rows[pos : pos + count]
-        if len(chunk) < count:
-            raise MediaError(f"{name}: the PLY file is truncated ({len(chunk)} of {count} vertices)")
-        try:
-            table = np.array(b" ".join(chunk).split(), dtype=np.float64)
-            table = table.reshape(count, len(props))
-        except ValueError:
-            raise MediaError(f"{name}: malformed vertex lines in the ascii PLY data") from None
+        if count == 0:
+            return np.zeros((0, 3))
+        available = max(len(starts) - pos, 0)
+        if available < count or (available == count and not body[starts[-1]:].strip()):
+            raise MediaError(f"{name}: the PLY file is truncated (fewer lines than its {count} vertices need)")
+        end = starts[pos + count] if pos + count < len(starts) else len(body)
         cols = [next(i for i, p in enumerate(props) if p[0] == axis) for axis in ("x", "y", "z")]
-        return table[:, cols]
+        table = _numeric_lines(body[starts[pos]:end], name, "vertex lines in the ascii PLY data", cols)
+        if table.shape[0] != count:
+            raise MediaError(f"{name}: the PLY file is truncated ({table.shape[0]} of {count} vertices)")
+        return table
     raise AssertionError("unreachable: vertex element checked above")
 
 
@@ -157,8 +183,36 @@ def _ply_binary(data: bytes, offset: int, elements, order: str, name: str) -> np
         if not has_lists:
             offset += np.dtype([(p, order + t) for p, t, _ in props]).itemsize * count
             continue
-        # An element with lists (faces before the vertices: rare) is walked item by item, bounds-checked.
-        for _ in range(count):
+        offset = _skip_list_element(data, offset, count, props, order, name)
+    raise AssertionError("unreachable: vertex element checked above")
+
+
+def _skip_list_element(data: bytes, offset: int, count: int, props, order: str, name: str) -> int:
+    """The offset after an element with list properties (faces before the vertices: rare). Items that all
+    have the first item's list lengths (a triangle mesh) are checked and skipped at once; others are walked
+    one by one, at most _MAX_WALKED of them."""
+    least = sum(np.dtype(t if lc is None else lc).itemsize for _, t, lc in props)
+    if offset + least * count > len(data):
+        raise MediaError(f"{name}: the PLY file is truncated (fewer bytes than its {count:,} items need)")
+    sizes, pos = [], offset  # the first item's layout: (offset in the item, count type) of each list
+    for _, t, lc in props:
+        if lc is None:
+            pos += np.dtype(t).itemsize
+            continue
+        if pos + np.dtype(lc).itemsize > len(data):
+            raise MediaError(f"{name}: the PLY file is truncated")
+        n = int(np.frombuffer(data, dtype=order + lc, count=1, offset=pos)[0])
+        sizes.append((pos - offset, order + lc, n))
+        pos += np.dtype(lc).itemsize + max(n, 0) * np.dtype(t).itemsize
+    stride = pos - offset
+    if count and stride > 0 and offset + stride * count <= len(data):
+        items = np.frombuffer(data, dtype=np.uint8, count=stride * count, offset=offset).reshape(count, stride)
+        if all((items[:, at:at + np.dtype(lc).itemsize].copy().view(lc)[:, 0] == n).all() for at, lc, n in sizes):
+            return offset + stride * count
+    if count > _MAX_WALKED:
+        raise MediaError(f"{name}: {count:,} PLY items of varying length come before the vertices; write the "
+                         "vertex element first and upload it again")
+    for _ in range(count):
             for _, t, lc in props:
                 if lc is None:
                     offset += np.dtype(t).itemsize
@@ -169,7 +223,7 @@ def _ply_binary(data: bytes, offset: int, elements, order: str, name: str) -> np
                 offset += np.dtype(lc).itemsize + max(n, 0) * np.dtype(t).itemsize
             if offset > len(data):
                 raise MediaError(f"{name}: the PLY file is truncated")
-    raise AssertionError("unreachable: vertex element checked above")
+    return offset
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,6 +250,7 @@ def read_pcd(path: Path, limits: Limits) -> np.ndarray:
         raise MediaError(f"{name}: malformed PCD header (FIELDS, SIZE, TYPE, COUNT, POINTS, DATA expected)") from None
     if not (len(fields) == len(sizes) == len(types) == len(counts)) or not all(a in fields for a in "xyz"):
         raise MediaError(f"{name}: the PCD header has no consistent x, y, z fields")
+    _unique_names(name, fields, "PCD header's FIELDS")
     if points < 0 or any(c < 1 for c in counts):
         raise MediaError(f"{name}: malformed PCD header (negative point count or field COUNT)")
     _check_count(name, points, limits)
@@ -211,14 +266,11 @@ def read_pcd(path: Path, limits: Limits) -> np.ndarray:
         col += c
     idx = [columns[a] for a in ("x", "y", "z")]
     if mode == "ascii":
-        rows = data[body:].split()
-        if len(rows) < points * col:
-            raise MediaError(f"{name}: the PCD file is truncated (fewer values than its {points} points need)")
-        try:
-            table = np.array(rows[: points * col], dtype=np.float64).reshape(points, col)
-        except ValueError:
-            raise MediaError(f"{name}: non-numeric values in the ascii PCD data") from None
-        return table[:, idx]
+        table = _numeric_lines(data[body:], name, "ascii PCD data", idx, rows=points) if points else \
+            np.zeros((0, 3))
+        if table.shape[0] < points:
+            raise MediaError(f"{name}: the PCD file is truncated ({table.shape[0]} of its {points} points)")
+        return table
     if mode != "binary":
         raise MediaError(f"{name}: unknown PCD DATA mode {mode!r} (ascii or binary expected)")
     kinds = {"F": "f", "I": "i", "U": "u"}
@@ -254,6 +306,8 @@ def read_table(path: Path, limits: Limits, min_columns: int = 3, max_columns: in
     data = path.read_bytes()
     if b"\x00" in data[:4096]:
         raise MediaError(f"{name} is not a text table")
+    if data.count(b"\n") > max_rows + 1000:  # before splitting: a list of 70 million lines takes gigabytes
+        raise MediaError(f"{name} has over {max_rows:,} rows; the limit is {max_rows:,}")
     lines = data.splitlines()
     first, ncols = None, 0
     for i, line in enumerate(lines[:1000]):
@@ -282,6 +336,9 @@ def read_table(path: Path, limits: Limits, min_columns: int = 3, max_columns: in
 def read_obj(path: Path, limits: Limits) -> np.ndarray:
     name = path.name
     data = path.read_bytes()
+    # Counted before the tuples of every vertex are made (gigabytes for a 200 MB file); lines indented before
+    # their "v" are counted by the check after.
+    _check_count(name, data.startswith((b"v ", b"v\t")) + data.count(b"\nv ") + data.count(b"\nv\t"), limits)
     rows = re.findall(rb"^[ \t]*v[ \t]+(\S+)[ \t]+(\S+)[ \t]+(\S+)", data, re.M)
     if not rows:
         raise MediaError(f"{name}: no vertex ('v x y z') lines found in the OBJ file")

@@ -50,15 +50,23 @@ _CONTROL = bytes(c for c in range(32) if c not in b"\t\n\r\f\v\x1b")
 
 
 def _looks_like_text(h: bytes) -> bool:
-    if b"\x00" in h or len(h.translate(None, _CONTROL)) < len(h) * 0.99:  # control bytes: binary data
+    """UTF-8 or a single-byte code page (Latin-1, Windows-1252): no NUL and hardly any control bytes, which
+    compressed and binary data are full of (random bytes: one in eight)."""
+    return b"\x00" not in h and len(h.translate(None, _CONTROL)) >= len(h) * 0.99
+
+
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _is_utf16_text(h: bytes) -> bool:
+    """Text saved as UTF-16 with its byte-order mark (Windows' "Unicode"; FF FE would read as an MPEG sync):
+    nearly every character printable or a line break, which random code units are not (~80 % of them)."""
+    if not h.startswith(UTF16_BOMS) or len(h) < 4:
         return False
-    try:
-        h.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # A multi-byte character cut by the head boundary is still text.
-        if exc.start < len(h) - 4:
-            return False
-    return True
+    codec = "utf-16-le" if h.startswith(b"\xff\xfe") else "utf-16-be"
+    text = h[2:len(h) - len(h) % 2].decode(codec, errors="ignore")  # a pair cut by the head boundary is dropped
+    ordinary = sum(c.isprintable() or c in "\t\n\r" for c in text)
+    return bool(text.strip()) and ordinary >= 0.98 * len(text)
 
 
 def sniff_bytes(h: bytes) -> str:
@@ -85,6 +93,8 @@ def sniff_bytes(h: bytes) -> str:
         return "flac"
     if h.startswith(b"OggS"):
         return "ogg"
+    if _is_utf16_text(h):
+        return "text"
     if h.startswith(b"ID3") or _is_mp3_frame(h):
         return "mp3"
     if _is_adts_frame(h):

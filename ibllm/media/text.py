@@ -17,13 +17,14 @@ from ibllm.config import ImageBindConfig
 from ibllm.media.bpe import default_tokenizer
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
+from ibllm.media.sniff import UTF16_BOMS
 from ibllm.media.validate import check_file, require_format
 
 
 def tokenize_one(text: str, context_length: int = 77) -> torch.Tensor:
     """One string -> (context_length,) int64."""
     tok = default_tokenizer()
-    ids = tok.encode(text)[: context_length - 2]
+    ids = tok.encode(text, max_tokens=context_length - 2)
     out = torch.zeros(context_length, dtype=torch.long)
     out[: len(ids) + 2] = torch.tensor([tok.sot_id, *ids, tok.eot_id], dtype=torch.long)
     return out
@@ -43,9 +44,11 @@ def read_text_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> str:
     require_format(path, ("text",), "text")
     raw = Path(path).read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-16" if raw.startswith(UTF16_BOMS) else "utf-8-sig")
     except UnicodeDecodeError:
-        raise MediaError(f"{name} is not UTF-8 text; save it as UTF-8 and upload it again") from None
+        if raw.startswith(UTF16_BOMS):
+            raise MediaError(f"{name} is not valid UTF-16 text; save it as UTF-8 and upload it again") from None
+        text = raw.decode("cp1252", errors="replace")  # the sniffer found text: a single-byte code page
     if len(text) > limits.max_text_chars:
         raise MediaError(f"{name} has {len(text)} characters; the limit for a text input is {limits.max_text_chars}")
     if not text.strip():

@@ -64,6 +64,15 @@ def require_format(path: str | Path, allowed: Collection[str], what: str) -> str
     return fmt
 
 
+def check_aspect(width: int, height: int, limits: Limits, name: str, what: str) -> None:
+    """MediaError for a picture too thin to scale: its short side goes to 224 pixels before the centre crop."""
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise MediaError(
+            f"{name}: {what} of {width}x{height} pixels is too thin to read (its long side is over "
+            f"{limits.max_aspect_ratio:g} times its short side). Crop it closer to a square and upload it again."
+        )
+
+
 def check_finite(arr: np.ndarray, name: str, what: str) -> None:
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
@@ -71,6 +80,6 @@ def check_finite(arr: np.ndarray, name: str, what: str) -> None:
 
 
 __all__ = [
-    "check_file", "require_format", "check_finite", "human_bytes", "human_duration", "IMAGE_FORMATS",
+    "check_file", "require_format", "check_aspect", "check_finite", "human_bytes", "human_duration", "IMAGE_FORMATS",
     "SOUNDFILE_FORMATS", "FFMPEG_AUDIO_FORMATS", "AUDIO_FORMATS", "VIDEO_FORMATS", "PICKLE_EXTENSIONS",
 ]

@@ -33,7 +33,7 @@ from ibllm.media.clips import clip_starts
 from ibllm.media.errors import MediaError
 from ibllm.media.image import CLIP_MEAN, CLIP_STD, normalize_
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
-from ibllm.media.validate import VIDEO_FORMATS, check_file, human_duration, require_format
+from ibllm.media.validate import VIDEO_FORMATS, check_aspect, check_file, human_duration, require_format
 
 CLIPS = 5
 CLIP_SECONDS = 2
@@ -178,6 +178,7 @@ def decode_clip_frames(path: str | Path, clips: int = CLIPS, clip_seconds: int =
                 f"{name} has {shape[1]}x{shape[0]} frames; the limit is "
                 f"{limits.max_video_pixels / 1e6:.0f} megapixels per frame"
             )
+        check_aspect(shape[1], shape[0], limits, name, "a video frame")
         batch = vr.get_batch(wanted)
         arr = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     except MediaError:
