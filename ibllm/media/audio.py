@@ -143,7 +143,7 @@ def _sf_info(path: str | Path, limits: Limits) -> sf._SoundFileInfo:
     try:
         info = sf.info(str(path))
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError on bad input
-        raise MediaError(f"{name} could not be read as audio (damaged or truncated?): {exc}") from None
+        raise MediaError(f"{name} could not be read as audio (damaged or truncated?){_detail(exc)}") from None
     if info.channels <= 0:
         raise MediaError(f"{name} has no audio channels")
     check_rate(name, info.samplerate)
@@ -151,6 +151,13 @@ def _sf_info(path: str | Path, limits: Limits) -> sf._SoundFileInfo:
         raise MediaError(f"{name} contains no audio samples")
     _check_duration(name, info.frames / info.samplerate, limits)
     return info
+
+
+def _detail(exc: Exception) -> str:
+    """libsndfile's reason, where it says something true: for a damaged MP3 it says the file "does not exist or
+    is not a regular file (possibly a pipe?)", which it does and is not."""
+    text = str(exc)
+    return "" if not text or "does not exist" in text else f": {text}"
 
 
 def _check_duration(name: str, seconds: float, limits: Limits) -> None:
@@ -305,7 +312,7 @@ def _load_audio(path: str | Path, cfg: ImageBindConfig, limits: Limits, clips: i
     except MediaError:
         raise
     except Exception as exc:
-        raise MediaError(f"{name} could not be decoded as audio (damaged or truncated?): {exc}") from None
+        raise MediaError(f"{name} could not be decoded as audio (damaged or truncated?){_detail(exc)}") from None
     if data.shape[0] == 0:
         raise MediaError(f"{name} contains no audio samples")
     check_finite(data, name, "the audio")

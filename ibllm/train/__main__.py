@@ -3,6 +3,7 @@
     python -m ibllm.train run --out runs/toy [--smoke] [--ship assets/toy]   # the whole pipeline, resumable
     python -m ibllm.train run --out runs/lang --towers-from assets/toy      # the language stages only
     python -m ibllm.train run --out runs/c --language-from assets/toy --set 'centre_steps={"text": 300}'
+    python -m ibllm.train run --out runs/s2 --stage2-from assets/toy --set s2_steps=300 --set 'centre_steps={}'
     python -m ibllm.train eval --model assets/toy [--data runs/toy/data]      # the per-modality table
     python -m ibllm.train ship --run runs/toy --to assets/toy                 # copy a finished run's model
     python -m ibllm.train finetune --data pairs.jsonl --out runs/mine         # stage 2 on your own pairs
@@ -27,7 +28,7 @@ from ibllm.factory import load_default
 from ibllm.train.common import init_dist, write_json
 from ibllm.train.evaluate import ensure_heldout, evaluate, markdown
 from ibllm.train.finetune import LR_OFFICIAL, LR_TOY, FinetuneError, finetune
-from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, reuse_model, reuse_towers, ship
+from ibllm.train.pipeline import PRESETS, Pipeline, asset_bytes, continue_stage2, reuse_model, reuse_towers, ship
 from ibllm.weights import WeightsError
 
 
@@ -58,10 +59,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides["workers"] = args.workers
     run = dataclasses.replace(run, **overrides)
-    if args.towers_from and args.language_from:
-        raise SystemExit("--towers-from and --language-from are two ways to start a run: give one")
-    for flag, source, reuse in (("--towers-from", args.towers_from, reuse_towers),
-                                ("--language-from", args.language_from, reuse_model)):
+    starts = (("--towers-from", args.towers_from, reuse_towers), ("--language-from", args.language_from, reuse_model),
+              ("--stage2-from", args.stage2_from, continue_stage2))
+    if sum(source is not None for _, source, _ in starts) > 1:
+        raise SystemExit("--towers-from, --language-from and --stage2-from are ways to start a run: give one")
+    for flag, source, reuse in starts:
         if source is None:
             continue
         if any((args.out / "ckpt").glob("*.safetensors")):
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--language-from", type=Path, metavar="MODEL_DIR",
                      help="skip the encoder and language stages: take every weight and the tokenizer of this "
                           "model and go on at the centring (--set centre_steps=... names the towers to move)")
+    run.add_argument("--stage2-from", type=Path, metavar="MODEL_DIR",
+                     help="take every weight and the tokenizer of this model and go on training its stage 2 "
+                          "(--set s2_steps=N more steps; --set 'centre_steps={}' then moves no tower)")
     run.add_argument("--set", action="append", metavar="KEY=JSON",
                      help="override a RunConfig field, e.g. --set s2_steps=1000 (repeatable)")
     run.set_defaults(func=cmd_run)

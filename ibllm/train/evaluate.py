@@ -9,7 +9,11 @@ value named and no other value of the same latent):
   every latent and "describe", and (``followup_latent``, the headline's) over the judged latents only;
 - ``cannot_tell``: a held-out question about a latent the input does not carry; right = "I cannot tell ..."
   naming no value of it;
-- ``describe``: a held-out "describe" question; right = every carried latent named right.
+- ``describe``: a held-out "describe" question; right = every carried latent named right;
+- ``named``, ``named_followup`` (``named_followup_latent``), ``named_cannot_tell``: the held-out, follow-up and
+  can't-tell suites with questions that name the input as people do ("What colour is the object in this
+  picture?", "What shape does this text talk about?"; ``toyworld.draw(..., named=modality)``): every question of
+  the first two turns of a conversation names it, the third at random.
 
 Inputs: each modality's file alone, and mixes of two held-out scenes' files whose modalities carry disjoint
 latents (a point cloud of one scene with an IMU trace of another: the shape comes from one, the motion from the
@@ -43,7 +47,8 @@ from ibllm.types import Attachment, Turn
 
 HEADLINE = ("shape", "colour", "motion")
 TARGETS = {"image": 0.90, "text": 0.90, "video": 0.85, "point": 0.90, "audio": 0.85, "imu": 0.80}
-SUITES = ("trained", "heldout", "followup", "cannot_tell", "describe")
+SUITES = ("trained", "heldout", "followup", "cannot_tell", "describe", "named", "named_followup",
+          "named_cannot_tell")
 # Mixed inputs: two held-out scenes, one file each, of modalities that carry disjoint latents.
 MIXES = (("point", "imu"), ("audio", "imu"), ("depth", "imu"))
 FOLLOWUP_TARGET = 0.85
@@ -92,7 +97,7 @@ class _Tally:
         for suite, per in self.right.items():
             out["accuracy"][suite] = {latent: rate(v) for latent, v in per.items()}
             out["accuracy"][suite]["all"] = rate([x for v in per.values() for x in v])
-        for suite in ("trained", "heldout", "followup_latent"):
+        for suite in ("trained", "heldout", "followup_latent", "named", "named_followup_latent"):
             per = self.right.get(suite, {})
             out.setdefault("headline", {})[suite] = rate([x for n in judged for x in per.get(n, [])])
         return out
@@ -100,12 +105,13 @@ class _Tally:
 
 def _ask_suite(engine: Any, tally: _Tally, suite: str, scenes: list[tw.Scene], carried: tuple[str, ...],
                injection: torch.Tensor, latents_per_scene: list[list[str]], part: str, max_new: int,
-               rngs: list[np.random.Generator]) -> None:
-    """One question per scene per round: round r asks scene i about ``latents_per_scene[i][r]``."""
+               rngs: list[np.random.Generator], named: str | None = None) -> None:
+    """One question per scene per round: round r asks scene i about ``latents_per_scene[i][r]`` (naming the
+    input as a ``named`` one where given)."""
     rounds = max(len(x) for x in latents_per_scene)
     for r in range(rounds):
         rows = [i for i, x in enumerate(latents_per_scene) if r < len(x)]
-        questions = [tw.draw(latents_per_scene[i][r], rngs[i], part) for i in rows]
+        questions = [tw.draw(latents_per_scene[i][r], rngs[i], part, named) for i in rows]
         answers = answer_all(engine, questions, [[] for _ in rows], injection[:, rows], max_new)
         for i, q, a in zip(rows, questions, answers, strict=True):
             latent = latents_per_scene[i][r]
@@ -113,27 +119,33 @@ def _ask_suite(engine: Any, tally: _Tally, suite: str, scenes: list[tw.Scene], c
 
 
 def _ask_followups(engine: Any, tally: _Tally, scenes: list[tw.Scene], carried: tuple[str, ...],
-                   injection: torch.Tensor, max_new: int, rngs: list[np.random.Generator], part: str) -> None:
-    """Three-turn conversations about different latents (carried ones and "describe"); turns 2 and 3 judged."""
+                   injection: torch.Tensor, max_new: int, rngs: list[np.random.Generator], part: str,
+                   named: str | None = None) -> None:
+    """Three-turn conversations about different latents (carried ones and "describe"); turns 2 and 3 judged.
+    ``named``: the first two questions name the input as that modality's, the third at random."""
+    suite = "followup" if named is None else "named_followup"
     plans = [list(rng.permutation([*carried, "describe"]))[:3] for rng in rngs]
     histories: list[list[Turn]] = [[] for _ in scenes]
     for turn in range(3):
         rows = [i for i, p in enumerate(plans) if turn < len(p)]
         if not rows:
             break
-        questions = [tw.draw(str(plans[i][turn]), rngs[i], part) for i in rows]
+        questions = [tw.draw(str(plans[i][turn]), rngs[i], part,
+                             named if named is not None and (turn < 2 or rngs[i].random() < 0.5) else None)
+                     for i in rows]
         answers = answer_all(engine, questions, [histories[i] for i in rows], injection[:, rows], max_new)
         for i, q, a in zip(rows, questions, answers, strict=True):
             latent = str(plans[i][turn])
             if turn:
                 ok = tw.judge(a, scenes[i], latent, carried)
-                tally.add("followup", f"turn{turn + 1}", ok, scenes[i], q, a, histories[i])
-                tally.add("followup_latent", latent, ok, scenes[i], q, a, histories[i])
+                tally.add(suite, f"turn{turn + 1}", ok, scenes[i], q, a, histories[i])
+                tally.add(f"{suite}_latent", latent, ok, scenes[i], q, a, histories[i])
             histories[i] = [*histories[i], Turn(q, a)]
 
 
 def _evaluate_input(engine: Any, feature: torch.Tensor, scenes: list[tw.Scene], carried: tuple[str, ...],
-                    max_new: int, keep: int, part: str) -> dict[str, Any]:
+                    max_new: int, keep: int, part: str, named: str | None = None) -> dict[str, Any]:
+    """Every suite for one input (``named``: its modality, for the suites whose questions name it)."""
     injection = engine.net.injection(feature.to(engine.device))
     n = len(scenes)
 
@@ -150,6 +162,13 @@ def _evaluate_input(engine: Any, feature: torch.Tensor, scenes: list[tw.Scene], 
         pick = [[missing[int(r.integers(len(missing)))]] for r in rngs(4)]
         _ask_suite(engine, tally, "cannot_tell", scenes, carried, injection, pick, part, max_new, rngs(5))
     _ask_followups(engine, tally, scenes, carried, injection, max_new, rngs(6), part)
+    if named is not None:
+        _ask_suite(engine, tally, "named", scenes, carried, injection, asked, part, max_new, rngs(7), named)
+        if missing:
+            pick = [[missing[int(r.integers(len(missing)))]] for r in rngs(8)]
+            _ask_suite(engine, tally, "named_cannot_tell", scenes, carried, injection, pick, part, max_new, rngs(9),
+                       named)
+        _ask_followups(engine, tally, scenes, carried, injection, max_new, rngs(10), part, named)
     return tally.summary(carried)
 
 
@@ -198,7 +217,8 @@ def evaluate(engine: Any, data_root: str | Path, *, split: str = "heldout", n: i
                 f = engine.visual_cache.mix(feature, min(opts.top_k, len(engine.visual_cache)), opts.temperature,
                                             opts.weight)
             per_mode["on" if cache_on else "off"] = _evaluate_input(engine, f, input_scenes, carried,
-                                                                    max_new_tokens, keep_answers, part)
+                                                                    max_new_tokens, keep_answers, part,
+                                                                    name if name in tw.MODALITIES else None)
             bar.update()
         results["inputs"][name] = per_mode
     bar.close()
@@ -252,6 +272,19 @@ def markdown(results: dict[str, Any]) -> str:
             first = (per.get("off") or per.get("on"))["accuracy"]["heldout"].get(latent)
             cells.append(_pair(per, lambda r, n=latent: r["accuracy"]["heldout"].get(n)) if first is not None else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    named = {name: per for name, per in inputs.items() if "named" in (per.get("off") or per.get("on"))["headline"]
+             and (per.get("off") or per.get("on"))["headline"]["named"] is not None}
+    if named:
+        lines += ["", "Questions that name the input (\"the object in this picture\", \"What shape does this text "
+                  "talk about?\"), held-out phrasings (cache off / on):", "",
+                  "| input | held-out phrasings | follow-ups, judged | follow-ups, all | can't tell |",
+                  "|---|---|---|---|---|"]
+        for name, per in named.items():
+            lines.append(
+                f"| {name} | {_pair(per, lambda r: r['headline']['named'])} "
+                f"| {_pair(per, lambda r: r['headline'].get('named_followup_latent'))} "
+                f"| {_pair(per, lambda r: r['accuracy'].get('named_followup', {}).get('all'))} "
+                f"| {_pair(per, lambda r: r['accuracy'].get('named_cannot_tell', {}).get('all'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -81,8 +81,9 @@ class TextMaker:
     def __init__(self, tokenizer: Tokenizer, records: list[dict[str, Any]], seed: int = 0,
                  cannot_tell_fraction: float = CANNOT_TELL_FRACTION,
                  history_weights: tuple[float, ...] = HISTORY_WEIGHTS, word_dropout: float = 0.0,
-                 word_insertion: float = 0.0):
+                 word_insertion: float = 0.0, named_fraction: float = 0.0):
         self.word_insertion = word_insertion  # toyworld.insert_words on every question asked
+        self.named_fraction = named_fraction  # the share of questions that name the input ("the sound")
         self.cannot_tell_fraction = cannot_tell_fraction
         self.word_dropout = word_dropout  # toyworld.drop_words on every question asked
         self.history_weights = torch.tensor(history_weights)
@@ -119,9 +120,11 @@ class TextMaker:
         weights = torch.tensor([ASK_WEIGHTS[n] for n in options])
         return options[int(torch.multinomial(weights, 1, generator=self.gen))]
 
-    def _turn(self, scene: tw.Scene, carried: tuple[str, ...], avoid: set[str]) -> tuple[str, str, str]:
+    def _turn(self, scene: tw.Scene, carried: tuple[str, ...], avoid: set[str],
+              modality: str | None = None) -> tuple[str, str, str]:
         latent = self._latent(carried, avoid)
-        question = tw.draw(latent, self.rng)
+        named = modality if modality is not None and self._chance(self.named_fraction) else None
+        question = tw.draw(latent, self.rng, named=named)
         answer = tw.answer_for(scene, latent, carried, question)
         question = tw.drop_words(question, self.rng, self.word_dropout)
         return latent, tw.insert_words(question, latent, self.rng, self.word_insertion), answer
@@ -142,13 +145,14 @@ class TextMaker:
             return Example(list(self._prompt(question, context)), list(self._answer(answer)), feature)
         if n_history is None:
             n_history = self.history_length()
+        modality = self.named_modality(view, mix)
         asked: set[str] = set()
         history = []
         for _ in range(n_history):
-            latent, question, answer = self._turn(scene, carried, asked)
+            latent, question, answer = self._turn(scene, carried, asked, modality)
             asked.add(latent)
             history.append((question, answer))
-        _, question, answer = self._turn(scene, carried, asked)
+        _, question, answer = self._turn(scene, carried, asked, modality)
         prompt = tuple(self.tok.encode(render_chat(question, history), bos=True, eos=False)) if history else \
             self._prompt(question, None)
         return Example(list(prompt), list(self._answer(answer)), feature, view, mix)
@@ -162,6 +166,15 @@ class TextMaker:
         if mix is not None:
             parts.append((self.scenes[mix[0]], mix[1]))
         return tw.mixed_scene(parts)
+
+    def named_modality(self, view: str, mix: tuple[int, str] | None) -> str | None:
+        """What a dialogue's questions call the input when they name it (None: they never do): an image stands
+        for a picture, a video or a text (each carries every latent, and the chat reads all three as image
+        embeddings); a centroid view for its own modality; a mix for either of its two."""
+        if self.named_fraction <= 0:
+            return None
+        options = ("image", "video", "text") if view == "image" else (view, *(() if mix is None else (mix[1],)))
+        return options[self._pick(len(options))]
 
     def view(self, centroid_fraction: float) -> str:
         """The view of one visual example: a centroid view (one of CENTROID_VIEWS at random) with probability
@@ -354,7 +367,7 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
            steps: int, batch: int, lr: float, weight_decay: float, seed: int, text_only_fraction: float = 0.2,
            centroid_fraction: float = 0.0, cannot_tell_fraction: float = CANNOT_TELL_FRACTION,
            history_weights: tuple[float, ...] = HISTORY_WEIGHTS, word_dropout: float = 0.0,
-           word_insertion: float = 0.0, cache: ServedCache | None = None,
+           word_insertion: float = 0.0, named_fraction: float = 0.0, cache: ServedCache | None = None,
            cached_fraction: float = 0.0, cached_fraction_partial: float = 0.0, dist: Dist = SINGLE,
            show: bool = True) -> dict[str, float]:
     """Instruction tuning: LoRA (peft) + biases + norms of LLaMA; bind network, prefix queries and gates frozen.
@@ -364,14 +377,17 @@ def stage2(net: ImageBindLLM, tok: Tokenizer, records: list[dict[str, Any]], ima
     pulls a point cloud's or a sound's feature toward particular images, colour and place included, and a
     language side that has only read unmixed features then names a colour it cannot know. ``word_dropout``:
     frame words of the questions left out at random (``toyworld.drop_words``); ``word_insertion``: the share of
-    questions naming their latent that get other words strewn in (``toyworld.insert_words``)."""
+    questions naming their latent that get other words strewn in (``toyworld.insert_words``); ``named_fraction``:
+    the share of questions that name the input as people do ("What colour is the object in the picture?", "What
+    shape does the sound show?"), each dialogue calling its input by one modality's nouns."""
     net.llama.clear_cache()
     for p in net.parameters():
         p.requires_grad_(False)
     peft_model = to_peft(net.llama)
     mark_stage2_trainable(peft_model)
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    maker = TextMaker(tok, records, seed + 2, cannot_tell_fraction, history_weights, word_dropout, word_insertion)
+    maker = TextMaker(tok, records, seed + 2, cannot_tell_fraction, history_weights, word_dropout, word_insertion,
+                      named_fraction)
     gen = torch.Generator().manual_seed(seed + 12)
     centroids = Centroids(maker.scenes, image_emb, gen)
     blank = net.blank_feature()

@@ -99,6 +99,7 @@ class RunConfig:
     cached_fraction_partial: float = 0.35
     word_dropout: float = 0.0  # stage 2: each frame word of a question left out with this probability
     word_insertion: float = 0.0  # stage 2: share of the questions naming their latent with other words put in
+    named_fraction: float = 0.0  # stage 2: share of the questions that name the input ("the object in the picture")
     centre_steps: dict[str, int] = field(default_factory=lambda: {
         "audio": 150, "depth": 100, "thermal": 100, "imu": 300, "point": 60, "text": 300})
     centre_lr: float = 5e-4
@@ -117,7 +118,7 @@ PRESETS: dict[str, RunConfig] = {
         lm_steps=10, lm_batch=8, lm_lr=3e-3, s1_steps=3, s1_batch=8, s2_steps=3, s2_batch=8,
         centre_steps={"audio": 2, "depth": 2, "thermal": 2, "imu": 2, "point": 2, "text": 2},
         cached_fraction=0.5, cached_fraction_partial=0.5, word_dropout=0.2, word_insertion=0.3,
-        eval_n=2, eval_max_new_tokens=4,
+        named_fraction=0.5, eval_n=2, eval_max_new_tokens=4,
     ),
 }
 
@@ -318,7 +319,7 @@ class Pipeline:
                                       centroid_fraction=r.centroid_fraction,
                                       cannot_tell_fraction=r.cannot_tell_fraction,
                                       history_weights=tuple(r.history_weights), word_dropout=r.word_dropout,
-                                      word_insertion=r.word_insertion,
+                                      word_insertion=r.word_insertion, named_fraction=r.named_fraction,
                                       cache=cache,
                                       cached_fraction=r.cached_fraction,
                                       cached_fraction_partial=r.cached_fraction_partial, **common_kw)
@@ -332,7 +333,9 @@ class Pipeline:
         bank_scenes = [r["scene"] for r in self.image_records()]  # rows match image_emb
         train = [r["scene"] for r in records(self.data, "train")]
         metrics: dict[str, Any] = {}
-        for m, steps in self.run.centre_steps.items():
+        moved = [m for m, steps in self.run.centre_steps.items() if steps > 0]
+        for m in moved:
+            steps = self.run.centre_steps[m]
             # A caption is pulled onto the centre of the images of its exact scene (it names every latent): the
             # language side learnt image embeddings only, and text's own region of the space (its "modality
             # gap") reads worse. Every captioned scene trains it, the extra ones too.
@@ -343,11 +346,12 @@ class Pipeline:
                 ib, m, x, targets, steps=steps, batch=self.run.bound_batch,
                 lr=self.run.centre_lr, weight_decay=self.run.weight_decay, gen=self._gen(CENTRE_STAGE),
                 dist=self.dist, show=self.show)
-        towers = [metrics[m] for m in self.run.centre_steps]
-        metrics["loss_first"] = sum(t["loss_first"] for t in towers) / len(towers)  # mean over the towers
-        metrics["loss_last"] = sum(t["loss_last"] for t in towers) / len(towers)
-        metrics["trainable"] = sum(t["trainable"] for t in towers)
-        metrics["retrieval"] = self._retrieval(tuple(self.run.centre_steps))
+        towers = [metrics[m] for m in moved]
+        if towers:  # a run may move no tower (centre_steps {}: a continuation of the language side only)
+            metrics["loss_first"] = sum(t["loss_first"] for t in towers) / len(towers)  # mean over the towers
+            metrics["loss_last"] = sum(t["loss_last"] for t in towers) / len(towers)
+            metrics["trainable"] = sum(t["trainable"] for t in towers)
+            metrics["retrieval"] = self._retrieval(tuple(moved))
         self._stage_done(CENTRE_STAGE, metrics, t0)
 
     def stage_export(self, image_emb: torch.Tensor) -> Path:
@@ -422,8 +426,20 @@ def reuse_model(out: str | Path, model_dir: str | Path, run: RunConfig | None = 
     be trained again. ``centre_steps`` of the run then says which towers move further (e.g. only the text tower:
     the model's other towers were centred already). Writes ``OUT/ckpt/<last language stage>.safetensors`` and
     copies ``tokenizer.model`` into ``OUT/model``; ``OUT/ckpt/towers.json`` records where they came from."""
+    return _reuse_whole(out, model_dir, run, LANGUAGE_STAGES[-1])
+
+
+def continue_stage2(out: str | Path, model_dir: str | Path, run: RunConfig | None = None) -> Path:
+    """Start a run at stage 2 with every weight and the tokenizer of an earlier run's model: stage 2 goes on
+    from that model's own LoRA, biases and norms (``s2_steps`` more, e.g. with another question mix), then the
+    centring (``centre_steps``; ``{}`` moves no tower), export and evaluation. Writes
+    ``OUT/ckpt/stage1.safetensors`` (the model, stage 2 included) and copies ``tokenizer.model``."""
+    return _reuse_whole(out, model_dir, run, LANGUAGE_STAGES[-2])
+
+
+def _reuse_whole(out: str | Path, model_dir: str | Path, run: RunConfig | None, stage: str) -> Path:
     model_dir = Path(model_dir)
-    path = _reuse(out, model_dir, run, LANGUAGE_STAGES[-1])
+    path = _reuse(out, model_dir, run, stage)
     (Path(out) / "model").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_dir / "tokenizer.model", Path(out) / "model" / "tokenizer.model")
     return path

@@ -220,3 +220,44 @@ def test_stage2_dialogues_are_prompted_as_the_chat_prompts(view: str) -> None:
         refused += "cannot tell" in tok.decode(ex.answer)
     assert lengths == {0, 1, 2, 3}
     assert (refused > 0) is (view != "image")
+
+
+@pytest.mark.parametrize("latent", tw.ASKED)
+def test_questions_that_name_the_input_keep_their_parts_apart(latent: str) -> None:
+    for modality, nouns in tw.INPUT_NOUNS.items():
+        parts = {p: set(tw.phrasings(latent, p, named=modality)) for p in tw.PARTS}
+        for a in tw.PARTS:
+            for b in tw.PARTS:
+                if a < b:
+                    assert not parts[a] & parts[b], (latent, modality, a, b)
+        named_only = parts["test"] - set(tw.phrasings(latent, "test"))
+        assert named_only and all(any(n in q for n in nouns) for q in named_only), (latent, modality)
+    # the plain questions, which every earlier figure was measured with, do not change
+    assert "What shape does this text talk about?" in tw.phrasings("shape", "test", named="text")
+    assert "What shape does this text talk about?" not in tw.phrasings("shape", "test")
+
+
+@pytest.mark.skipif(not TOY_TOKENIZER.is_file(), reason="the shipped toy tokenizer is absent")
+@pytest.mark.parametrize(("view", "own", "others"), [
+    ("audio", ("sound", "recording", "audio"), ("video", "text", "IMU", "point cloud", "thermal", "photo")),
+    ("image", ("picture", "image", "photo", "video", "clip", "text", "caption", "description"),
+     ("sound", "recording", "IMU", "point cloud", "depth map", "thermal")),
+])
+def test_stage2_questions_name_the_input_by_what_it_stands_for(view: str, own: tuple[str, ...],
+                                                               others: tuple[str, ...]) -> None:
+    tok = Tokenizer(TOY_TOKENIZER)
+    scenes = _scenes(6)
+    records = [{"scene": s, "caption_variants": [tw.caption_for(s)]} for s in scenes]
+
+    def texts(named_fraction: float) -> list[str]:  # the questions and earlier turns, without Alpaca's header
+        maker = TextMaker(tok, records, seed=0, named_fraction=named_fraction)
+        return [tok.decode(maker.qa(k % 6, k % 6, view=view).prompt).split("### Instruction:")[-1]
+                for k in range(80)]
+
+    def says(text: str, words: tuple[str, ...]) -> bool:
+        return any(re.search(rf"\b{w}\b", text) for w in words)
+
+    named, plain = texts(1.0), texts(0.0)
+    assert sum(says(t, own) for t in named) > 40
+    assert not any(says(t, others) for t in named)
+    assert not any(says(t, ("sound", "recording", "clip", "caption")) for t in plain)

@@ -76,6 +76,7 @@ from ibllm.train.toyworld.points import render_points
 from ibllm.train.toyworld.questions import (
     ASKED,
     CLOSERS,
+    INPUT_NOUNS,
     IT,
     NOUNS,
     OPENERS,
@@ -105,8 +106,8 @@ __all__ = [
     "QUESTIONS", "caption_for", "answer_for", "expected_words", "questions_for", "answer_is_correct", "cannot_tell",
     "carried_by", "judge", "mixed_scene", "value_words",
     # the question grammar
-    "ASKED", "IT", "NOUNS", "OPENERS", "CLOSERS", "PARTS", "draw", "drop_words", "insert_words", "key_words",
-    "is_yes_no", "part_of", "phrasings",
+    "ASKED", "INPUT_NOUNS", "IT", "NOUNS", "OPENERS", "CLOSERS", "PARTS", "draw", "drop_words", "insert_words",
+    "key_words", "is_yes_no", "part_of", "phrasings",
     "templates", "unwrap", "wrap",
     # geometry and the renderers
     "surface_points", "render_image", "render_video", "render_depth", "render_thermal", "render_points",

@@ -117,6 +117,53 @@ OWN: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+# Questions that name the input, as people ask about a file they attached ("What shape does this text talk
+# about?", "What colour is the object in the picture?"): ``draw(..., named=modality)``. The input's nouns are slot
+# words shared by every part; the referents below stand in for ``{it}``, and the frames add to a part's own.
+INPUT_NOUNS: dict[str, tuple[str, ...]] = {
+    "image": ("picture", "image", "photo"),
+    "video": ("video", "clip"),
+    "text": ("text", "caption", "description"),
+    "audio": ("sound", "recording", "audio"),
+    "point": ("point cloud", "3D scan"),
+    "depth": ("depth map",),
+    "thermal": ("thermal image",),
+    "imu": ("IMU trace", "sensor data"),
+}
+NAMED_IT = ("the object in the {input}", "the thing in this {input}")
+NAMED_IT_TRAIN_ONLY = ("the one in the {input}", "the object this {input} shows")
+NAMED_SHARED: dict[str, tuple[str, ...]] = {
+    "train": ("What {noun} does the {input} show?", "What is the {noun} in this {input}?",
+              "In the {input}, what is the {noun}?", "Tell me the {noun} from the {input}."),
+    "validation": ("Looking at the {input}, what is the {noun}?", "What {noun} can you make out in this {input}?"),
+    "test": ("Judging by the {input}, what is the {noun}?", "What {noun} does this {input} give?"),
+}
+NAMED_OWN: dict[str, dict[str, tuple[str, ...]]] = {
+    "shape": {"train": ("What object is in the {input}?", "What object does this {input} show?",
+                        "Which shape is in the {input}?"),
+              "validation": ("What kind of object does the {input} show?",),
+              "test": ("What shape does this {input} talk about?",)},
+    "colour": {"train": ("Which colour does the {input} show?", "What colour is in this {input}?"),
+               "validation": ("What colour can you see in the {input}?",),
+               "test": ("What colour does the {input} mention?",)},
+    "size": {"train": ("Is the object in the {input} large or small?", "How big is it in the {input}?"),
+             "validation": ("How large is the thing the {input} shows?",),
+             "test": ("What size is shown in the {input}?",)},
+    "position": {"train": ("Where in the {input} is it?", "Where is it in this {input}?"),
+                 "validation": ("In which part of the {input} is it?",),
+                 "test": ("Where in this {input} is the object?",)},
+    "count": {"train": ("How many objects are in the {input}?", "How many things does the {input} show?"),
+              "validation": ("How many objects does the {input} contain?",),
+              "test": ("How many objects does this {input} show?",)},
+    "motion": {"train": ("What motion does the {input} show?", "Which way does it move in the {input}?"),
+               "validation": ("Which way is it moving in the {input}?",),
+               "test": ("Where is it going in this {input}?",)},
+    "describe": {"train": ("Describe the {input}.", "What is in the {input}?", "What does the {input} show?",
+                           "Tell me about this {input}."),
+                 "validation": ("Give me an account of the {input}.",),
+                 "test": ("What does this {input} contain?", "Describe what the {input} shows.")},
+}
+
 _YES_NO_START = ("is ", "does ", "are ")  # not "do you know ...?": that asks for the value
 _CHOICE = (" or ", )  # "Is it large or small?" is a choice, not a yes/no question
 
@@ -132,30 +179,41 @@ class Template:
         low = self.text.lower()
         return low.startswith(_YES_NO_START) and not any(c in low for c in _CHOICE)
 
-    def phrasings(self) -> tuple[str, ...]:
-        """Every question this template makes (each slot filled with each of its words)."""
+    def phrasings(self, named: str | None = None) -> tuple[str, ...]:
+        """Every question this template makes (each slot filled with each of its words); ``named``: a modality
+        whose input the question names ("the object in the picture" for ``{it}``, its nouns for ``{input}``)."""
         nouns = NOUNS.get(self.latent, ("",))
+        train = self.part == "train"
+        if named is None:
+            its = (*IT, *IT_TRAIN_ONLY) if train else IT
+        else:
+            its = tuple(r.format(input=n) for r in ((*NAMED_IT, *NAMED_IT_TRAIN_ONLY) if train else NAMED_IT)
+                        for n in INPUT_NOUNS[named])
+        inputs = INPUT_NOUNS[named] if named is not None and "{input}" in self.text else ("",)
         out = []
-        its = (*IT, *IT_TRAIN_ONLY) if self.part == "train" else IT
-        for it, noun in itertools.product(its if "{it}" in self.text else ("",),
-                                          nouns if "{noun}" in self.text.lower() else ("",)):
-            text = self.text.format(it=it, noun=noun, Noun=noun[:1].upper() + noun[1:])
+        for it, noun, input_noun in itertools.product(its if "{it}" in self.text else ("",),
+                                                      nouns if "{noun}" in self.text.lower() else ("",), inputs):
+            text = self.text.format(it=it, noun=noun, Noun=noun[:1].upper() + noun[1:], input=input_noun)
             out.append(text[0].upper() + text[1:])
         return tuple(dict.fromkeys(out))
 
 
-def templates(latent: str, part: str) -> tuple[Template, ...]:
+def templates(latent: str, part: str, named: bool = False) -> tuple[Template, ...]:
+    """The templates of ``part`` about ``latent``; ``named``: with the frames that name the input too."""
     if latent not in ASKED:
         raise ValueError(f"unknown latent {latent!r}; known: {ASKED}")
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; known: {PARTS}")
     shared = SHARED[part] if latent in NOUNS else ()
-    return tuple(Template(latent, t, part) for t in (*OWN[latent][part], *shared))
+    texts = (*OWN[latent][part], *shared)
+    if named:
+        texts += (*NAMED_OWN[latent][part], *(NAMED_SHARED[part] if latent in NOUNS else ()))
+    return tuple(Template(latent, t, part) for t in texts)
 
 
-def phrasings(latent: str, part: str = "train") -> tuple[str, ...]:
-    """Every question of ``part`` about ``latent``, in a fixed order."""
-    return tuple(q for t in templates(latent, part) for q in t.phrasings())
+def phrasings(latent: str, part: str = "train", named: str | None = None) -> tuple[str, ...]:
+    """Every question of ``part`` about ``latent``, in a fixed order (``named``: naming that modality's input)."""
+    return tuple(q for t in templates(latent, part, named is not None) for q in t.phrasings(named))
 
 
 def is_yes_no(question: str) -> bool:
@@ -195,11 +253,13 @@ def unwrap(question: str) -> str:
     return body + end
 
 
-def draw(latent: str, rng: np.random.Generator, part: str = "train") -> str:
+def draw(latent: str, rng: np.random.Generator, part: str = "train", named: str | None = None) -> str:
     """One question about ``latent``: a template of ``part`` at random, then its words at random (and, for the
-    training part, at times wrapped in a few words of no meaning, ``wrap``)."""
-    ts = templates(latent, part)
-    options = ts[int(rng.integers(len(ts)))].phrasings()
+    training part, at times wrapped in a few words of no meaning, ``wrap``). ``named``: the modality of the input
+    the question names ("What colour is the object in the picture?"); templates without a slot for it stay as
+    they are ("And its colour?")."""
+    ts = templates(latent, part, named is not None)
+    options = ts[int(rng.integers(len(ts)))].phrasings(named)
     question = options[int(rng.integers(len(options)))]
     if part == "train" and rng.random() < WRAP_FRACTION:
         return wrap(question, rng)
