@@ -141,3 +141,24 @@ def test_language_from_moves_only_the_towers_it_centres(run: tuple[Path, Pipelin
     assert moved and all(k.startswith("image_bind.modality_") and ".text." in k for k in moved), sorted(moved)[:5]
     assert (again / "model" / "tokenizer.model").read_bytes() == (model / "tokenizer.model").read_bytes()
     assert not (again / "ckpt" / "lm.safetensors").exists()  # nothing before the centring was trained again
+
+
+def test_stage2_from_trains_only_what_stage_2_trains(run: tuple[Path, Pipeline, dict[str, Any]],
+                                                     tmp_path: Path) -> None:
+    """``run --stage2-from MODEL``: every weight and the tokenizer of MODEL, then stage 2 goes on from it (its
+    LoRA, biases and norms move; nothing else) and, with ``centre_steps`` empty, no tower moves."""
+    from ibllm.train.__main__ import main
+
+    out, _, _ = run
+    model = out / "model"
+    again = tmp_path / "again"
+    assert main(["run", "--out", str(again), "--smoke", "--stage2-from", str(model), "--no-eval",
+                 "--threads", "1", "--set", "centre_steps={}"]) == 0
+    before = read_state_dict(model / "model.safetensors")
+    after = read_state_dict(again / "model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(not k.startswith("image_bind") and (".lora_" in k or "norm" in k or k.endswith(".bias"))
+                         for k in moved), sorted(moved)[:5]
+    assert (again / "model" / "tokenizer.model").read_bytes() == (model / "tokenizer.model").read_bytes()
+    assert not (again / "ckpt" / "lm.safetensors").exists()  # the language model and stage 1 were not trained
