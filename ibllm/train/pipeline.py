@@ -99,7 +99,7 @@ class RunConfig:
     cached_fraction_partial: float = 0.35
     word_dropout: float = 0.0  # stage 2: each frame word of a question left out with this probability
     word_insertion: float = 0.0  # stage 2: share of the questions naming their latent with other words put in
-    named_fraction: float = 0.0  # stage 2: share of the questions that name the input ("the object in the picture")
+    named_fraction: float = 0.3  # stage 2: share of the questions that name the input ("the object in the picture")
     centre_steps: dict[str, int] = field(default_factory=lambda: {
         "audio": 150, "depth": 100, "thermal": 100, "imu": 300, "point": 60, "text": 300})
     centre_lr: float = 5e-4
