@@ -194,7 +194,26 @@ def _skip_list_element(data: bytes, offset: int, count: int, props, order: str, 
     least = sum(np.dtype(t if lc is None else lc).itemsize for _, t, lc in props)
     if offset + least * count > len(data):
         raise MediaError(f"{name}: the PLY file is truncated (fewer bytes than its {count:,} items need)")
-    sizes, pos = [], offset  # the first item's layout: (offset in the item, count type) of each list
+    if not count:
+        return offset
+    lists: list[tuple[int, str, int]] = []  # the first item's lists: (offset in the item, count type, length)
+    stride = _item_end(data, offset, props, order, name, lists) - offset
+    if stride > 0 and offset + stride * count <= len(data):
+        items = np.frombuffer(data, dtype=np.uint8, count=stride * count, offset=offset).reshape(count, stride)
+        if all((items[:, at:at + np.dtype(lc).itemsize].copy().view(lc)[:, 0] == n).all() for at, lc, n in lists):
+            return offset + stride * count
+    if count > _MAX_WALKED:
+        raise MediaError(f"{name}: {count:,} PLY items of varying length come before the vertices; write the "
+                         "vertex element first and upload it again")
+    for _ in range(count):
+        offset = _item_end(data, offset, props, order, name)
+    return offset
+
+
+def _item_end(data: bytes, offset: int, props, order: str, name: str,
+              lists: list[tuple[int, str, int]] | None = None) -> int:
+    """The offset after one PLY item at ``offset`` (bounds-checked); its lists' layout goes into ``lists``."""
+    pos = offset
     for _, t, lc in props:
         if lc is None:
             pos += np.dtype(t).itemsize
@@ -202,28 +221,12 @@ def _skip_list_element(data: bytes, offset: int, count: int, props, order: str, 
         if pos + np.dtype(lc).itemsize > len(data):
             raise MediaError(f"{name}: the PLY file is truncated")
         n = int(np.frombuffer(data, dtype=order + lc, count=1, offset=pos)[0])
-        sizes.append((pos - offset, order + lc, n))
+        if lists is not None:
+            lists.append((pos - offset, order + lc, n))
         pos += np.dtype(lc).itemsize + max(n, 0) * np.dtype(t).itemsize
-    stride = pos - offset
-    if count and stride > 0 and offset + stride * count <= len(data):
-        items = np.frombuffer(data, dtype=np.uint8, count=stride * count, offset=offset).reshape(count, stride)
-        if all((items[:, at:at + np.dtype(lc).itemsize].copy().view(lc)[:, 0] == n).all() for at, lc, n in sizes):
-            return offset + stride * count
-    if count > _MAX_WALKED:
-        raise MediaError(f"{name}: {count:,} PLY items of varying length come before the vertices; write the "
-                         "vertex element first and upload it again")
-    for _ in range(count):
-            for _, t, lc in props:
-                if lc is None:
-                    offset += np.dtype(t).itemsize
-                    continue
-                if offset + np.dtype(lc).itemsize > len(data):
-                    raise MediaError(f"{name}: the PLY file is truncated")
-                n = int(np.frombuffer(data, dtype=order + lc, count=1, offset=offset)[0])
-                offset += np.dtype(lc).itemsize + max(n, 0) * np.dtype(t).itemsize
-            if offset > len(data):
-                raise MediaError(f"{name}: the PLY file is truncated")
-    return offset
+    if pos > len(data):
+        raise MediaError(f"{name}: the PLY file is truncated")
+    return pos
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -127,38 +127,31 @@ def test_language_from_moves_only_the_towers_it_centres(run: tuple[Path, Pipelin
                                                          tmp_path: Path) -> None:
     """``run --language-from MODEL``: every weight and the tokenizer of MODEL, then only the centring runs, and
     only the towers ``centre_steps`` names move."""
+    moved = _moved_by(run, tmp_path, "--language-from", 'centre_steps={"text": 3}')
+    assert moved and all(k.startswith("image_bind.modality_") and ".text." in k for k in moved), sorted(moved)[:5]
+
+
+def _moved_by(run: tuple[Path, Pipeline, dict[str, Any]], tmp_path: Path, flag: str, setting: str) -> set[str]:
+    """The weights a smoke run started with ``flag`` from the run's model (and ``--set setting``) changed; it
+    must keep the model's tokenizer byte for byte and train nothing before the stage it starts at."""
     from ibllm.train.__main__ import main
 
-    out, _, _ = run
-    model = out / "model"
+    model = run[0] / "model"
     again = tmp_path / "again"
-    assert main(["run", "--out", str(again), "--smoke", "--language-from", str(model), "--no-eval",
-                 "--threads", "1", "--set", 'centre_steps={"text": 3}']) == 0
+    assert main(["run", "--out", str(again), "--smoke", flag, str(model), "--no-eval", "--threads", "1",
+                 "--set", setting]) == 0
     before = read_state_dict(model / "model.safetensors")
     after = read_state_dict(again / "model" / "model.safetensors")
     assert before.keys() == after.keys()
-    moved = {k for k in before if not torch.equal(before[k], after[k])}
-    assert moved and all(k.startswith("image_bind.modality_") and ".text." in k for k in moved), sorted(moved)[:5]
     assert (again / "model" / "tokenizer.model").read_bytes() == (model / "tokenizer.model").read_bytes()
-    assert not (again / "ckpt" / "lm.safetensors").exists()  # nothing before the centring was trained again
+    assert not (again / "ckpt" / "lm.safetensors").exists()  # the language model was not trained again
+    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def test_stage2_from_trains_only_what_stage_2_trains(run: tuple[Path, Pipeline, dict[str, Any]],
                                                      tmp_path: Path) -> None:
     """``run --stage2-from MODEL``: every weight and the tokenizer of MODEL, then stage 2 goes on from it (its
     LoRA, biases and norms move; nothing else) and, with ``centre_steps`` empty, no tower moves."""
-    from ibllm.train.__main__ import main
-
-    out, _, _ = run
-    model = out / "model"
-    again = tmp_path / "again"
-    assert main(["run", "--out", str(again), "--smoke", "--stage2-from", str(model), "--no-eval",
-                 "--threads", "1", "--set", "centre_steps={}"]) == 0
-    before = read_state_dict(model / "model.safetensors")
-    after = read_state_dict(again / "model" / "model.safetensors")
-    assert before.keys() == after.keys()
-    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    moved = _moved_by(run, tmp_path, "--stage2-from", "centre_steps={}")
     assert moved and all(not k.startswith("image_bind") and (".lora_" in k or "norm" in k or k.endswith(".bias"))
                          for k in moved), sorted(moved)[:5]
-    assert (again / "model" / "tokenizer.model").read_bytes() == (model / "tokenizer.model").read_bytes()
-    assert not (again / "ckpt" / "lm.safetensors").exists()  # the language model and stage 1 were not trained
