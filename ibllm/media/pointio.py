@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def _line_starts(data: bytes) -> np.ndarray:
 
 
 def _unique_names(name: str, names: list[str], what: str) -> None:
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(n for n, k in Counter(names).items() if k > 1)
     if repeated:
         raise MediaError(f"{name}: the {what} names {', '.join(repeated)} more than once")
 

@@ -21,6 +21,7 @@ from ibllm.media.image import load_image
 from ibllm.media.point import load_point
 from ibllm.media.sniff import sniff
 from ibllm.media.text import read_text_file
+from ibllm.media.video import load_video
 from tests.media_samples import sphere_points, write_av
 
 
@@ -39,7 +40,6 @@ def test_a_thin_strip_is_refused_before_it_is_scaled(tmp_path: Path) -> None:
 def test_a_thin_video_is_refused(tmp_path: Path) -> None:
     write_av(tmp_path / "thin.mp4", w=2048, h=16, seconds=0.5)
     with pytest.raises(MediaError, match="too thin"):
-        from ibllm.media.video import load_video
         load_video(tmp_path / "thin.mp4")
 
 
