@@ -272,8 +272,8 @@ def markdown(results: dict[str, Any]) -> str:
             first = (per.get("off") or per.get("on"))["accuracy"]["heldout"].get(latent)
             cells.append(_pair(per, lambda r, n=latent: r["accuracy"]["heldout"].get(n)) if first is not None else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    named = {name: per for name, per in inputs.items() if "named" in (per.get("off") or per.get("on"))["headline"]
-             and (per.get("off") or per.get("on"))["headline"]["named"] is not None}
+    named = {name: per for name, per in inputs.items()
+             if (per.get("off") or per.get("on"))["headline"].get("named") is not None}
     if named:
         lines += ["", "Questions that name the input (\"the object in this picture\", \"What shape does this text "
                   "talk about?\"), held-out phrasings (cache off / on):", "",
