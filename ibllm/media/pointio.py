@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -263,6 +264,7 @@ def read_pcd(path: Path, limits: Limits) -> np.ndarray:
         # The header's count was checked above; the decompressed size must also fit the file-size limit.
         from ibllm.media.open3d_reader import read_points_isolated
 
+        _check_compressed_block(data, body, points * sum(s * c for s, c in zip(sizes, counts, strict=True)), name)
         return read_points_isolated(path)
     columns, col = {}, 0
     for f, c in zip(fields, counts, strict=True):
@@ -288,6 +290,20 @@ def read_pcd(path: Path, limits: Limits) -> np.ndarray:
     rec = np.frombuffer(data, dtype=dtype, count=points, offset=body)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported by the caller
         return np.stack([rec[f"{a}_0"].astype(np.float64) for a in "xyz"], axis=1)
+
+
+def _check_compressed_block(data: bytes, body: int, expected: int, name: str) -> None:
+    """A ``binary_compressed`` PCD body is two little-endian uint32 (compressed, uncompressed size) and the LZF
+    bytes. Checked here, before the open3d child process (seconds to start), so a damaged file is refused at once."""
+    if body + 8 > len(data):
+        raise MediaError(f"{name}: the PCD file is truncated (no compressed data after its header)")
+    compressed, uncompressed = struct.unpack_from("<II", data, body)
+    if uncompressed != expected:
+        raise MediaError(f"{name}: the PCD file is damaged (its compressed block decodes to {uncompressed} bytes; "
+                         f"its header's points and fields need {expected})")
+    if body + 8 + compressed > len(data):
+        raise MediaError(f"{name}: the PCD file is truncated ({len(data) - body - 8} of its {compressed} "
+                         "compressed bytes)")
 
 
 # ----------------------------------------------------------------------------------------------------------

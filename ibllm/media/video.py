@@ -155,6 +155,21 @@ def _open(path: str | Path, limits: Limits):
     return vr, stamps
 
 
+def _decode_batch(vr, wanted: list[int], path: Path, n: int) -> np.ndarray:
+    """The ``wanted`` frames as (len, H, W, 3) uint8; through PyAV when decord fails on a file it opened (decord
+    0.6 cannot copy out frames narrower than its 32-pixel row alignment, e.g. a 16x16 video)."""
+    try:
+        batch = vr.get_batch(wanted)
+        return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+    except Exception:
+        if isinstance(vr, _PacketIndexedFrames):
+            raise
+    frames = _PacketIndexedFrames(path)
+    if len(frames) != n:  # the two would not number the frames alike
+        raise MediaError(f"{path.name}: decoding its frames failed (damaged or truncated video?)")
+    return frames.get_batch(wanted)
+
+
 def decode_clip_frames(path: str | Path, clips: int = CLIPS, clip_seconds: int = CLIP_SECONDS,
                        frames_per_clip: int = 2, limits: Limits = DEFAULT_LIMITS) -> list[np.ndarray]:
     """Per clip, the chosen RGB frames as (T, H, W, 3) uint8 (before any scaling)."""
@@ -179,8 +194,7 @@ def decode_clip_frames(path: str | Path, clips: int = CLIPS, clip_seconds: int =
                 f"{limits.max_video_pixels / 1e6:.0f} megapixels per frame"
             )
         check_aspect(shape[1], shape[0], limits, name, "a video frame")
-        batch = vr.get_batch(wanted)
-        arr = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+        arr = _decode_batch(vr, wanted, Path(path), len(stamps))
     except MediaError:
         raise
     except Exception:

@@ -192,3 +192,20 @@ def test_wrong_content_and_empty(tmp_path):
     (tmp_path / "c.npy").write_bytes(b"")
     with pytest.raises(MediaError, match="empty"):
         load_point(tmp_path / "c.npy")
+
+
+def test_a_compressed_pcd_whose_block_sizes_do_not_fit_is_refused_before_open3d_starts(tmp_path):
+    o3d = _open3d()
+    pc = o3d.geometry.PointCloud()
+    pc.points = o3d.utility.Vector3dVector(XYZ)
+    o3d.io.write_point_cloud(str(tmp_path / "c.pcd"), pc, write_ascii=False, compressed=True)
+    data = (tmp_path / "c.pcd").read_bytes()
+    (tmp_path / "cut.pcd").write_bytes(data[: len(data) - 10])
+    with pytest.raises(MediaError, match="cut.pcd: the PCD file is truncated"):
+        load_point(tmp_path / "cut.pcd", CFG)
+    header_end = data.index(b"DATA binary_compressed") + len(b"DATA binary_compressed\n")
+    wrong = bytearray(data)
+    wrong[header_end + 4: header_end + 8] = (12345).to_bytes(4, "little")  # the uncompressed size
+    (tmp_path / "wrong.pcd").write_bytes(bytes(wrong))
+    with pytest.raises(MediaError, match="wrong.pcd: the PCD file is damaged"):
+        load_point(tmp_path / "wrong.pcd", CFG)

@@ -39,6 +39,19 @@ def test_a_browser_recording_is_read_like_the_same_video_in_a_file(tmp_path):
     assert not np.array_equal(got[0], got[-1])  # and the clips differ: the bars move
 
 
+def test_a_video_narrower_than_decords_row_alignment_is_decoded_all_the_same(tmp_path):
+    """decord 0.6 opens a 16x16 video but cannot copy its frames out (rows padded to 32 pixels); PyAV decodes it,
+    the same frames decord gives for the same picture at a width it handles."""
+    small = write_av(tmp_path / "small.mp4", w=16, h=16, seconds=6.0)
+    with pytest.raises(Exception, match="size must exactly match"):
+        decord.VideoReader(str(small)).get_batch([0, 1])
+    clips = decode_clip_frames(small)
+    assert [c.shape for c in clips] == [(2, 16, 16, 3)] * 5
+    assert len({c.tobytes() for c in clips}) > 1  # the bars move: real, different frames
+    x = load_video(small, SMALL)
+    assert x.shape == (15, 3, 2, 32, 32) and torch.isfinite(x).all()
+
+
 def test_default_size_and_clip_count(tmp_path):
     path = write_av(tmp_path / "a.mp4", seconds=1.0)
     assert load_video(path).shape == (15, 3, 2, 224, 224)
