@@ -312,9 +312,18 @@ def _check_compressed_block(data: bytes, body: int, expected: int, name: str) ->
 _NUMBER = rb"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)"
 
 
+def _decimal_commas(lines: list[bytes]) -> bool:
+    """Whether a table writes its decimal marks as commas ("0,507;9,81", a spreadsheet's export in many locales):
+    its rows are separated by semicolons or tabs, hold commas between digits and no decimal points."""
+    separated = [ln for ln in lines if b";" in ln or b"\t" in ln]
+    return (any(re.search(rb"\d,\d", ln) for ln in separated)
+            and not any(re.search(rb"\d\.\d", ln) for ln in separated))
+
+
 def read_table(path: Path, limits: Limits, min_columns: int = 3, max_columns: int | None = None,
                max_rows: int | None = None) -> np.ndarray:
-    """The leading numeric columns of a delimited text table (comma, semicolon, tab or space separated).
+    """The leading numeric columns of a delimited text table (comma, semicolon, tab or space separated; decimal
+    commas where the columns are separated by semicolons or tabs).
 
     Header lines (and a leading count line, as in .pts files) are skipped: data start at the first row whose
     first ``min_columns`` fields are numbers. Up to ``max_columns`` (default ``min_columns``) columns are kept,
@@ -329,6 +338,8 @@ def read_table(path: Path, limits: Limits, min_columns: int = 3, max_columns: in
     if data.count(b"\n") > max_rows + 1000:  # before splitting: a list of 70 million lines takes gigabytes
         raise MediaError(f"{name} has over {max_rows:,} rows; the limit is {max_rows:,}")
     lines = data.splitlines()
+    if _decimal_commas(lines[:1000]):
+        lines = [ln.replace(b",", b".") for ln in lines]
     first, ncols = None, 0
     for i, line in enumerate(lines[:1000]):
         fields = [f for f in re.split(rb"[,;\s]+", line.strip()) if f]

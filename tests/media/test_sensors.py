@@ -130,3 +130,18 @@ def test_imu_errors(tmp_path):
     (tmp_path / "few.csv").write_text("1,2,3\n4,5,6\n")
     with pytest.raises(MediaError, match="6 numeric columns"):
         load_imu(tmp_path / "few.csv", SMALL)
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_an_imu_table_with_decimal_commas_reads_as_the_same_table_with_points(tmp_path, sep):
+    """A spreadsheet exported in a locale that writes 9,81 separates its columns with semicolons or tabs."""
+    from ibllm.media.imu import read_imu
+
+    rows = np.random.default_rng(3).normal(size=(120, 6)).round(4)
+    plain = "ax,ay,az,gx,gy,gz\n" + "".join(",".join(f"{v}" for v in r) + "\n" for r in rows)
+    local = sep.join(["ax", "ay", "az", "gx", "gy", "gz"]) + "\n" + \
+        "".join(sep.join(f"{v}".replace(".", ",") for v in r) + "\n" for r in rows)
+    (tmp_path / "plain.csv").write_text(plain)
+    (tmp_path / "local.csv").write_text(local)
+    np.testing.assert_array_equal(read_imu(tmp_path / "local.csv"), rows.T)
+    np.testing.assert_array_equal(read_imu(tmp_path / "plain.csv"), rows.T)
