@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ KINDS: dict[str, MediaKind] = {k.name: k for k in (
     MediaKind("text", "text", (".txt",), "📝", "text"),
     MediaKind("point", "point", (".ply", ".pcd", ".xyz", ".pts", ".txt", ".csv", ".npy", ".obj"), "🧊",
               "3D point cloud"),
-    MediaKind("depth", "depth", (".png", ".npy"), "🌊", "depth map"),
+    MediaKind("depth", "depth", (".png", ".tif", ".tiff", ".npy"), "🌊", "depth map"),
     MediaKind("thermal", "thermal", _IMAGE_EXTENSIONS, "🌡️", "thermal image"),
     MediaKind("imu", "imu", (".npy", ".csv", ".txt"), "📈", "IMU recording"),
 )}

@@ -28,7 +28,7 @@ from ibllm.api.errors import ApiError, bad_request
 from ibllm.kinds import ALL_EXTENSIONS, KINDS
 
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp",
-               "image/gif": ".gif", "image/bmp": ".bmp"}
+               "image/gif": ".gif", "image/bmp": ".bmp", "image/tiff": ".tiff"}
 PART_TYPES = ("text", "image_url", "input_audio", "file")
 IGNORED_ROLES = ("system", "developer")  # the model's prompt template has its own preamble
 

@@ -4,9 +4,10 @@ The reference ships no depth loader; ImageBind was trained on disparity (inverse
 NYU, computed with each sensor's focal length and baseline, which an uploaded file never comes with. So:
 
 1. values -> disparity (larger = nearer):
-   - 16-bit PNG (and 32-bit integer images): metric depth in **millimetres** (Kinect / RealSense / NYU / TUM
-     convention), disparity = 1 / depth_m with depth clipped to [0.01, 50] m;
-   - ``.npy`` (H, W), (1, H, W) or (H, W, 1): metric depth in **metres**, same conversion;
+   - 16-bit PNG or TIFF (and 32-bit integer images): metric depth in **millimetres** (Kinect / RealSense / NYU /
+     TUM convention), disparity = 1 / depth_m with depth clipped to [0.01, 50] m;
+   - ``.npy`` (H, W), (1, H, W) or (H, W, 1), and floating-point TIFF: metric depth in **metres**, same
+     conversion;
    - 8-bit PNG/JPEG (gray or colour -> luminance): a depth *visualisation* as exported by monocular estimators
      (MiDaS, DPT, Depth Anything), which are already relative inverse depth (brighter = nearer): used as is;
    - zero, negative or non-finite depth = missing measurement -> disparity 0 (as far as possible);
@@ -76,6 +77,8 @@ def read_disparity(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> np.ndar
     img = open_image(p, limits)
     if img.mode.startswith("I;16") or img.mode == "I":
         return depth_to_disparity(np.asarray(img, dtype=np.float64) / 1000.0)
+    if img.mode == "F":  # a floating-point TIFF: metres, as a .npy
+        return depth_to_disparity(np.asarray(img, dtype=np.float64))
     return np.asarray(to_gray(img), dtype=np.float64) / 255.0
 
 

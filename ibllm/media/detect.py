@@ -23,6 +23,7 @@ from ibllm.media.validate import AUDIO_FORMATS, IMAGE_FORMATS, VIDEO_FORMATS, ch
 # Extension -> the kind it means when nothing in the content says otherwise.
 _DEFAULT_KIND = {
     ".jpg": "image", ".jpeg": "image", ".png": "image", ".webp": "image", ".bmp": "image", ".gif": "image",
+    ".tif": "image", ".tiff": "image",
     ".mp4": "video", ".m4v": "video", ".mov": "video", ".webm": "video", ".mkv": "video", ".avi": "video",
     ".wav": "audio", ".flac": "audio", ".ogg": "audio", ".oga": "audio", ".opus": "audio", ".mp3": "audio",
     ".m4a": "audio", ".aac": "audio",
@@ -103,8 +104,9 @@ def detect_modality(path: str | Path) -> str:
     """The media kind of a file (one of MEDIA_KINDS), from its extension checked against its content.
 
     Rules where an extension is shared: an MP4/WebM/MKV without a video track is "audio"; a 16-bit grayscale
-    PNG is "depth"; ``.npy`` is "imu" for (6, T), "point" for (N, 3..16), "depth" for (H, W); ``.csv`` is
-    "imu" when its header mentions acc/gyr, else "point"; ``.txt`` is "text" unless it is a numeric table.
+    PNG or TIFF (or a floating-point TIFF) is "depth"; ``.npy`` is "imu" for (6, T), "point" for (N, 3..16),
+    "depth" for (H, W); ``.csv`` is "imu" when its header mentions acc/gyr, else "point"; ``.txt`` is "text"
+    unless it is a numeric table.
     "thermal" is never guessed (a thermal image looks like any grayscale photo): choose it explicitly.
     """
     p = Path(path)
@@ -127,10 +129,10 @@ def detect_modality(path: str | Path) -> str:
                          f"Accepted for {label}: {' '.join(KINDS[kind].extensions)}")
     if kind == "video" and (fmt not in VIDEO_FORMATS or _lacks_video_stream(p)):
         return "audio"
-    if kind == "image" and fmt == "png":
+    if kind == "image" and fmt in ("png", "tiff"):
         try:
             with Image.open(p) as img:
-                if img.mode.startswith("I;16") or img.mode == "I":
+                if img.mode.startswith("I;16") or img.mode in ("I", "F"):
                     return "depth"
         except Exception:
             pass  # the image loader gives the proper error

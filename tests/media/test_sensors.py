@@ -145,3 +145,27 @@ def test_an_imu_table_with_decimal_commas_reads_as_the_same_table_with_points(tm
     (tmp_path / "local.csv").write_text(local)
     np.testing.assert_array_equal(read_imu(tmp_path / "local.csv"), rows.T)
     np.testing.assert_array_equal(read_imu(tmp_path / "plain.csv"), rows.T)
+
+
+def test_tiff_files_read_as_the_same_pictures_in_png_and_npy(tmp_path):
+    """TIFF (a thermal camera's or a depth sensor's export): 8-bit is a picture, 16-bit is depth in millimetres
+    (as a 16-bit PNG), floating point is depth in metres (as a .npy); a 16-bit TIFF asked as thermal reads as the
+    16-bit PNG does."""
+    from ibllm.media import detect_modality, load_media
+
+    rng = np.random.default_rng(5)
+    rgb = (rng.random((40, 50, 3)) * 255).astype(np.uint8)
+    mm = (rng.random((40, 50)) * 4000 + 300).astype(np.uint16)
+    Image.fromarray(rgb).save(tmp_path / "photo.tif")
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    Image.fromarray(mm).save(tmp_path / "scan.tiff")
+    Image.fromarray(mm).save(tmp_path / "scan.png")
+    Image.fromarray(mm.astype(np.float32) / 1000).save(tmp_path / "metres.tiff")
+    np.save(tmp_path / "metres.npy", mm.astype(np.float32) / 1000)
+    assert detect_modality(tmp_path / "photo.tif") == "image"
+    assert detect_modality(tmp_path / "scan.tiff") == detect_modality(tmp_path / "metres.tiff") == "depth"
+    torch.testing.assert_close(load_media(tmp_path / "photo.tif"), load_media(tmp_path / "photo.png"))
+    torch.testing.assert_close(load_media(tmp_path / "scan.tiff"), load_media(tmp_path / "scan.png"))
+    torch.testing.assert_close(load_media(tmp_path / "metres.tiff"), load_media(tmp_path / "metres.npy"))
+    torch.testing.assert_close(load_media(tmp_path / "scan.tiff", "thermal"), load_media(tmp_path / "scan.png",
+                                                                                      "thermal"))
