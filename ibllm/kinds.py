@@ -26,8 +26,8 @@ class MediaKind:
 KINDS: dict[str, MediaKind] = {k.name: k for k in (
     MediaKind("image", "vision", _IMAGE_EXTENSIONS, "🖼️", "image"),
     MediaKind("video", "vision", (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"), "🎬", "video"),
-    MediaKind("audio", "audio", (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".webm", ".mp4",
-                                 ".mkv"), "🔊", "audio"),
+    MediaKind("audio", "audio", (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a", ".aac",
+                                 ".webm", ".mp4", ".mkv"), "🔊", "audio"),
     MediaKind("text", "text", (".txt",), "📝", "text"),
     MediaKind("point", "point", (".ply", ".pcd", ".xyz", ".pts", ".txt", ".csv", ".npy", ".obj"), "🧊",
               "3D point cloud"),

@@ -26,15 +26,15 @@ _DEFAULT_KIND = {
     ".tif": "image", ".tiff": "image",
     ".mp4": "video", ".m4v": "video", ".mov": "video", ".webm": "video", ".mkv": "video", ".avi": "video",
     ".wav": "audio", ".flac": "audio", ".ogg": "audio", ".oga": "audio", ".opus": "audio", ".mp3": "audio",
-    ".m4a": "audio", ".aac": "audio",
+    ".m4a": "audio", ".aac": "audio", ".aif": "audio", ".aiff": "audio",
     ".ply": "point", ".pcd": "point", ".xyz": "point", ".pts": "point", ".obj": "point", ".csv": "point",
     ".npy": "point", ".txt": "text",
 }
 # Content family -> kind, for files whose extension is missing or unknown.
 _KIND_OF_FORMAT = {
-    **{f: "image" for f in IMAGE_FORMATS}, "wav": "audio", "flac": "audio", "ogg": "audio", "mp3": "audio",
-    "adts": "audio", "mp4": "video", "matroska": "video", "avi": "video", "ply": "point", "pcd": "point",
-    "npy": "point", "text": "text",
+    **{f: "image" for f in IMAGE_FORMATS}, "wav": "audio", "aiff": "audio", "flac": "audio", "ogg": "audio",
+    "mp3": "audio", "adts": "audio", "mp4": "video", "matroska": "video", "avi": "video", "ply": "point",
+    "pcd": "point", "npy": "point", "text": "text",
 }
 # Content families that may sit behind each kind's extensions (a JPEG named .png is still an image).
 _FORMATS_OF_KIND = {

@@ -14,7 +14,7 @@ HEAD_BYTES = 4096
 # Container family -> a human name used in messages.
 FORMAT_NAMES = {
     "png": "PNG image", "jpeg": "JPEG image", "gif": "GIF image", "webp": "WebP image", "bmp": "BMP image",
-    "tiff": "TIFF image",
+    "tiff": "TIFF image", "aiff": "AIFF audio",
     "wav": "WAV audio", "flac": "FLAC audio", "ogg": "Ogg audio", "mp3": "MP3 audio", "adts": "AAC (ADTS) audio",
     "mp4": "MP4/MOV/M4A container", "matroska": "Matroska/WebM container", "avi": "AVI video",
     "npy": "NumPy .npy array", "npz": "NumPy .npz archive", "ply": "PLY point cloud", "pcd": "PCD point cloud",
@@ -83,6 +83,8 @@ def sniff_bytes(h: bytes) -> str:
         return "webp"
     if h[:4] in (b"RIFF", b"RIFX", b"RF64") and h[8:12] == b"WAVE":
         return "wav"
+    if h[:4] == b"FORM" and h[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
     if h[:4] == b"RIFF" and h[8:12] == b"AVI ":
         return "avi"
     if h[:2] == b"BM" and len(h) >= 26 and int.from_bytes(h[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):

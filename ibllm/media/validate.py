@@ -12,7 +12,7 @@ from ibllm.media.limits import MB, Limits
 from ibllm.media.sniff import describe, sniff
 
 IMAGE_FORMATS = ("png", "jpeg", "gif", "webp", "bmp", "tiff")
-SOUNDFILE_FORMATS = ("wav", "flac", "ogg", "mp3")  # decoded by libsndfile (soundfile)
+SOUNDFILE_FORMATS = ("wav", "flac", "ogg", "mp3", "aiff")  # decoded by libsndfile (soundfile)
 FFMPEG_AUDIO_FORMATS = ("adts", "mp4", "matroska", "avi")  # decoded by FFmpeg (decord.AudioReader)
 AUDIO_FORMATS = SOUNDFILE_FORMATS + FFMPEG_AUDIO_FORMATS
 VIDEO_FORMATS = ("mp4", "matroska", "avi")

@@ -71,7 +71,7 @@ def test_web_urls_are_refused_with_a_reason(tmp_path):
     ({"type": "file", "file": {"file_id": "file-abc"}}, "file_data"),
     ({"type": "file", "file": {"file_data": base64.b64encode(b"1 2 3\n").decode()}}, "filename"),
     ({"type": "file", "file": {"file_data": "data:text/plain;base64,@@@", "filename": "x.txt"}}, "base64"),
-    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aiff"}}, "wav"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wma"}}, "wav"),
     ({"type": "image_url", "image_url": {"url": "data:application/pdf;base64,AAAA"}}, "image"),
     ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, "image_url, input_audio, file"),
 ])

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from ibllm.config import ImageBindConfig
-from ibllm.media import DEFAULT_LIMITS, MediaError
+from ibllm.media import DEFAULT_LIMITS, MediaError, detect_modality, load_media
 from ibllm.media.audio import clip_ranges, load_audio, load_waveform_16k
 from ibllm.media.probe import adts_duration, declared_duration, matroska_duration
 from tests.media_samples import encode_mono, write_av, write_image, write_sound, xcorr_lag
@@ -178,3 +178,11 @@ def test_oversize_file(tmp_path):
     with pytest.raises(MediaError, match="limit is"):
         load_audio(write_sound(tmp_path / "a.wav", 1.0), limits=dataclasses.replace(DEFAULT_LIMITS,
                                                                                      max_file_bytes=1000))
+
+
+def test_aiff_reads_as_the_same_samples_in_wav(tmp_path):
+    """AIFF (a Mac's or a DAW's export) goes through libsndfile like WAV: the same recording, the same input."""
+    aiff = write_sound(tmp_path / "take.aiff", 2.5, 44100, 2, "PCM_16")
+    wav = write_sound(tmp_path / "take.wav", 2.5, 44100, 2, "PCM_16")
+    assert detect_modality(aiff) == "audio"
+    torch.testing.assert_close(load_media(aiff), load_audio(wav))
