@@ -2,9 +2,10 @@
 
 ``gr.Model3D`` only reads mesh formats, so point clouds (pcd, xyz, npy, …) are rewritten as point-only PLY; IMU
 traces become a plotly figure; depth and thermal maps become colour-mapped PNGs. Images, audio and video are shown
-as they are. Previews are made from files the engine has already accepted, are cached per file version, and never
-unpickle anything: every file is read by the media package's own (bounds-checked) reader for its format, so a
-preview shows what the model reads.
+as they are where a browser can show them; a TIFF becomes a PNG, an AIFF a FLAC, an AVI/MKV/MOV its first frame.
+Previews are made from files the engine has already accepted, are cached per file version, and never unpickle
+anything: every file is read by the media package's own (bounds-checked) reader for its format, so a preview
+shows what the model reads.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Any
 import decord
 import numpy as np
 import plotly.graph_objects as go
+import soundfile as sf
 from PIL import Image
 from plotly.subplots import make_subplots
 
 from ibllm.media.depth import read_disparity
-from ibllm.media.image import open_image
+from ibllm.media.image import open_image, to_rgb
 from ibllm.media.imu import read_imu
 from ibllm.media.point import read_points
 from ibllm.media.pointio import write_ply
@@ -40,6 +42,8 @@ _VIRIDIS = ["#440154", "#482878", "#3e4a89", "#31688e", "#26828e", "#1f9e89", "#
 _INFERNO = ["#000004", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60", "#cf4446", "#ed6925", "#fb9b06", "#f7d13d",
             "#fcffa4"]
 BROWSER_VIDEO = (".mp4", ".webm", ".ogg")
+BROWSER_IMAGE = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # a TIFF is shown as a PNG copy
+BROWSER_AUDIO = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".webm", ".mp4", ".mkv")
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,23 @@ def video_frame_png(path: str) -> str | None:
     return str(out)
 
 
+def browser_image_png(path: str) -> str:
+    """A PNG copy of an image the browser cannot show (TIFF), as the model reads it (first page, RGB)."""
+    out = _preview_dir() / f"{_key(path, 'image')}.png"
+    if not out.exists():
+        to_rgb(open_image(path)).save(out)
+    return str(out)
+
+
+def browser_audio_flac(path: str) -> str:
+    """A FLAC copy of a recording the browser cannot play (AIFF)."""
+    out = _preview_dir() / f"{_key(path, 'audio')}.flac"
+    if not out.exists():
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+        sf.write(out, data, rate, subtype="PCM_16")
+    return str(out)
+
+
 def read_text(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read(MAX_TEXT_CHARS + 1)
@@ -161,7 +182,7 @@ def read_text(path: str) -> str:
 def _cached_preview(path: str, modality: str, key: str) -> Preview:
     del key  # part of the cache key only: a file rewritten in place gets a new preview
     if modality == "image":
-        return Preview("image", path)
+        return Preview("image", path if path.lower().endswith(BROWSER_IMAGE) else browser_image_png(path))
     if modality in ("depth", "thermal"):
         return Preview("image", map_png(path, modality), f"{modality} map, colour-mapped")
     if modality == "point":
@@ -169,7 +190,7 @@ def _cached_preview(path: str, modality: str, key: str) -> Preview:
     if modality == "imu":
         return Preview("plot", imu_figure(path))
     if modality == "audio":
-        return Preview("audio", path)
+        return Preview("audio", path if path.lower().endswith(BROWSER_AUDIO) else browser_audio_flac(path))
     if modality == "video":
         if path.lower().endswith(BROWSER_VIDEO):
             return Preview("video", path)

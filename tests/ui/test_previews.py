@@ -86,3 +86,21 @@ def test_a_preview_never_reads_past_the_limits(tmp_path):
     bomb = png_with_declared_size(tmp_path / "bomb.png", 100_000, 100_000)
     p = previews.make_preview(str(bomb), "depth")
     assert p.kind == "none" and "megapixels" in p.note
+
+
+def test_files_a_browser_cannot_show_are_previewed_as_copies_it_can(tmp_path):
+    """Chromium shows no TIFF and plays no AIFF: their previews are a PNG and a FLAC of the same content."""
+    import soundfile as sf
+
+    rgb = (np.random.default_rng(2).random((30, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.tiff")
+    shown = previews.make_preview(str(tmp_path / "photo.tiff"), "image")
+    assert shown.kind == "image" and shown.value.endswith(".png")
+    np.testing.assert_array_equal(np.asarray(Image.open(shown.value)), rgb)
+    samples = (np.sin(np.arange(8000) / 5.0) * 0.5)[:, None].repeat(2, axis=1)
+    sf.write(tmp_path / "take.aiff", samples, 8000, subtype="PCM_16")
+    heard = previews.make_preview(str(tmp_path / "take.aiff"), "audio")
+    assert heard.kind == "audio" and heard.value.endswith(".flac")
+    np.testing.assert_allclose(sf.read(heard.value)[0], sf.read(tmp_path / "take.aiff")[0], atol=1 / 32768)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    assert previews.make_preview(str(tmp_path / "photo.png"), "image").value == str(tmp_path / "photo.png")
