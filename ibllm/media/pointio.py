@@ -299,8 +299,8 @@ def _check_compressed_block(data: bytes, body: int, expected: int, name: str) ->
         raise MediaError(f"{name}: the PCD file is truncated (no compressed data after its header)")
     compressed, uncompressed = struct.unpack_from("<II", data, body)
     if uncompressed != expected:
-        raise MediaError(f"{name}: the PCD file is damaged (its compressed block decodes to {uncompressed} bytes; "
-                         f"its header's points and fields need {expected})")
+        raise MediaError(f"{name}: the PCD file is damaged (its compressed block declares {uncompressed:,} bytes "
+                         f"of data; the header's points and fields need {expected:,})")
     if body + 8 + compressed > len(data):
         raise MediaError(f"{name}: the PCD file is truncated ({len(data) - body - 8} of its {compressed} "
                          "compressed bytes)")
