@@ -30,6 +30,7 @@ from ibllm.media.image import open_image, to_rgb
 from ibllm.media.imu import read_imu
 from ibllm.media.point import read_points
 from ibllm.media.pointio import write_ply
+from ibllm.media.sniff import sniff
 from ibllm.media.thermal import thermal_gray
 
 MAX_PREVIEW_POINTS = 50_000  # enough to see a shape; Model3D gets slow beyond ~100k points
@@ -42,8 +43,6 @@ _VIRIDIS = ["#440154", "#482878", "#3e4a89", "#31688e", "#26828e", "#1f9e89", "#
 _INFERNO = ["#000004", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60", "#cf4446", "#ed6925", "#fb9b06", "#f7d13d",
             "#fcffa4"]
 BROWSER_VIDEO = (".mp4", ".webm", ".ogg")
-BROWSER_IMAGE = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # a TIFF is shown as a PNG copy
-BROWSER_AUDIO = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".webm", ".mp4", ".mkv")
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,8 @@ def read_text(path: str) -> str:
 def _cached_preview(path: str, modality: str, key: str) -> Preview:
     del key  # part of the cache key only: a file rewritten in place gets a new preview
     if modality == "image":
-        return Preview("image", path if path.lower().endswith(BROWSER_IMAGE) else browser_image_png(path))
+        # by content, not name: a TIFF named .png is shown no better (Chromium decodes no TIFF, plays no AIFF)
+        return Preview("image", browser_image_png(path) if sniff(path) == "tiff" else path)
     if modality in ("depth", "thermal"):
         return Preview("image", map_png(path, modality), f"{modality} map, colour-mapped")
     if modality == "point":
@@ -190,7 +190,7 @@ def _cached_preview(path: str, modality: str, key: str) -> Preview:
     if modality == "imu":
         return Preview("plot", imu_figure(path))
     if modality == "audio":
-        return Preview("audio", path if path.lower().endswith(BROWSER_AUDIO) else browser_audio_flac(path))
+        return Preview("audio", browser_audio_flac(path) if sniff(path) == "aiff" else path)
     if modality == "video":
         if path.lower().endswith(BROWSER_VIDEO):
             return Preview("video", path)
