@@ -131,6 +131,43 @@ class _PacketIndexedFrames:
         return np.stack(frames)
 
 
+def _streams(path: Path) -> tuple[list[str], int, int]:
+    """What the container's header declares, read with PyAV: the stream types, the video track's frame count
+    (0 where the format does not store one: WebM, Matroska) and the video packets actually present in the file.
+    Raises where the header itself cannot be read."""
+    with av.open(str(path)) as container:
+        types = [s.type for s in container.streams]
+        if "video" not in types:
+            return types, 0, 0
+        stream = container.streams.video[0]
+        present = sum(1 for p in container.demux(stream) if p.size)
+        return types, int(stream.frames or 0), present
+
+
+def _no_video_track(path: Path) -> bool:
+    """True only for a readable file with a sound track and no video track (an .m4a saved as .mp4); a damaged
+    header that hides its video track (a file cut inside its index shows a bare data track) is not this."""
+    try:
+        types = _streams(path)[0]
+    except Exception:
+        return False
+    return "audio" in types and "video" not in types
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse a file that ends before the frames its own header lists (an interrupted download or copy): decord
+    and PyAV would quietly read the frames that are there, and which clips a cut file yields would depend on
+    the byte it was cut at. A frame or 2 % of slack: the count a header stores can differ a little from the
+    packets for reasons other than truncation."""
+    try:
+        _, declared, present = _streams(path)
+    except Exception:
+        raise MediaError(f"{path.name} could not be opened as a video (damaged or truncated?)") from None
+    if declared and present < declared - max(1, declared // 50):
+        raise MediaError(f"{path.name} ends early: its header lists {declared} frames, the file holds {present} "
+                         "(damaged or truncated? upload the complete file)")
+
+
 def _open(path: str | Path, limits: Limits):
     name = Path(path).name
     try:
@@ -144,7 +181,7 @@ def _open(path: str | Path, limits: Limits):
         stamps = vr.get_frame_timestamp(np.arange(n)) if n else np.zeros((0, 2))
     except Exception as exc:
         msg = str(exc).lower()
-        if "video stream" in msg:
+        if "video stream" in msg and _no_video_track(Path(path)):
             raise MediaError(f"{name} has no video track (an audio-only file? upload it as audio)") from None
         raise MediaError(f"{name} could not be opened as a video (damaged or truncated?)") from None
     if n == 0:
@@ -152,6 +189,7 @@ def _open(path: str | Path, limits: Limits):
     stamps = np.asarray(stamps, dtype=np.float64).reshape(n, 2)
     if not np.isfinite(stamps).all():
         raise MediaError(f"{name} has invalid frame timestamps")
+    _check_complete(Path(path))
     return vr, stamps
 
 
