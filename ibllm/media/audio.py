@@ -148,9 +148,39 @@ def _sf_info(path: str | Path, limits: Limits) -> sf._SoundFileInfo:
         raise MediaError(f"{name} has no audio channels")
     check_rate(name, info.samplerate)
     if info.frames <= 0:
-        raise MediaError(f"{name} contains no audio samples")
+        raise MediaError(f"{name} contains no audio samples that could be read (an empty recording, or a damaged "
+                         "or truncated file?)")
+    short = _wav_shortfall(path)
+    if short is not None:
+        declared, held = (human_duration(frames / info.samplerate) for frames in short)
+        raise MediaError(f"{name} ends early: its header declares {declared} of sound, the file holds {held} "
+                         "(damaged or truncated? upload the complete file)")
     _check_duration(name, info.frames / info.samplerate, limits)
     return info
+
+
+def _wav_shortfall(path: str | Path) -> tuple[int, int] | None:
+    """(frames the ``data`` chunk of a RIFF WAV declares, frames the file holds after it) where the file ends
+    more than a frame early: an interrupted download or copy, which libsndfile would read as a shorter
+    recording. None for a complete file, another format, or a size left open (0, 0xFFFFFFFF or near 2 GiB, as
+    a live recorder writes it)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        size = f.seek(0, 2)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block = 12, 1
+    while pos + 8 <= len(head):
+        tag, length = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if tag == b"fmt " and pos + 22 <= len(head):
+            block = max(1, int.from_bytes(head[pos + 20:pos + 22], "little"))
+        if tag == b"data":
+            held = size - (pos + 8)
+            if length == 0 or length >= 0x7FFF0000 or held >= length - block:
+                return None
+            return length // block, held // block
+        pos += 8 + length + (length & 1)
+    return None
 
 
 def _detail(exc: Exception) -> str:

@@ -149,6 +149,15 @@ def test_empty_truncated_and_wrong_content(tmp_path):
     (tmp_path / "cut.wav").write_bytes(data[:30])
     with pytest.raises(MediaError, match="could not be read as audio"):
         load_audio(tmp_path / "cut.wav")
+    # Cut inside the samples, libsndfile reads a shorter recording; the header's size shows the cut.
+    for tenth in (3, 6, 9):
+        (tmp_path / "cut.wav").write_bytes(data[: tenth * len(data) // 10])
+        with pytest.raises(MediaError, match=r"ends early: its header declares 1\.0 s of sound"):
+            load_audio(tmp_path / "cut.wav")
+    # A live recorder leaves the size open (0xFFFFFFFF): read to the end of the file, not refused.
+    at = data.index(b"data") + 4
+    (tmp_path / "live.wav").write_bytes(data[:at] + b"\xff\xff\xff\xff" + data[at + 4 : len(data) // 2])
+    assert load_audio(tmp_path / "live.wav").shape == load_audio(tmp_path / "full.wav").shape
     write_image(tmp_path / "img.png")
     (tmp_path / "png.wav").write_bytes((tmp_path / "img.png").read_bytes())
     with pytest.raises(MediaError, match="looks like PNG image"):
