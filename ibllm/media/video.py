@@ -21,6 +21,7 @@ landscape is encoded as stored).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -131,41 +132,60 @@ class _PacketIndexedFrames:
         return np.stack(frames)
 
 
-def _streams(path: Path) -> tuple[list[str], int, int]:
-    """What the container's header declares, read with PyAV: the stream types, the video track's frame count
-    (0 where the format does not store one: WebM, Matroska) and the video packets actually present in the file.
-    Raises where the header itself cannot be read."""
+@dataclass(frozen=True)
+class _Header:
+    """What a container's header declares against what its packets hold (read with PyAV, nothing decoded)."""
+    types: list[str]  # the stream types
+    frames: int = 0  # the video track's declared frame count; 0 where the format stores none (WebM, Matroska)
+    present: int = 0  # video packets in the file
+    seconds: float = 0.0  # the declared duration; 0 where none is stored (a browser's recording)
+    reach: float = 0.0  # where the last packet of any track ends, from the container's start
+
+
+def _header(path: Path) -> _Header:
+    """Raises where the header itself cannot be read."""
     with av.open(str(path)) as container:
         types = [s.type for s in container.streams]
         if "video" not in types:
-            return types, 0, 0
-        stream = container.streams.video[0]
-        present = sum(1 for p in container.demux(stream) if p.size)
-        return types, int(stream.frames or 0), present
+            return _Header(types)
+        video = container.streams.video[0]
+        present, reach = 0, 0.0
+        start = (container.start_time or 0) / av.time_base
+        for packet in container.demux():
+            if not packet.size or packet.pts is None or packet.time_base is None:
+                continue
+            present += packet.stream is video
+            reach = max(reach, float((packet.pts + (packet.duration or 0)) * packet.time_base) - start)
+        seconds = (container.duration or 0) / av.time_base
+        return _Header(types, int(video.frames or 0), present, seconds, reach)
 
 
 def _no_video_track(path: Path) -> bool:
     """True only for a readable file with a sound track and no video track (an .m4a saved as .mp4); a damaged
     header that hides its video track (a file cut inside its index shows a bare data track) is not this."""
     try:
-        types = _streams(path)[0]
+        types = _header(path).types
     except Exception:
         return False
     return "audio" in types and "video" not in types
 
 
 def _check_complete(path: Path) -> None:
-    """Refuse a file that ends before the frames its own header lists (an interrupted download or copy): decord
-    and PyAV would quietly read the frames that are there, and which clips a cut file yields would depend on
-    the byte it was cut at. A frame or 2 % of slack: the count a header stores can differ a little from the
-    packets for reasons other than truncation."""
+    """Refuse a file that ends before what its own header lists (an interrupted download or copy): decord and
+    PyAV would quietly read the frames that are there, and which clips a cut file yields would depend on the
+    byte it was cut at. MP4/MOV/AVI store a frame count (slack: a frame or 2 %, as a header's count can differ
+    a little from the packets for other reasons); Matroska stores a duration, matched against where the last
+    packet of any track ends (slack: 0.25 s or 5 %)."""
     try:
-        _, declared, present = _streams(path)
+        head = _header(path)
     except Exception:
         raise MediaError(f"{path.name} could not be opened as a video (damaged or truncated?)") from None
-    if declared and present < declared - max(1, declared // 50):
-        raise MediaError(f"{path.name} ends early: its header lists {declared} frames, the file holds {present} "
-                         "(damaged or truncated? upload the complete file)")
+    if head.frames and head.present < head.frames - max(1, head.frames // 50):
+        raise MediaError(f"{path.name} ends early: its header lists {head.frames} frames, the file holds "
+                         f"{head.present} (damaged or truncated? upload the complete file)")
+    if not head.frames and head.seconds and head.reach < head.seconds - max(0.25, 0.05 * head.seconds):
+        raise MediaError(f"{path.name} ends early: its header says {human_duration(head.seconds)}, the file "
+                         f"holds {human_duration(head.reach)} (damaged or truncated? upload the complete file)")
 
 
 def _open(path: str | Path, limits: Limits):

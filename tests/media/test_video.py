@@ -124,5 +124,11 @@ def test_malformed(tmp_path):
         (tmp_path / "cut.mp4").write_bytes(data[: tenth * len(data) // 10])
         with pytest.raises(MediaError, match="damaged or truncated"):
             load_video(tmp_path / "cut.mp4")
+    # Matroska stores no frame count but a duration: cut near its end, the last packet shows the shortfall.
+    data = write_av(tmp_path / "full.mkv", seconds=2.0).read_bytes()
+    for tenth in (8, 9):
+        (tmp_path / "cut.mkv").write_bytes(data[: tenth * len(data) // 10])
+        with pytest.raises(MediaError, match=r"ends early: its header says 2\.0 s"):
+            load_video(tmp_path / "cut.mkv")
     with pytest.raises(MediaError, match="no video track"):
         load_video(write_av(tmp_path / "a.m4a", video=None, audio="aac", fmt="mp4", seconds=1.0))
