@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import decord
 from PIL import Image
 
 from ibllm.kinds import ALL_EXTENSIONS, KINDS, MEDIA_KINDS
@@ -18,6 +17,7 @@ from ibllm.media.errors import MediaError
 from ibllm.media.limits import Limits
 from ibllm.media.pointio import npy_header
 from ibllm.media.sniff import describe, sniff
+from ibllm.media.tracks import sound_only
 from ibllm.media.validate import AUDIO_FORMATS, IMAGE_FORMATS, VIDEO_FORMATS, check_file
 
 # Extension -> the kind it means when nothing in the content says otherwise.
@@ -49,15 +49,6 @@ def accepted_table() -> str:
     rows = ["| input | file types |", "|---|---|"]
     rows += [f"| {kind.name} | {' '.join(kind.extensions)} |" for kind in KINDS.values()]
     return "\n".join(rows)
-
-
-def _lacks_video_stream(path: Path) -> bool:
-    """True only when the container opens and has no video track (a damaged file stays "video")."""
-    try:
-        decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    except Exception as exc:
-        return "video stream" in str(exc).lower()
-    return False
 
 
 def _npy_kind(path: Path) -> str:
@@ -127,7 +118,7 @@ def detect_modality(path: str | Path) -> str:
         article = "an" if label[0].lower() in "aeiou" else "a"  # "an audio file", "an IMU recording"
         raise MediaError(f"{p.name} is named like {article} {label} file but its content looks like {describe(fmt)}. "
                          f"Accepted for {label}: {' '.join(KINDS[kind].extensions)}")
-    if kind == "video" and (fmt not in VIDEO_FORMATS or _lacks_video_stream(p)):
+    if kind == "video" and (fmt not in VIDEO_FORMATS or sound_only(p)):
         return "audio"
     if kind == "image" and fmt in ("png", "tiff"):
         try:

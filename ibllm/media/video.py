@@ -21,7 +21,6 @@ landscape is encoded as stored).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -34,6 +33,7 @@ from ibllm.media.clips import clip_starts
 from ibllm.media.errors import MediaError
 from ibllm.media.image import CLIP_MEAN, CLIP_STD, normalize_
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
+from ibllm.media.tracks import read_tracks, sound_only
 from ibllm.media.validate import VIDEO_FORMATS, check_aspect, check_file, human_duration, require_format
 
 CLIPS = 5
@@ -132,44 +132,6 @@ class _PacketIndexedFrames:
         return np.stack(frames)
 
 
-@dataclass(frozen=True)
-class _Header:
-    """What a container's header declares against what its packets hold (read with PyAV, nothing decoded)."""
-    types: list[str]  # the stream types
-    frames: int = 0  # the video track's declared frame count; 0 where the format stores none (WebM, Matroska)
-    present: int = 0  # video packets in the file
-    seconds: float = 0.0  # the declared duration; 0 where none is stored (a browser's recording)
-    reach: float = 0.0  # where the last packet of any track ends, from the container's start
-
-
-def _header(path: Path) -> _Header:
-    """Raises where the header itself cannot be read."""
-    with av.open(str(path)) as container:
-        types = [s.type for s in container.streams]
-        if "video" not in types:
-            return _Header(types)
-        video = container.streams.video[0]
-        present, reach = 0, 0.0
-        start = (container.start_time or 0) / av.time_base
-        for packet in container.demux():
-            if not packet.size or packet.pts is None or packet.time_base is None:
-                continue
-            present += packet.stream is video
-            reach = max(reach, float((packet.pts + (packet.duration or 0)) * packet.time_base) - start)
-        seconds = (container.duration or 0) / av.time_base
-        return _Header(types, int(video.frames or 0), present, seconds, reach)
-
-
-def _no_video_track(path: Path) -> bool:
-    """True only for a readable file with a sound track and no video track (an .m4a saved as .mp4); a damaged
-    header that hides its video track (a file cut inside its index shows a bare data track) is not this."""
-    try:
-        types = _header(path).types
-    except Exception:
-        return False
-    return "audio" in types and "video" not in types
-
-
 def _check_complete(path: Path) -> None:
     """Refuse a file that ends before what its own header lists (an interrupted download or copy): decord and
     PyAV would quietly read the frames that are there, and which clips a cut file yields would depend on the
@@ -177,7 +139,7 @@ def _check_complete(path: Path) -> None:
     a little from the packets for other reasons); Matroska stores a duration, matched against where the last
     packet of any track ends (slack: 0.25 s or 5 %)."""
     try:
-        head = _header(path)
+        head = read_tracks(path)
     except Exception:
         raise MediaError(f"{path.name} could not be opened as a video (damaged or truncated?)") from None
     if head.frames and head.present < head.frames - max(1, head.frames // 50):
@@ -201,7 +163,7 @@ def _open(path: str | Path, limits: Limits):
         stamps = vr.get_frame_timestamp(np.arange(n)) if n else np.zeros((0, 2))
     except Exception as exc:
         msg = str(exc).lower()
-        if "video stream" in msg and _no_video_track(Path(path)):
+        if "video stream" in msg and sound_only(Path(path)):
             raise MediaError(f"{name} has no video track (an audio-only file? upload it as audio)") from None
         raise MediaError(f"{name} could not be opened as a video (damaged or truncated?)") from None
     if n == 0:

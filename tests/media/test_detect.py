@@ -41,6 +41,16 @@ def test_detection_by_extension_and_content(tmp_path):
         assert detect_modality(path) == kind, path.name
 
 
+def test_a_video_cut_before_its_index_stays_a_video(tmp_path):
+    # Its index (moov) is written last: cut short, no track can be found, which is no reason to read it as sound
+    # (it was: "has no audio track"); the video loader then says it is damaged.
+    data = write_av(tmp_path / "full.mp4", seconds=1.0).read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: data.index(b"moov") + 16])  # a few bytes of the index remain
+    assert detect_modality(tmp_path / "cut.mp4") == "video"
+    with pytest.raises(MediaError, match="damaged or truncated"):
+        load_media(tmp_path / "cut.mp4")
+
+
 def test_load_media_dispatches(tmp_path):
     write_image(tmp_path / "a.png")
     assert load_media(tmp_path / "a.png").shape == (3, 224, 224)
