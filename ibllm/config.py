@@ -9,6 +9,7 @@ these. The "huge"/"7B" numbers come from ../shared/REFERENCE.md (ImageBind-Huge,
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -163,10 +164,11 @@ def with_settings(base: Any, values: Mapping[str, Any] | None, what: str) -> Any
             ok = isinstance(value, bool)
         elif kind.startswith("int"):
             ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:  # NaN passes every comparison below and JSON carries it (Python's json reads NaN and Infinity)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or (not isinstance(value, bool) and value < 0) or (name == "top_p" and not 0 < value <= 1):
-            wanted = {"bool": "true or false", "int": "a whole number >= 0"}.get(kind.split(" ")[0], "a number >= 0")
+            wanted = {"bool": "true or false", "int": "a whole number >= 0"}.get(kind.split(" ")[0],
+                                                                                "a finite number >= 0")
             raise ValueError(f"{what} setting {name!r} must be {'in (0, 1]' if name == 'top_p' else wanted}, "
                              f"got {value!r}")
         changes[name] = float(value) if kind.startswith("float") else value

@@ -22,8 +22,11 @@ def test_given_settings_replace_the_defaults_and_the_rest_stay():
     ({"temprature": 1.0}, "unknown generation setting 'temprature'"),
     ({"max_new_tokens": 2.5}, "whole number"),
     ({"max_new_tokens": True}, "whole number"),
-    ({"temperature": "hot"}, "a number"),
+    ({"temperature": "hot"}, "number >= 0"),
     ({"temperature": -1}, ">= 0"),
+    ({"temperature": float("nan")}, "finite"),  # passed every comparison: sampling then failed (a 500 from the API)
+    ({"temperature": float("inf")}, "finite"),
+    ({"max_new_tokens": float("nan")}, "whole number"),
     ({"top_p": 1.5}, "(0, 1]"),
     ({"top_p": 0}, "(0, 1]"),
     ("greedy", "object of settings"),

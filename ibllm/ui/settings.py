@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -177,16 +178,30 @@ def generation_controls(defaults: GenerationConfig, render: bool = True) -> Gene
     )
 
 
+def _finite(value: Any, fallback: float) -> float:
+    """A control's value as a float; NaN or infinity (an API caller's JSON can carry them past a slider, and
+    they pass every clamp below) becomes the setting's default."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return fallback
+    return number if math.isfinite(number) else fallback
+
+
 def to_cache_options(enabled: bool, top_k: float, temperature: float, weight: float) -> VisualCacheConfig:
-    return VisualCacheConfig(enabled=bool(enabled), top_k=max(1, int(top_k)), temperature=float(temperature),
-                        weight=min(max(float(weight), 0.0), 1.0))
+    d = VisualCacheConfig
+    return VisualCacheConfig(enabled=bool(enabled), top_k=max(1, int(_finite(top_k, d.top_k))),
+                             temperature=_finite(temperature, d.temperature),
+                             weight=min(max(_finite(weight, d.weight), 0.0), 1.0))
 
 
 def to_generation_options(max_new_tokens: float, temperature: float, top_p: float,
                           seed: float | None) -> GenerationConfig:
-    seed_value = None if seed is None or int(seed) < 0 else int(seed)
-    return GenerationConfig(max_new_tokens=max(1, int(max_new_tokens)), temperature=max(0.0, float(temperature)),
-                             top_p=min(max(float(top_p), 0.0), 1.0), seed=seed_value)
+    d = GenerationConfig
+    seed_value = None if seed is None or _finite(seed, -1) < 0 else int(_finite(seed, -1))
+    return GenerationConfig(max_new_tokens=max(1, int(_finite(max_new_tokens, d.max_new_tokens))),
+                            temperature=max(0.0, _finite(temperature, d.temperature)),
+                            top_p=min(max(_finite(top_p, d.top_p), 0.0), 1.0), seed=seed_value)
 
 
 def picture_controls(defaults: PictureConfig, *, visible: bool, render: bool = True) -> PictureControls:

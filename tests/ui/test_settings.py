@@ -18,6 +18,10 @@ def test_options_conversion():
     g = to_generation_options(32.0, 0.0, 0.9, -1)
     assert (g.max_new_tokens, g.temperature, g.top_p, g.seed) == (32, 0.0, 0.9, None)
     assert to_generation_options(32, 0.5, 0.9, 42.0).seed == 42
+    # NaN and infinity pass every clamp (max(nan, 0) is nan when nan comes first): each becomes its default
+    nan, inf = float("nan"), float("inf")
+    assert to_cache_options(True, nan, nan, nan) == VisualCacheConfig()
+    assert to_generation_options(inf, nan, nan, nan) == GenerationConfig()
 
 
 @pytest.fixture
