@@ -14,6 +14,7 @@ nests them (``blocks.2.f2.weight``). ``bind_key_table`` is the one mapping betwe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,8 +32,8 @@ def fuse(embeddings: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.
     """
     if len(embeddings) != len(weights):
         raise ValueError(f"{len(embeddings)} embeddings but {len(weights)} weights")
-    if any(w < 0 for w in weights):
-        raise ValueError(f"mixing weights must be >= 0, got {list(weights)}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):  # NaN passes "< 0" and would poison the sum
+        raise ValueError(f"mixing weights must be finite and >= 0, got {list(weights)}")
     kept = [(e, float(w)) for e, w in zip(embeddings, weights, strict=True) if w > 0]
     if not kept:
         raise ValueError("nothing to fuse: every input has weight 0")

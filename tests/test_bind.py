@@ -31,6 +31,8 @@ def test_fuse_weight_zero_drops_an_input():
         fuse([a, b], [0.0, 0.0])
     with pytest.raises(ValueError, match=">= 0"):
         fuse([a, b], [1.0, -1.0])
+    with pytest.raises(ValueError, match="finite"):
+        fuse([a, b], [1.0, float("nan")])
 
 
 @pytest.mark.parametrize("legacy", [False, True])

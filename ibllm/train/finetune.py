@@ -135,8 +135,8 @@ def _attachment(item: Any, modality: str | None, root: Path, where: str) -> Atta
         item = item["path"]
     if not isinstance(item, str) or not item:
         raise DataError(f"{where}: a file is a path string, got {item!r}")
-    if not isinstance(weight, int | float) or weight < 0:
-        raise DataError(f"{where}: weight must be a number >= 0, got {weight!r}")
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not (math.isfinite(weight) and weight >= 0):
+        raise DataError(f"{where}: weight must be a finite number >= 0, got {weight!r}")
     path = (root / item).resolve()
     if not path.is_file():
         raise DataError(f"{where}: file not found: {path}")

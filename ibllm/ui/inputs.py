@@ -8,6 +8,7 @@ one file keeps one path.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -95,11 +96,14 @@ def parse_weights(given: Given) -> dict[str, float] | list[float]:
     value = _parsed(given, "weights", '{"photo.png": 1.0, "audio": 0.5} or [1.0, 0.5]')
     if not value:
         return {}
-    if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+    numbers = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else None
+    if numbers is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise RequestError('weights must map file names, modalities or positions to numbers, e.g. {"audio": 0.5}')
+    if not all(math.isfinite(v) and v >= 0 for v in numbers):
+        raise RequestError(f"weights must be finite numbers >= 0 (0 leaves an input out), got {json.dumps(value)}")
+    if isinstance(value, list):
         return [float(v) for v in value]
-    if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
-        return {str(k): float(v) for k, v in value.items()}
-    raise RequestError('weights must map file names, modalities or positions to numbers, e.g. {"audio": 0.5}')
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def parse_modalities(given: Given) -> dict[str, str] | list[str]:

@@ -29,6 +29,10 @@ def test_weights_parsing():
         parse_weights("{audio: 1}")
     with pytest.raises(RequestError):
         parse_weights('{"audio": "loud"}')
+    # Python's json reads NaN and Infinity; NaN passed "< 0" and would have poisoned the fused embedding
+    for wrong in ('{"audio": NaN}', "[1, Infinity]", '{"audio": -1}', "[true]"):
+        with pytest.raises(RequestError, match="weights must"):
+            parse_weights(wrong)
 
 
 def test_modalities_parsing():
