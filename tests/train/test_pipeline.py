@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ibllm.checkpoint import read_state_dict
+from ibllm.config import from_name
 from ibllm.model import ImageBindLLM
 from ibllm.train.data import load_tensor
 from ibllm.train.pipeline import PRESETS, TRAINING_STAGES, Pipeline
@@ -88,6 +89,8 @@ def test_exported_model_loads_and_answers(run: tuple[Path, Pipeline, dict[str, A
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
     engine = load_default(model)
     assert engine.info.trained and engine.info.cache_entries == SMOKE.n_train + SMOKE.n_extra
+    # served at the run's cache weight (what the app's Cache tab starts at), not the preset's training mix
+    assert engine.cfg.visual_cache.weight == SMOKE.served_cache_weight != from_name("toy").visual_cache.weight
     image = next((out / "data" / "heldout").rglob("image.png"))
     ask = dict(attachments=[Attachment(str(image), "image")], generation=GenerationConfig.greedy(8))
     answer = engine.answer("What colour is it?", **ask)
