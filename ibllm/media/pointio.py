@@ -49,6 +49,10 @@ def _numeric_lines(text: bytes, name: str, what: str, columns: list[int], rows: 
         return np.loadtxt(io.BytesIO(text), dtype=np.float64, usecols=columns, max_rows=rows, ndmin=2,
                           comments=None, encoding="latin-1")
     except (ValueError, IndexError):
+        lines = text.count(b"\n") + 1
+        if rows is not None and not text.endswith(b"\n") and lines < rows:  # cut short inside a line
+            raise MediaError(f"{name}: the file is truncated (it ends inside point {lines:,} of the {rows:,} its "
+                             "header declares)") from None
         raise MediaError(f"{name}: malformed {what} (every line needs the header's numbers)") from None
 
 

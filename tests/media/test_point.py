@@ -174,6 +174,15 @@ def test_limits_and_truncation(tmp_path):
     (tmp_path / "cut.ply").write_bytes(data[: len(data) // 2])
     with pytest.raises(MediaError, match="truncated"):
         load_point(tmp_path / "cut.ply")
+    # A text cloud cut inside a line: truncated (it read as a "malformed" line), for PLY and PCD alike
+    data = write_ply(tmp_path / "full.ply", XYZ, "ascii").read_bytes()
+    pcd = b"VERSION .7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH %d\nHEIGHT 1\nPOINTS %d\n" \
+          b"DATA ascii\n" % (len(XYZ), len(XYZ)) + b"".join(b"%.6f %.6f %.6f\n" % tuple(p) for p in XYZ)
+    for name, text in (("cut.ply", data), ("cut.pcd", pcd)):
+        cut = text[: len(text) // 2]
+        (tmp_path / name).write_bytes(cut[: cut.rindex(b" ") + 1])  # ends after a number's space: one short
+        with pytest.raises(MediaError, match="truncated"):
+            load_point(tmp_path / name)
     header = np.lib.format.header_data_from_array_1_0(np.zeros((1_000_000, 3)))
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
