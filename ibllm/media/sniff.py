@@ -55,16 +55,26 @@ def _looks_like_text(h: bytes) -> bool:
     return b"\x00" not in h and len(h.translate(None, _CONTROL)) >= len(h) * 0.99
 
 
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# Byte-order marks of text saved as UTF-32 or UTF-16 (Windows' "Unicode"), longest first: UTF-32 LE's begins
+# with UTF-16 LE's. Each maps to the codec of the units after it.
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
+         (b"\xfe\xff", "utf-16-be"))
 
 
-def _is_utf16_text(h: bytes) -> bool:
-    """Text saved as UTF-16 with its byte-order mark (Windows' "Unicode"; FF FE would read as an MPEG sync):
-    nearly every character printable or a line break, which random code units are not (~80 % of them)."""
-    if not h.startswith(UTF16_BOMS) or len(h) < 4:
+def bom_codec(h: bytes) -> tuple[bytes, str] | None:
+    """(byte-order mark, codec) of text that starts with a UTF-32 or UTF-16 mark, else None."""
+    return next(((bom, codec) for bom, codec in _BOMS if h.startswith(bom)), None)
+
+
+def _is_unicode_text(h: bytes) -> bool:
+    """Text saved as UTF-16 or UTF-32 with its byte-order mark (FF FE would read as an MPEG sync): nearly every
+    character printable or a line break, which random code units are not (~80 % of them)."""
+    found = bom_codec(h)
+    if found is None or len(h) < 2 * len(found[0]):
         return False
-    codec = "utf-16-le" if h.startswith(b"\xff\xfe") else "utf-16-be"
-    text = h[2:len(h) - len(h) % 2].decode(codec, errors="ignore")  # a pair cut by the head boundary is dropped
+    bom, codec = found
+    unit = len(bom)
+    text = h[unit:len(h) - len(h) % unit].decode(codec, errors="ignore")  # a unit cut by the head boundary is dropped
     ordinary = sum(c.isprintable() or c in "\t\n\r" for c in text)
     return bool(text.strip()) and ordinary >= 0.98 * len(text)
 
@@ -95,7 +105,7 @@ def sniff_bytes(h: bytes) -> str:
         return "flac"
     if h.startswith(b"OggS"):
         return "ogg"
-    if _is_utf16_text(h):
+    if _is_unicode_text(h):
         return "text"
     if h.startswith(b"ID3") or _is_mp3_frame(h):
         return "mp3"

@@ -17,7 +17,7 @@ from ibllm.config import ImageBindConfig
 from ibllm.media.bpe import default_tokenizer
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
-from ibllm.media.sniff import UTF16_BOMS
+from ibllm.media.sniff import bom_codec
 from ibllm.media.validate import check_file, require_format
 
 
@@ -43,11 +43,13 @@ def read_text_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> str:
     check_file(path, limits)
     require_format(path, ("text",), "text")
     raw = Path(path).read_bytes()
+    found = bom_codec(raw)
     try:
-        text = raw.decode("utf-16" if raw.startswith(UTF16_BOMS) else "utf-8-sig")
+        text = raw[len(found[0]):].decode(found[1]) if found else raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        if raw.startswith(UTF16_BOMS):
-            raise MediaError(f"{name} is not valid UTF-16 text; save it as UTF-8 and upload it again") from None
+        if found:
+            raise MediaError(f"{name} is not valid {found[1][:6].upper()} text; save it as UTF-8 and upload it "
+                             "again") from None
         text = raw.decode("cp1252", errors="replace")  # the sniffer found text: a single-byte code page
     if len(text) > limits.max_text_chars:
         raise MediaError(f"{name} has {len(text)} characters; the limit for a text input is {limits.max_text_chars}")

@@ -31,6 +31,7 @@ from ibllm.media.imu import read_imu
 from ibllm.media.point import read_points
 from ibllm.media.pointio import write_ply
 from ibllm.media.sniff import sniff
+from ibllm.media.text import read_text_file
 from ibllm.media.thermal import thermal_gray
 
 MAX_PREVIEW_POINTS = 50_000  # enough to see a shape; Model3D gets slow beyond ~100k points
@@ -172,8 +173,8 @@ def browser_audio_flac(path: str) -> str:
 
 
 def read_text(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read(MAX_TEXT_CHARS + 1)
+    """The text as the model reads it (UTF-8, UTF-16 or UTF-32 with its mark, a code page), cut for the panel."""
+    text = read_text_file(path)
     return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS] + "…"
 
 

@@ -160,11 +160,15 @@ def test_one_enormous_word_costs_no_more_than_the_tokens_kept() -> None:
     assert tok.encode(text, max_tokens=75) == tok.encode(text)[:75]
 
 
-def test_utf16_and_single_byte_code_page_text_are_text(tmp_path: Path) -> None:
+def test_utf16_utf32_and_single_byte_code_page_text_are_text(tmp_path: Path) -> None:
     said = "A small blue pyramid on the right, moving up — café."
     (tmp_path / "u16.txt").write_bytes(said.encode("utf-16"))
+    (tmp_path / "u16be.txt").write_bytes(b"\xfe\xff" + said.encode("utf-16-be"))
+    # UTF-32 LE's mark begins with UTF-16 LE's: it was read as UTF-16 and refused as binary
+    (tmp_path / "u32.txt").write_bytes(said.encode("utf-32"))
+    (tmp_path / "u32be.txt").write_bytes(b"\x00\x00\xfe\xff" + said.encode("utf-32-be"))
     (tmp_path / "cp1252.txt").write_bytes(said.encode("cp1252"))
-    for name in ("u16.txt", "cp1252.txt"):
+    for name in ("u16.txt", "u16be.txt", "u32.txt", "u32be.txt", "cp1252.txt"):
         assert sniff(tmp_path / name) == "text"
         assert read_text_file(tmp_path / name) == said
 
