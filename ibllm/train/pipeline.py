@@ -99,7 +99,8 @@ class RunConfig:
     cached_fraction_partial: float = 0.35
     # The cache's mix weight written into the shipped config.json, i.e. what the app serves (stage 2 reads its
     # cached views at the preset's 0.5, the reference's default). 0.25 was chosen on two validation sets: with
-    # the cache on, "can't tell" 80 -> 88 % and 79 -> 88 %, every other suite within a point (README).
+    # the cache on, "can't tell" 80 -> 88 % and 79 -> 88 %, the judged suites within a point, but answers about
+    # what the neighbours had supplied fell (size above all: held-out over every latent -1.3 / -2.3; README).
     served_cache_weight: float = 0.25
     word_dropout: float = 0.0  # stage 2: each frame word of a question left out with this probability
     word_insertion: float = 0.0  # stage 2: share of the questions naming their latent with other words put in
