@@ -24,7 +24,6 @@ Requests run on a few threads at once, so several answers decode together in the
 from __future__ import annotations
 
 import json
-import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -34,6 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ibllm.bind import is_mix_weight
 from ibllm.config import GenerationConfig, VisualCacheConfig, with_settings
 from ibllm.engine import ChatEngine
 from ibllm.media.errors import MediaError
@@ -71,7 +71,7 @@ def _attachment(item: Any, base: Path, engine: ChatEngine) -> Attachment:
     path = Path(spec["path"]).expanduser()
     path = str(path if path.is_absolute() else base / path)
     weight = spec.get("weight", 1.0)
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not (math.isfinite(weight) and weight >= 0):
+    if not is_mix_weight(weight):
         raise ValueError(f"{spec['path']}: weight must be a finite number >= 0, got {weight!r}")
     modality = spec.get("modality") or engine.detect(path)
     return Attachment(path, str(modality), float(weight))

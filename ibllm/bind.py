@@ -25,6 +25,13 @@ from ibllm.config import AdapterConfig
 from ibllm.llm.llama import RMSNorm
 
 
+def is_mix_weight(value: object) -> bool:
+    """Whether ``value`` can weigh an input in ``fuse``: a finite number >= 0 (not a bool; NaN passes "< 0" and
+    would poison the sum). Every caller that takes weights from a user (API, batch files, fine-tuning data) asks
+    this before it gets here."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def fuse(embeddings: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted sum of L2-normalised embeddings (B, E) with weights w_i / (sum(w) + 1e-6); weight 0 drops an input.
 
@@ -32,7 +39,7 @@ def fuse(embeddings: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.
     """
     if len(embeddings) != len(weights):
         raise ValueError(f"{len(embeddings)} embeddings but {len(weights)} weights")
-    if not all(math.isfinite(w) and w >= 0 for w in weights):  # NaN passes "< 0" and would poison the sum
+    if not all(is_mix_weight(float(w)) for w in weights):
         raise ValueError(f"mixing weights must be finite and >= 0, got {list(weights)}")
     kept = [(e, float(w)) for e, w in zip(embeddings, weights, strict=True) if w > 0]
     if not kept:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ibllm.bind import is_mix_weight
 from ibllm.config import IMAGEBIND_HUGE, ImageBindConfig
 from ibllm.engine import ChatEngine
 from ibllm.factory import DEFAULT_ASSETS, load_default, load_official
@@ -135,7 +136,7 @@ def _attachment(item: Any, modality: str | None, root: Path, where: str) -> Atta
         item = item["path"]
     if not isinstance(item, str) or not item:
         raise DataError(f"{where}: a file is a path string, got {item!r}")
-    if not isinstance(weight, int | float) or isinstance(weight, bool) or not (math.isfinite(weight) and weight >= 0):
+    if not is_mix_weight(weight):
         raise DataError(f"{where}: weight must be a finite number >= 0, got {weight!r}")
     path = (root / item).resolve()
     if not path.is_file():

@@ -8,13 +8,13 @@ one file keeps one path.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 
 import gradio as gr
 
 import ibllm.ui.previews as previews
+from ibllm.bind import is_mix_weight
 from ibllm.engine import ChatEngine
 from ibllm.kinds import KINDS
 from ibllm.media.digest import file_digest
@@ -99,7 +99,7 @@ def parse_weights(given: Given) -> dict[str, float] | list[float]:
     numbers = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else None
     if numbers is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         raise RequestError('weights must map file names, modalities or positions to numbers, e.g. {"audio": 0.5}')
-    if not all(math.isfinite(v) and v >= 0 for v in numbers):
+    if not all(is_mix_weight(v) for v in numbers):
         raise RequestError(f"weights must be finite numbers >= 0 (0 leaves an input out), got {json.dumps(value)}")
     if isinstance(value, list):
         return [float(v) for v in value]

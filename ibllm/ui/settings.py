@@ -43,16 +43,18 @@ class CacheControls(ControlGroup):
     top_k: gr.Slider
     temperature: gr.Slider
     weight: gr.Slider
+    # What the controls started at (the served model's settings): a value that is not a finite number falls back
+    # to it, not to the config class's default (the toy model serves a cache weight of its own).
+    defaults: VisualCacheConfig = VisualCacheConfig()
 
     def named(self) -> dict[str, Component]:
         return {"cache": self.enabled, "cache_top_k": self.top_k, "cache_temperature": self.temperature,
                 "cache_weight": self.weight}
 
-    @staticmethod
-    def read(values: Mapping[str, Any]) -> VisualCacheConfig:
+    def read(self, values: Mapping[str, Any]) -> VisualCacheConfig:
         """The settings from the controls' values by API name; without the on/off switch the cache is on."""
         return to_cache_options(values.get("cache", True), values["cache_top_k"], values["cache_temperature"],
-                                values["cache_weight"])
+                                values["cache_weight"], defaults=self.defaults)
 
 
 @dataclass
@@ -61,15 +63,15 @@ class GenerationControls(ControlGroup):
     temperature: gr.Slider
     top_p: gr.Slider
     seed: gr.Number
+    defaults: GenerationConfig = GenerationConfig()  # as ``CacheControls.defaults``
 
     def named(self) -> dict[str, Component]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "seed": self.seed}
 
-    @staticmethod
-    def read(values: Mapping[str, Any]) -> GenerationConfig:
+    def read(self, values: Mapping[str, Any]) -> GenerationConfig:
         return to_generation_options(values["max_new_tokens"], values["temperature"], values["top_p"],
-                                     values["seed"])
+                                     values["seed"], defaults=self.defaults)
 
 
 # What "Answer with" offers: the text answer, a picture drawn from the inputs (Stable unCLIP), or both.
@@ -163,6 +165,7 @@ def cache_controls(defaults: VisualCacheConfig, render: bool = True) -> CacheCon
                               info="Sharpness of the softmax over neighbour similarities"),
         weight=gr.Slider(0, 1, value=defaults.weight, step=0.05, label="Cache weight", render=render,
                          info="0 = the input's own feature, 1 = only the retrieved one"),
+        defaults=defaults,
     )
 
 
@@ -175,6 +178,7 @@ def generation_controls(defaults: GenerationConfig, render: bool = True) -> Gene
         top_p=gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p", render=render),
         seed=gr.Number(-1 if defaults.seed is None else defaults.seed, precision=0, label="Seed",
                        info="-1 = a new random seed each time", render=render),
+        defaults=defaults,
     )
 
 
@@ -188,16 +192,21 @@ def _finite(value: Any, fallback: float) -> float:
     return number if math.isfinite(number) else fallback
 
 
-def to_cache_options(enabled: bool, top_k: float, temperature: float, weight: float) -> VisualCacheConfig:
-    d = VisualCacheConfig
+def to_cache_options(enabled: bool, top_k: float, temperature: float, weight: float,
+                     defaults: VisualCacheConfig | None = None) -> VisualCacheConfig:
+    """The cache settings from the controls' values; one that is not a finite number takes ``defaults``' (the
+    config class's own when None)."""
+    d = defaults or VisualCacheConfig()
     return VisualCacheConfig(enabled=bool(enabled), top_k=max(1, int(_finite(top_k, d.top_k))),
                              temperature=_finite(temperature, d.temperature),
                              weight=min(max(_finite(weight, d.weight), 0.0), 1.0))
 
 
-def to_generation_options(max_new_tokens: float, temperature: float, top_p: float,
-                          seed: float | None) -> GenerationConfig:
-    d = GenerationConfig
+def to_generation_options(max_new_tokens: float, temperature: float, top_p: float, seed: float | None,
+                          defaults: GenerationConfig | None = None) -> GenerationConfig:
+    """The sampling settings from the controls' values; one that is not a finite number takes ``defaults``' (the
+    config class's own when None)."""
+    d = defaults or GenerationConfig()
     seed_value = None if seed is None or _finite(seed, -1) < 0 else int(_finite(seed, -1))
     return GenerationConfig(max_new_tokens=max(1, int(_finite(max_new_tokens, d.max_new_tokens))),
                             temperature=max(0.0, _finite(temperature, d.temperature)),

@@ -24,6 +24,20 @@ def test_options_conversion():
     assert to_generation_options(inf, nan, nan, nan) == GenerationConfig()
 
 
+def test_a_value_that_is_not_a_number_falls_back_to_the_served_models_setting():
+    """The controls start at the loaded model's settings (the toy model serves a cache weight of 0.25, not the
+    class default 0.5); a NaN sent by an API caller takes that, not the config class's default."""
+    served_cache = VisualCacheConfig(top_k=8, weight=0.25)
+    served_generation = GenerationConfig(max_new_tokens=64, temperature=0.3, top_p=0.8)
+    controls = Controls(cache_controls(served_cache, render=False),
+                        generation_controls(served_generation, render=False))
+    nan = float("nan")
+    fn, _ = controls.bind(lambda *, cache, generation: (cache, generation))
+    cache, generation = fn(True, nan, nan, nan, nan, nan, nan, -1)
+    assert cache == served_cache
+    assert generation == served_generation
+
+
 @pytest.fixture
 def controls() -> Controls:
     return Controls(cache_controls(VisualCacheConfig(), render=False),
