@@ -29,11 +29,11 @@ KINDS: dict[str, MediaKind] = {k.name: k for k in (
     MediaKind("audio", "audio", (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a", ".aac",
                                  ".webm", ".mp4", ".mkv"), "🔊", "audio"),
     MediaKind("text", "text", (".txt",), "📝", "text"),
-    MediaKind("point", "point", (".ply", ".pcd", ".xyz", ".pts", ".txt", ".csv", ".npy", ".obj"), "🧊",
+    MediaKind("point", "point", (".ply", ".pcd", ".xyz", ".pts", ".txt", ".csv", ".npy", ".npz", ".obj"), "🧊",
               "3D point cloud"),
-    MediaKind("depth", "depth", (".png", ".tif", ".tiff", ".npy"), "🌊", "depth map"),
+    MediaKind("depth", "depth", (".png", ".tif", ".tiff", ".npy", ".npz"), "🌊", "depth map"),
     MediaKind("thermal", "thermal", _IMAGE_EXTENSIONS, "🌡️", "thermal image"),
-    MediaKind("imu", "imu", (".npy", ".csv", ".txt"), "📈", "IMU recording"),
+    MediaKind("imu", "imu", (".npy", ".npz", ".csv", ".txt"), "📈", "IMU recording"),
 )}
 """Media kinds in the order the UI, the CLI's flags and the docs list them."""
 

@@ -21,7 +21,7 @@ Choices where the reference has none, in short:
 - text: over-long texts keep their end token (first 75 BPE tokens + EOT);
 - point: resampled to N (seeded random pre-subset + farthest-point sampling down, seeded repetition up),
   centred at the centroid and scaled to radius 1 unless already normalised (then passed through unchanged);
-- depth: 16-bit PNG = millimetres, .npy = metres, converted to disparity 1/depth; 8-bit images are taken as
+- depth: 16-bit PNG = millimetres, .npy/.npz = metres, converted to disparity 1/depth; 8-bit images are taken as
   inverse-depth visualisations; then resize/crop and per-image standardisation (zero mean, unit std);
 - thermal: grayscale (16-bit stretched over its 1..99th percentiles), bicubic resize/crop, [0, 1], then
   mean 0.4489 / std 0.2686 (CLIP's channel averages);

@@ -6,7 +6,7 @@ NYU, computed with each sensor's focal length and baseline, which an uploaded fi
 1. values -> disparity (larger = nearer):
    - 16-bit PNG or TIFF (and 32-bit integer images): metric depth in **millimetres** (Kinect / RealSense / NYU /
      TUM convention), disparity = 1 / depth_m with depth clipped to [0.01, 50] m;
-   - ``.npy`` (H, W), (1, H, W) or (H, W, 1), and floating-point TIFF: metric depth in **metres**, same
+   - ``.npy`` / ``.npz`` (H, W), (1, H, W) or (H, W, 1), and floating-point TIFF: metric depth in **metres**, same
      conversion;
    - 8-bit PNG/JPEG (gray or colour -> luminance): a depth *visualisation* as exported by monocular estimators
      (MiDaS, DPT, Depth Anything), which are already relative inverse depth (brighter = nearer): used as is;
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ibllm.config import ImageBindConfig
+from ibllm.media.arrays import ARRAY_FORMATS, array_header, read_array
 from ibllm.media.errors import MediaError
 from ibllm.media.image import open_image, to_gray
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
-from ibllm.media.pointio import npy_header, read_npy
 from ibllm.media.validate import IMAGE_FORMATS, check_aspect, check_file, require_format
 
 MIN_DEPTH_M, MAX_DEPTH_M = 0.01, 50.0
@@ -62,9 +62,9 @@ def read_disparity(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> np.ndar
     """Any accepted depth file -> (H, W) float64 disparity-like map (see step 1)."""
     p = Path(path)
     check_file(p, limits)
-    fmt = require_format(p, IMAGE_FORMATS + ("npy",), "a depth map")
-    if fmt == "npy":
-        shape, _ = npy_header(p)
+    fmt = require_format(p, IMAGE_FORMATS + ARRAY_FORMATS, "a depth map")
+    if fmt in ARRAY_FORMATS:
+        shape, _ = array_header(p)
         squeezed = [d for d in shape if d != 1]
         if len(squeezed) != 2 or len(shape) > 3:
             raise MediaError(f"{p.name}: a depth array must be (H, W), (1, H, W) or (H, W, 1); this one is {shape}")
@@ -72,7 +72,7 @@ def read_disparity(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> np.ndar
             raise MediaError(f"{p.name}: {squeezed[0]}x{squeezed[1]} depth values exceed the limit of "
                              f"{limits.max_image_pixels / 1e6:.0f} megapixels")
         check_aspect(squeezed[1], squeezed[0], limits, p.name, "a depth map")
-        depth = read_npy(p, limits, "depth map").astype(np.float64).reshape(squeezed)
+        depth = read_array(p, limits, "depth map").astype(np.float64).reshape(squeezed)
         return depth_to_disparity(depth)
     img = open_image(p, limits)
     if img.mode.startswith("I;16") or img.mode == "I":

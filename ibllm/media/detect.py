@@ -13,9 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 from ibllm.kinds import ALL_EXTENSIONS, KINDS, MEDIA_KINDS
+from ibllm.media.arrays import ARRAY_FORMATS, array_header
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import Limits
-from ibllm.media.pointio import npy_header
 from ibllm.media.sniff import describe, sniff
 from ibllm.media.tracks import sound_only
 from ibllm.media.validate import AUDIO_FORMATS, IMAGE_FORMATS, VIDEO_FORMATS, check_file
@@ -28,19 +28,19 @@ _DEFAULT_KIND = {
     ".wav": "audio", ".flac": "audio", ".ogg": "audio", ".oga": "audio", ".opus": "audio", ".mp3": "audio",
     ".m4a": "audio", ".aac": "audio", ".aif": "audio", ".aiff": "audio",
     ".ply": "point", ".pcd": "point", ".xyz": "point", ".pts": "point", ".obj": "point", ".csv": "point",
-    ".npy": "point", ".txt": "text",
+    ".npy": "point", ".npz": "point", ".txt": "text",
 }
 # Content family -> kind, for files whose extension is missing or unknown.
 _KIND_OF_FORMAT = {
     **{f: "image" for f in IMAGE_FORMATS}, "wav": "audio", "aiff": "audio", "flac": "audio", "ogg": "audio",
     "mp3": "audio", "adts": "audio", "mp4": "video", "matroska": "video", "avi": "video", "ply": "point",
-    "pcd": "point", "npy": "point", "text": "text",
+    "pcd": "point", "npy": "point", "npz": "point", "text": "text",
 }
 # Content families that may sit behind each kind's extensions (a JPEG named .png is still an image).
 _FORMATS_OF_KIND = {
     "image": IMAGE_FORMATS, "thermal": IMAGE_FORMATS, "video": VIDEO_FORMATS, "audio": AUDIO_FORMATS,
-    "text": ("text",), "point": ("ply", "pcd", "npy", "text"), "depth": IMAGE_FORMATS + ("npy",),
-    "imu": ("npy", "text"),
+    "text": ("text",), "point": ("ply", "pcd", *ARRAY_FORMATS, "text"), "depth": IMAGE_FORMATS + ARRAY_FORMATS,
+    "imu": (*ARRAY_FORMATS, "text"),
 }
 
 
@@ -51,8 +51,8 @@ def accepted_table() -> str:
     return "\n".join(rows)
 
 
-def _npy_kind(path: Path) -> str:
-    shape, _ = npy_header(path)
+def _array_kind(path: Path) -> str:
+    shape, _ = array_header(path)
     dims = [d for d in shape if d != 1]
     if len(shape) == 2 and shape[0] == 6 and shape[1] > 6:
         return "imu"
@@ -95,7 +95,7 @@ def detect_modality(path: str | Path) -> str:
     """The media kind of a file (one of MEDIA_KINDS), from its extension checked against its content.
 
     Rules where an extension is shared: an MP4/WebM/MKV without a video track is "audio"; a 16-bit grayscale
-    PNG or TIFF (or a floating-point TIFF) is "depth"; ``.npy`` is "imu" for (6, T), "point" for (N, 3..16),
+    PNG or TIFF (or a floating-point TIFF) is "depth"; ``.npy`` / ``.npz`` is "imu" for (6, T), "point" for (N, 3..16),
     "depth" for (H, W); ``.csv`` is "imu" when its header mentions acc/gyr, else "point"; ``.txt`` is "text"
     unless it is a numeric table.
     "thermal" is never guessed (a thermal image looks like any grayscale photo): choose it explicitly.
@@ -127,8 +127,8 @@ def detect_modality(path: str | Path) -> str:
                     return "depth"
         except Exception:
             pass  # the image loader gives the proper error
-    if kind == "point" and fmt == "npy":
-        return _npy_kind(p)
+    if kind == "point" and fmt in ARRAY_FORMATS:
+        return _array_kind(p)
     if ext == ".csv":
         return _table_kind(p)
     if ext == ".txt":

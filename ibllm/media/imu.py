@@ -3,7 +3,7 @@
 The reference ships no IMU loader; ImageBind was trained on Ego4D IMU windows of 2000 steps (10 s at
 200 Hz) with channels accelerometer x, y, z then gyroscope x, y, z. Accepted:
 
-- ``.npy`` of shape (6, T) or (T, 6) (a (6, 6) array is read as (6, T));
+- ``.npy`` / ``.npz`` of shape (6, T) or (T, 6) (a (6, 6) array is read as (6, T));
 - ``.csv`` / ``.txt`` in either orientation, as ``.npy``: one row per time step with 6 numeric columns (acc xyz,
   gyro xyz), or 7 when the first is a timestamp; or one row per channel (6 rows of T values, or 7 when the first
   row is a timestamp). A timestamp column/row is recognised by being strictly increasing and dropped; header
@@ -24,25 +24,26 @@ import numpy as np
 import torch
 
 from ibllm.config import ImageBindConfig
+from ibllm.media.arrays import ARRAY_FORMATS, array_header, read_array
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
-from ibllm.media.pointio import npy_header, read_npy, read_table
+from ibllm.media.pointio import read_table
 from ibllm.media.validate import check_file, check_finite, require_format
 
-IMU_EXTENSIONS = (".npy", ".csv", ".txt")
+IMU_EXTENSIONS = (".npy", ".npz", ".csv", ".txt")
 
 
 def read_imu(path: str | Path, channels: int = 6, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """Any accepted IMU file -> (channels, T) float64."""
     p = Path(path)
     check_file(p, limits)
-    fmt = require_format(p, ("npy", "text"), "IMU data (.npy or a .csv table)")
-    if fmt == "npy":
-        shape, _ = npy_header(p)
+    fmt = require_format(p, ARRAY_FORMATS + ("text",), "IMU data (.npy/.npz or a .csv table)")
+    if fmt in ARRAY_FORMATS:
+        shape, _ = array_header(p)
         if len(shape) != 2 or channels not in shape:
             raise MediaError(f"{p.name}: IMU data must have shape ({channels}, T) or (T, {channels}); "
                              f"this one is {shape}")
-        arr = read_npy(p, limits, "IMU recording").astype(np.float64)
+        arr = read_array(p, limits, "IMU recording").astype(np.float64)
         data = arr if shape[0] == channels else arr.T
     else:
         data = _imu_table(p, channels, limits)

@@ -11,8 +11,8 @@ holds. Colours, normals and other properties are ignored. Formats:
 - XYZ / PTS / TXT / CSV: the first three numeric columns of a table (comma, semicolon, tab or space
   separated); header lines and a leading point-count line are skipped.
 - OBJ: the ``v x y z`` lines only.
-- NPY: a float/int array of shape (N, >=3); the header is checked before loading and pickles are never
-  allowed (an object array is refused without being unpickled).
+- NPY / NPZ: a float/int array of shape (N, >=3), read by ``ibllm.media.arrays`` (the header is checked before
+  loading and pickles are never allowed).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ibllm.media.arrays import array_header, read_array
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import Limits
 
@@ -385,60 +386,17 @@ def read_obj(path: Path, limits: Limits) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# NPY
+# NPY / NPZ
 
 
-def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from the .npy header, without reading the data (and never unpickling).
-
-    Also checks that the file holds as many bytes as the header promises, so a tiny file cannot make
-    ``np.load`` allocate a huge array.
-    """
+def read_array_points(path: Path, limits: Limits) -> np.ndarray:
+    """The (N, 3) xyz of a .npy / .npz array of shape (N, >=3) (the columns after the third are ignored)."""
     name = path.name
-    try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(fh, max_header_size=10_000)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=10_000)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            data_start = fh.tell()
-            file_size = fh.seek(0, 2)
-    except Exception as exc:
-        raise MediaError(f"{name}: not a valid .npy file ({exc})") from None
-    if dtype.hasobject:
-        raise MediaError(f"{name} holds Python objects (a pickle inside a .npy), which are never loaded because "
-                         "unpickling can run arbitrary code. Save a plain numeric array instead.")
-    if any(d < 0 for d in shape):
-        raise MediaError(f"{name}: invalid array shape {shape}")
-    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if need > file_size - data_start:
-        raise MediaError(f"{name} is truncated: its header declares {shape} {dtype} "
-                         f"({need:,} bytes) but only {file_size - data_start:,} bytes follow")
-    return tuple(shape), dtype
-
-
-def read_npy(path: Path, limits: Limits, what: str = "array") -> np.ndarray:
-    """A numeric .npy array (any shape); header, dtype and size are checked before loading."""
-    name = path.name
-    _, dtype = npy_header(path)
-    if dtype.kind not in "biuf":
-        raise MediaError(f"{name}: the {what} must be numeric, not {dtype}")
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise MediaError(f"{name}: the .npy file could not be read: {exc}") from None
-
-
-def read_npy_points(path: Path, limits: Limits) -> np.ndarray:
-    name = path.name
-    shape, _ = npy_header(path)
+    shape, _ = array_header(path)
     if len(shape) != 2 or shape[1] < 3:
         raise MediaError(f"{name}: a point cloud array must have shape (N, 3) or (N, >3); this one is {shape}")
     _check_count(name, shape[0], limits)
-    return read_npy(path, limits, "point cloud")[:, :3].astype(np.float64)
+    return read_array(path, limits, "point cloud")[:, :3].astype(np.float64)
 
 
-__all__ = ["read_ply", "write_ply", "read_pcd", "read_table", "read_obj", "read_npy", "read_npy_points", "npy_header"]
+__all__ = ["read_ply", "write_ply", "read_pcd", "read_table", "read_obj", "read_array_points"]

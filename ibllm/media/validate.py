@@ -36,7 +36,7 @@ def check_file(path: str | Path, limits: Limits) -> int:
     if p.suffix.lower() in PICKLE_EXTENSIONS:
         raise MediaError(
             f"{p.name}: {p.suffix} files are Python pickles, and loading a pickle can run arbitrary code, so "
-            "they are never opened. Save point clouds as .ply/.pcd/.xyz/.npy and arrays as .npy or .csv instead."
+            "they are never opened. Save point clouds as .ply/.pcd/.xyz/.npy and arrays as .npy, .npz or .csv instead."
         )
     if not p.exists():
         raise MediaError(f"{p.name}: file not found")
