@@ -28,18 +28,18 @@ _DEFAULT_KIND = {
     ".wav": "audio", ".flac": "audio", ".ogg": "audio", ".oga": "audio", ".opus": "audio", ".mp3": "audio",
     ".m4a": "audio", ".aac": "audio", ".aif": "audio", ".aiff": "audio",
     ".ply": "point", ".pcd": "point", ".xyz": "point", ".pts": "point", ".obj": "point", ".csv": "point",
-    ".npy": "point", ".npz": "point", ".txt": "text",
+    ".npy": "point", ".npz": "point", ".off": "point", ".stl": "point", ".txt": "text",
 }
 # Content family -> kind, for files whose extension is missing or unknown.
 _KIND_OF_FORMAT = {
     **{f: "image" for f in IMAGE_FORMATS}, "wav": "audio", "aiff": "audio", "flac": "audio", "ogg": "audio",
     "mp3": "audio", "adts": "audio", "mp4": "video", "matroska": "video", "avi": "video", "ply": "point",
-    "pcd": "point", "npy": "point", "npz": "point", "text": "text",
+    "pcd": "point", "npy": "point", "npz": "point", "stl": "point", "text": "text",
 }
 # Content families that may sit behind each kind's extensions (a JPEG named .png is still an image).
 _FORMATS_OF_KIND = {
     "image": IMAGE_FORMATS, "thermal": IMAGE_FORMATS, "video": VIDEO_FORMATS, "audio": AUDIO_FORMATS,
-    "text": ("text",), "point": ("ply", "pcd", *ARRAY_FORMATS, "text"), "depth": IMAGE_FORMATS + ARRAY_FORMATS,
+    "text": ("text",), "point": ("ply", "pcd", "stl", *ARRAY_FORMATS, "text"), "depth": IMAGE_FORMATS + ARRAY_FORMATS,
     "imu": (*ARRAY_FORMATS, "text"),
 }
 

@@ -20,7 +20,7 @@ FORMAT_NAMES = {
     "npy": "NumPy .npy array", "npz": "NumPy .npz archive", "ply": "PLY point cloud", "pcd": "PCD point cloud",
     "zip": "ZIP archive (e.g. a PyTorch .pt file)", "pickle": "Python pickle", "gzip": "gzip archive",
     "pdf": "PDF document", "elf": "executable program", "html": "HTML page",
-    "text": "plain text", "binary": "unrecognised binary data", "empty": "empty file",
+    "stl": "binary STL mesh", "text": "plain text", "binary": "unrecognised binary data", "empty": "empty file",
 }
 
 
@@ -149,7 +149,13 @@ def _is_pcd_header(h: bytes) -> bool:
 
 
 def sniff(path: str | Path) -> str:
-    return sniff_bytes(read_head(path))
+    head = read_head(path)
+    fmt = sniff_bytes(head)
+    if fmt == "binary" and len(head) >= 84:  # a binary STL has no magic: its size gives it away
+        count = int.from_bytes(head[80:84], "little")
+        if Path(path).stat().st_size == 84 + 50 * count:
+            return "stl"
+    return fmt
 
 
 def describe(fmt: str) -> str:
