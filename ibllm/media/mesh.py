@@ -116,14 +116,13 @@ def _off_counts(lines: list[bytes], name: str) -> tuple[int, int, int]:
     return vertices, faces, start
 
 
-def _parse(block: list[bytes], columns: tuple[int, ...], dtype: type) -> np.ndarray:
+def _parse(block: bytes, columns: tuple[int, ...], dtype: type) -> np.ndarray:
     """The ``columns`` of number lines, parsed by numpy in C (a Python list per line of a large mesh would take
     gigabytes); ValueError when a line lacks one."""
-    return np.loadtxt(io.BytesIO(b"\n".join(block)), dtype=dtype, usecols=columns, ndmin=2, comments=None,
-                      encoding="latin-1")
+    return np.loadtxt(io.BytesIO(block), dtype=dtype, usecols=columns, ndmin=2, comments=None, encoding="latin-1")
 
 
-def _off_faces(block: list[bytes], name: str) -> np.ndarray:
+def _off_faces(block: bytes, name: str) -> np.ndarray:
     """(F', 3) vertex indices of the face lines, polygons fanned into triangles."""
     if not block:
         return np.zeros((0, 3), dtype=np.int64)
@@ -134,7 +133,7 @@ def _off_faces(block: list[bytes], name: str) -> np.ndarray:
     except ValueError:
         pass  # a face of another corner count, or a malformed line: read line by line below
     fans = []
-    for line in block:
+    for line in block.splitlines():
         try:
             face = [int(t) for t in line.split()]
         except ValueError:
@@ -152,19 +151,23 @@ def read_off(path: Path, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
     data = path.read_bytes()
     if b"#" in data:
         data = re.sub(rb"#[^\n]*", b"", data)
-    lines = [line for line in data.splitlines() if line.strip()]
-    n_vertices, n_faces, start = _off_counts(lines[:2], name)
+    data = re.sub(rb"(?m)^[ \t\r]*(?:\n|\Z)", b"", data)  # blank lines
+    starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + 1])
+    starts = np.append(starts[starts < len(data)], len(data))  # line i is data[starts[i]:starts[i + 1]]
+    lines = len(starts) - 1
+    n_vertices, n_faces, start = _off_counts([data[starts[i]:starts[i + 1]] for i in range(min(lines, 2))], name)
     _check_faces(name, n_faces, limits)
     if n_vertices > limits.max_points:
         raise MediaError(f"{name} has {n_vertices:,} vertices; the limit is {limits.max_points:,}")
-    if len(lines) < start + n_vertices + n_faces:
+    if lines < start + n_vertices + n_faces:
         raise MediaError(f"{name}: the file is truncated (its header declares {n_vertices:,} vertices and "
-                         f"{n_faces:,} faces; {len(lines) - start:,} lines follow)")
+                         f"{n_faces:,} faces; {lines - start:,} lines follow)")
+    face_start, end = start + n_vertices, start + n_vertices + n_faces
     try:
-        vertices = _parse(lines[start:start + n_vertices], (0, 1, 2), np.float64)
+        vertices = _parse(data[starts[start]:starts[face_start]], (0, 1, 2), np.float64)
     except ValueError:
         raise MediaError(f"{name}: malformed OFF vertex lines (each needs x, y and z)") from None
-    faces = _off_faces(lines[start + n_vertices:start + n_vertices + n_faces], name)
+    faces = _off_faces(data[starts[face_start]:starts[end]], name)
     if faces.size and (faces.min() < 0 or faces.max() >= n_vertices):
         raise MediaError(f"{name}: a face refers to a vertex that does not exist (indices run 0..{n_vertices - 1})")
     return vertices, faces
