@@ -1,11 +1,11 @@
-"""Triangle meshes (OFF, STL) -> a point cloud sampled uniformly over their surface.
+"""Triangle meshes (OBJ, OFF, STL) -> a point cloud sampled uniformly over their surface.
 
-3D models usually come as meshes: ModelNet40, the benchmark Point-Bind reports on, ships ``.off`` files, and CAD
-tools and 3D printers write ``.stl``. A mesh's vertices alone are a poor cloud (a cube has eight), so the surface
-is sampled instead: ``MESH_SAMPLES`` points, each on a triangle drawn with probability proportional to its area,
-at a uniformly random place on it, as ModelNet40's resampled clouds (10,000 points) were made. The generator is
-seeded, so the same file always gives the same cloud. Polygons of more than three corners are split into a fan of
-triangles.
+3D models usually come as meshes: ModelNet40, the benchmark Point-Bind reports on, ships ``.off`` files, CAD
+tools and 3D printers write ``.stl``, ShapeNet and most exporters ``.obj``. A mesh's vertices alone are a poor
+cloud (a cube has eight), so the surface is sampled instead: ``MESH_SAMPLES`` points, each on a triangle drawn
+with probability proportional to its area, at a uniformly random place on it, as ModelNet40's resampled clouds
+(10,000 points) were made. The generator is seeded, so the same file always gives the same cloud. Polygons of more
+than three corners are split into a fan of triangles.
 
 Parsed in numpy, like ``pointio``: only declared, bounds-checked ranges are read; face indices are checked against
 the vertex count before they index anything.
@@ -22,8 +22,9 @@ import numpy as np
 
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import Limits
+from ibllm.media.pointio import read_obj
 
-MESH_EXTENSIONS = (".off", ".stl")
+MESH_EXTENSIONS = (".obj", ".off", ".stl")
 MESH_SAMPLES = 10_000
 MESH_SEED = 0
 _STL_RECORD = np.dtype([("normal", "<f4", 3), ("corners", "<f4", (3, 3)), ("attribute", "<u2")])  # 50 bytes
@@ -173,12 +174,49 @@ def read_off(path: Path, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
+# ----------------------------------------------------------------------------------------------------------
+# OBJ
+
+
+def read_obj_faces(path: Path, n_vertices: int, limits: Limits) -> np.ndarray:
+    """(F, 3) zero-based triangle vertex indices of an OBJ's ``f`` lines ("f 1 2 3", "f 1/4/2 ...", "f 1//2 ...";
+    negative indices count back from the vertices defined before the line), polygons fanned into triangles."""
+    name = path.name
+    data = path.read_bytes()
+    lines = list(re.finditer(rb"^[ \t]*f[ \t]+([^\n]*)", data, re.M))
+    _check_faces(name, len(lines), limits)
+    before = None  # offsets of the vertex lines, found only when a relative index needs them
+    fans: list[tuple[int, int, int]] = []
+    for line in lines:
+        try:
+            corners = [int(token.split(b"/")[0]) for token in line.group(1).split()]
+        except ValueError:
+            raise MediaError(f"{name}: malformed OBJ face line: {line.group(0)[:60]!r}") from None
+        if len(corners) < 3:
+            raise MediaError(f"{name}: an OBJ face needs 3 or more vertices: {line.group(0)[:60]!r}")
+        if any(c < 0 for c in corners):
+            if before is None:
+                before = np.array([m.start() for m in re.finditer(rb"^[ \t]*v[ \t]", data, re.M)])
+            defined = int(np.searchsorted(before, line.start()))
+            corners = [c + defined + 1 if c < 0 else c for c in corners]
+        fans.extend((corners[0] - 1, corners[i] - 1, corners[i + 1] - 1) for i in range(1, len(corners) - 1))
+    index = np.array(fans, dtype=np.int64).reshape(-1, 3)
+    if index.size and (index.min() < 0 or index.max() >= n_vertices):
+        raise MediaError(f"{name}: a face refers to a vertex that does not exist (the file has {n_vertices:,})")
+    return index
+
+
 def read_mesh_points(path: Path, limits: Limits) -> np.ndarray:
-    """(M, 3) float64 points of an OFF or STL mesh: its surface sampled (``sample_surface``), or an OFF's
-    vertices when it declares no faces (a point set saved as OFF)."""
-    if path.suffix.lower() == ".stl":
+    """(M, 3) float64 points of an OFF, OBJ or STL mesh: its surface sampled (``sample_surface``), or the
+    vertices of an OFF or OBJ that has no faces (a point set saved as a mesh)."""
+    ext = path.suffix.lower()
+    if ext == ".stl":
         return sample_surface(read_stl(path, limits), path.name)
-    vertices, faces = read_off(path, limits)
+    if ext == ".obj":
+        vertices = read_obj(path, limits)
+        faces = read_obj_faces(path, len(vertices), limits)
+    else:
+        vertices, faces = read_off(path, limits)
     return vertices if faces.size == 0 else sample_surface(vertices[faces], path.name)
 
 

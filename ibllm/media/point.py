@@ -1,6 +1,6 @@
 """Point-cloud file -> (N, 3) float32 xyz for the Point-Bind encoder (N = cfg.point.num_points, 8192).
 
-Parsing: ``pointio.py`` (ply, pcd, xyz/pts/txt/csv, obj, npy/npz; colours and normals ignored); meshes (off, stl)
+Parsing: ``pointio.py`` (ply, pcd, xyz/pts/txt/csv, npy/npz; colours and normals ignored); meshes (obj, off, stl)
 in ``mesh.py``, sampled over their surface. Pickled files (``.pt/.pth/.pkl/.pickle/.joblib``) are refused: the
 reference ``torch.load``-s them, which runs code.
 
@@ -31,13 +31,12 @@ from ibllm.media.arrays import ARRAY_FORMATS
 from ibllm.media.errors import MediaError
 from ibllm.media.limits import DEFAULT_LIMITS, Limits
 from ibllm.media.mesh import MESH_EXTENSIONS, read_mesh_points
-from ibllm.media.pointio import read_array_points, read_obj, read_pcd, read_ply, read_table
+from ibllm.media.pointio import read_array_points, read_pcd, read_ply, read_table
 from ibllm.media.validate import check_file, check_finite, require_format
 
 SEED = 0
 MAX_COORDINATE = 1e15  # far beyond any real unit (geodetic millimetres are ~1e10); squares stay finite
-POINT_EXTENSIONS = (".ply", ".pcd", ".xyz", ".pts", ".txt", ".csv", ".npy", ".npz", ".obj", *MESH_EXTENSIONS)
-_TEXT_READERS = {".obj": read_obj}
+POINT_EXTENSIONS = (".ply", ".pcd", ".xyz", ".pts", ".txt", ".csv", ".npy", ".npz", *MESH_EXTENSIONS)
 
 
 def farthest_point_sample(xyz: np.ndarray, n: int, start: int = 0) -> np.ndarray:
@@ -110,15 +109,15 @@ def read_points(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> np.ndarray
     elif ext == ".stl":
         require_format(p, ("stl", "text", "binary"), "an STL mesh")  # read_stl says what is wrong
         xyz = read_mesh_points(p, limits)
-    elif ext == ".off":
-        require_format(p, ("text",), "an OFF mesh")
+    elif ext in MESH_EXTENSIONS:
+        require_format(p, ("text",), f"a text {ext} mesh")
         xyz = read_mesh_points(p, limits)
     elif ext in (".npy", ".npz"):
         require_format(p, ARRAY_FORMATS, "a NumPy array")
         xyz = read_array_points(p, limits)
     else:
         require_format(p, ("text",), f"a text {ext} point list")
-        xyz = _TEXT_READERS.get(ext, read_table)(p, limits)
+        xyz = read_table(p, limits)
     return xyz
 
 

@@ -25,6 +25,15 @@ def _off(header: str = "OFF\n8 6 0\n") -> str:
             + "".join(f"4 {' '.join(map(str, q))}\n" for q in QUADS))
 
 
+def _obj(relative: bool = False) -> str:
+    """The box as OBJ: "v/vt/vn" face corners, or corners counted back from the last vertex (-8 .. -1)."""
+    corners = "".join(f"v {x} {y} {z}\n" for x, y, z in CORNERS)
+    if relative:
+        return "o box\n" + corners + "".join("f " + " ".join(str(i - 8) for i in q) + "\n" for q in QUADS)
+    return ("mtllib box.mtl\n" + corners + "vt 0 0\nvn 0 0 1\n"
+            + "".join("f " + " ".join(f"{i + 1}/1/1" for i in q) + "\n" for q in QUADS))
+
+
 def _binary_stl(triangles: np.ndarray) -> bytes:
     records = b"".join(bytes(12) + t.astype("<f4").tobytes() + bytes(2) for t in triangles)
     return b"solid but binary".ljust(80) + struct.pack("<I", len(triangles)) + records
@@ -42,11 +51,13 @@ def box_files(tmp_path):
     (tmp_path / "glued.off").write_text(_off("OFF8 6 0\n"))  # as some ModelNet40 files write it
     (tmp_path / "box.stl").write_bytes(_binary_stl(TRIANGLES))
     (tmp_path / "ascii.stl").write_text(_ascii_stl(TRIANGLES))
+    (tmp_path / "box.obj").write_text(_obj())
+    (tmp_path / "relative.obj").write_text(_obj(relative=True))
     return tmp_path
 
 
 def test_a_mesh_is_sampled_uniformly_over_its_surface(box_files):
-    for name in ("box.off", "glued.off", "box.stl", "ascii.stl"):
+    for name in ("box.off", "glued.off", "box.stl", "ascii.stl", "box.obj", "relative.obj"):
         path = box_files / name
         assert detect_modality(path) == "point"
         xyz = read_points(path)
@@ -58,7 +69,8 @@ def test_a_mesh_is_sampled_uniformly_over_its_surface(box_files):
         share = [np.mean(on_face[:, axis]) for axis in (2, 1, 0)]
         np.testing.assert_allclose(share, [4 / 7, 2 / 7, 1 / 7], atol=0.03)
     same = read_points(box_files / "box.off")
-    for name in ("glued.off", "box.stl", "ascii.stl"):  # one mesh, one cloud, whatever the format
+    # One mesh, one cloud, whatever the format.
+    for name in ("glued.off", "box.stl", "ascii.stl", "box.obj", "relative.obj"):
         np.testing.assert_allclose(read_points(box_files / name), same, atol=1e-6)
     assert np.array_equal(load_point(box_files / "box.stl"), load_point(box_files / "box.stl"))  # seeded
 
@@ -78,6 +90,10 @@ def test_an_off_without_faces_is_its_vertices(tmp_path):
     ("nan.off", _off().replace("0.0 0.0 0.0", "nan 0.0 0.0", 1), "NaN"),
     ("flat.off", "OFF\n3 1 0\n0 0 0\n1 1 1\n2 2 2\n3 0 1 2\n", "no area"),
     ("notstl.stl", "this is not a mesh\n", "not an STL"),
+    ("index.obj", _obj().replace("f 1/1/1", "f 9/1/1"), "vertex that does not exist"),
+    ("before.obj", "f -1 -2 -3\n" + _obj(), "vertex that does not exist"),  # counted back from no vertex
+    ("line.obj", _obj() + "f 1 2\n", "3 or more"),
+    ("words.obj", _obj() + "f one two three\n", "malformed OBJ face"),
     ("cut.stl", _ascii_stl(TRIANGLES)[:400], "three per facet"),
 ])
 def test_damaged_meshes_are_refused_with_a_reason(tmp_path, name, content, message):

@@ -96,7 +96,7 @@ def test_text_tables_obj_and_npy(tmp_path):
     (tmp_path / "a.csv").write_text("x,y,z,intensity\n" + rows.replace(" ", ",") + "\n")
     (tmp_path / "a.txt").write_text("# scan\n" + rows.replace(" ", "\t") + "\n")
     (tmp_path / "a.obj").write_text("# cube\nmtllib x.mtl\n" + "".join(f"v {x} {y} {z}\n" for x, y, z in XYZ)
-                                    + "vn 0 0 1\nf 1 2 3\n")
+                                    + "vn 0 0 1\n")  # no faces: a point set (a mesh is sampled: test_mesh)
     np.save(tmp_path / "a.npy", np.hstack([XYZ, np.ones_like(XYZ)]).astype(np.float32))
     for name in ("a.xyz", "a.pts", "a.csv", "a.txt", "a.obj", "a.npy"):
         np.testing.assert_allclose(read_points(tmp_path / name), XYZ, atol=1e-5, err_msg=name)
