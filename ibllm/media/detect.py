@@ -64,12 +64,22 @@ def _array_kind(path: Path) -> str:
                      "depth maps (H, W); choose the input type explicitly.")
 
 
+# A header field that names an IMU channel: acc_x, gyro, accelerometer_z, and the short ax/ay/az, gx/gy/gz and
+# wx/wy/wz (angular velocity) that phone-logging apps write. A point cloud's header (x, y, z, r, g, b, nx...) has none.
+_IMU_FIELD = re.compile(rb"acc|gyr|[agw][_ .-]?[xyz]")
+
+
+def _names_imu_channels(line: bytes) -> bool:
+    fields = [f.strip(b" \t\"'#").lower() for f in re.split(rb"[,;\t]+|\s+", line.strip())]
+    return any(_IMU_FIELD.fullmatch(f) or f.startswith((b"acc", b"gyr")) for f in fields if f)
+
+
 def _table_kind(path: Path) -> str:
     """A numeric table is a point cloud unless its header names IMU channels or it is a few very long rows
     (an IMU recording with one row per channel: 6 or 7 rows of T values)."""
     with open(path, "rb") as fh:
         head = fh.read(4096).lower()
-        if b"acc" in head or b"gyr" in head:
+        if any(_names_imu_channels(line) for line in head.splitlines()[:4] if re.search(rb"[a-z]", line)):
             return "imu"
         fh.seek(0)
         lines, widest = 0, 0
@@ -96,8 +106,8 @@ def detect_modality(path: str | Path) -> str:
 
     Rules where an extension is shared: an MP4/WebM/MKV without a video track is "audio"; a 16-bit grayscale
     PNG or TIFF (or a floating-point TIFF) is "depth"; ``.npy`` / ``.npz`` is "imu" for (6, T), "point" for (N, 3..16),
-    "depth" for (H, W); ``.csv`` is "imu" when its header mentions acc/gyr, else "point"; ``.txt`` is "text"
-    unless it is a numeric table.
+    "depth" for (H, W); ``.csv`` is "imu" when its header names IMU channels (acc_x, gyro_z, ax, gy...), else
+    "point"; ``.txt`` is "text" unless it is a numeric table.
     "thermal" is never guessed (a thermal image looks like any grayscale photo): choose it explicitly.
     """
     p = Path(path)

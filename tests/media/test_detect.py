@@ -41,6 +41,17 @@ def test_detection_by_extension_and_content(tmp_path):
         assert detect_modality(path) == kind, path.name
 
 
+@pytest.mark.parametrize(("header", "kind"), [
+    ("ax,ay,az,gx,gy,gz", "imu"), ("timestamp,accel_x,accel_y,accel_z,gyro_x,gyro_y,gyro_z", "imu"),
+    ("t;wx;wy;wz;ax;ay;az", "imu"), ('"Acc X","Acc Y","Acc Z","Gyr X","Gyr Y","Gyr Z"', "imu"),
+    ("x,y,z,r,g,b", "point"), ("x,y,z,nx,ny,nz", "point"), ("# x y z intensity", "point"),
+])
+def test_a_csv_header_decides_imu_or_point(tmp_path, header, kind):
+    sep = ";" if ";" in header else ","
+    (tmp_path / "t.csv").write_text(header + "\n" + (sep.join(["1"] * len(header.split(sep))) + "\n") * 20)
+    assert detect_modality(tmp_path / "t.csv") == kind
+
+
 def test_a_video_cut_before_its_index_stays_a_video(tmp_path):
     # Its index (moov) is written last: cut short, no track can be found, which is no reason to read it as sound
     # (it was: "has no audio track"); the video loader then says it is damaged.
