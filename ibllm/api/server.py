@@ -15,7 +15,7 @@ knobs go in one extension field, ``ibllm`` (see README):
 A picture (``ChatEngine.imagine``, after the text when both are asked) comes back in the reply's ``ibllm`` fields
 (``ibllm.api.replies``). Errors are OpenAI's JSON bodies: 400 (an unusable file: the media loader's message; a
 malformed request; a picture that cannot be drawn here, with the reason the browser chat gives), 401 (a wrong key,
-when ``IBLLM_API_KEY`` is set), 404 (unknown model), 413 (a file or request too large), 429 (the engine's line is
+when ``IBLLM_API_KEY`` is set), 404 (unknown model or URL; 405 for a known URL with the wrong method), 413 (a file or request too large), 429 (the engine's line is
 full).
 
 A client that goes away at any point (while its files are read, while it waits in line, while it is answered)
@@ -145,6 +145,12 @@ class OpenAIApi:
         router.add_api_route("/models", self.list_models, methods=["GET"])
         router.add_api_route("/models/{model}", self.get_model, methods=["GET"])
         router.add_api_route("/chat/completions", self.chat_completions, methods=["POST"])
+        served = [(m, route.path) for route in router.routes for m in sorted(getattr(route, "methods", ()))]
+        self.served = [(m, p) for m, p in served if m != "HEAD"]
+        # Last, so only what no route above takes reaches it: an OpenAI-style error instead of FastAPI's
+        # {"detail": "Not Found"}, which the openai client shows as an unexplained 404.
+        router.add_api_route("/{rest:path}", self.unknown_route, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                             include_in_schema=False)
         self.routes: list[BaseRoute] = list(router.routes)
 
     def app_kwargs(self) -> dict[str, Any]:
@@ -206,6 +212,16 @@ class OpenAIApi:
             return _error(ApiError(500, f"{type(e).__name__}: {e}"))
         finally:
             watcher.cancel()
+
+    async def unknown_route(self, rest: str, request: Request) -> JSONResponse:
+        path = request.url.path
+        methods = [m for m, p in self.served if re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", p), path)]
+        served = ", ".join(f"{m} {p}" for m, p in self.served)
+        if methods:
+            return _error(ApiError(405, f"{path} takes {' or '.join(methods)}, not {request.method}",
+                                   code="method_not_allowed"))
+        return _error(ApiError(404, f"Unknown request URL: {request.method} {path}. This server serves {served}",
+                               code="unknown_url"))
 
     # -- checks ---------------------------------------------------------------------------------------------------
 

@@ -202,6 +202,17 @@ def test_a_web_url_is_refused_and_an_unknown_model_is_404(client, api):
     assert "toy" in e.value.message and e.value.code == "model_not_found"
 
 
+def test_an_unknown_url_or_method_is_an_openai_error_naming_what_is_served(client, url):
+    import httpx
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="toy", prompt="hello")  # the legacy API, not served
+    assert "/v1/completions" in e.value.message and "POST /v1/chat/completions" in e.value.message
+    response = httpx.get(f"{url}/v1/chat/completions", timeout=30)
+    assert response.status_code == 405 and "takes POST" in response.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/models", timeout=30).json()["object"] == "list"  # the real routes still answer
+
+
 def test_too_large_is_413(client, settings, url):
     import httpx
 
