@@ -15,8 +15,8 @@ knobs go in one extension field, ``ibllm`` (see README):
 A picture (``ChatEngine.imagine``, after the text when both are asked) comes back in the reply's ``ibllm`` fields
 (``ibllm.api.replies``). Errors are OpenAI's JSON bodies: 400 (an unusable file: the media loader's message; a
 malformed request; a picture that cannot be drawn here, with the reason the browser chat gives), 401 (a wrong key,
-when ``IBLLM_API_KEY`` is set), 404 (unknown model or URL; 405 for a known URL with the wrong method), 413 (a file or request too large), 429 (the engine's line is
-full).
+when ``IBLLM_API_KEY`` is set), 404 (unknown model or URL; 405 for a known URL with the wrong method), 413 (a file
+or request too large), 429 (the engine's line is full).
 
 A client that goes away at any point (while its files are read, while it waits in line, while it is answered)
 cancels its answer: a watcher task reads the connection's disconnect from the moment the answer is started.
