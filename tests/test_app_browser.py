@@ -27,6 +27,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # Babylon.js (gr.Model3D) tries WebGPU first and logs its failure as an error before falling back to WebGL; with
 # --disable-gpu that attempt always fails, so the message says nothing about the app.
 BENIGN_CONSOLE = ("WebGPU",)
+# Babylon's render loop, when a 3D view is hidden while it is still starting, reads its scene once after disposal
+# (Gradio 6's Model3D); the page goes on working (the test that switches views checks it answers).
+BENIGN_PAGE_ERRORS = ("reading 'postProcessManager'",)
 STREAM_DELAY = 0.3  # seconds the spy engine waits per chat event
 
 pytestmark = [
@@ -215,5 +218,41 @@ def test_browser_live_capture(app_url, tmp_path: Path):
                 shutil.copy(shot, keep)
             real_errors = [e for e in errors if not any(b in e for b in BENIGN_CONSOLE)]
             assert not real_errors, real_errors
+        finally:
+            browser.close()
+
+
+def test_reading_a_file_as_another_kind_redraws_its_preview(app_url):
+    """An (6, T) array is offered as point cloud, depth map or IMU trace; going point cloud -> IMU swaps the 3D view
+    for a plot (re-drawn without a 3D view, Model3D's script was handed the plot and threw, freezing the page) and the
+    chat still answers, reading the file as chosen."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    url, spy = app_url
+    trace = TOY / example_for(("imu",))["files"][0]["path"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}")
+                    if not any(b in str(e) for b in BENIGN_PAGE_ERRORS) else None)
+            page.goto(url, wait_until="domcontentloaded")
+            page.get_by_test_id("textbox").first.wait_for(timeout=60_000)
+            with page.expect_file_chooser() as chooser:
+                page.get_by_test_id("upload-button").first.click()
+            chooser.value.set_files(str(trace))
+            page.get_by_text(f"{trace.name} · imu").first.wait_for(timeout=60_000)
+            for kind, shown in (("point", "canvas"), ("imu", ".js-plotly-plot")):
+                page.get_by_label(kind, exact=True).check()
+                page.get_by_text(f"{trace.name} · {kind}").first.wait_for(timeout=60_000)
+                page.locator(shown).first.wait_for(timeout=30_000)
+            calls = len(spy.calls)
+            box = page.get_by_test_id("textbox").first
+            box.fill("Which way does it move?")
+            box.press("Enter")
+            watch_answer(page, 0)
+            assert len(spy.calls) == calls + 1, "the question never reached the engine"
+            assert [a.modality for a in spy.calls[-1]["attachments"]] == ["imu"]
+            assert not errors, errors
         finally:
             browser.close()
