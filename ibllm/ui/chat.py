@@ -83,6 +83,23 @@ def _suspects(error: MediaError, new_files: Sequence[str], all_files: Sequence[s
     return named or list(new_files) or list(all_files)
 
 
+def _after_media_error(session: ChatSession, suspects: Sequence[str]) -> tuple[ChatSession, str]:
+    """The session after ``suspects`` failed to load, and what the chat says about it. A file read as another kind
+    than the detected one goes back to the detected kind (the choice failed, not the file: a (6, T) IMU array
+    offered as a depth map is too thin to be one); the others are left out of the conversation."""
+    chosen = [i for p in suspects if (i := session.input(p)) is not None and i.modality != i.kind]
+    for item in chosen:
+        session = session.with_read_as(item.path, item.kind)
+    dropped = [p for p in suspects if p not in {i.path for i in chosen}]
+    session = session.without(dropped)
+    said = [f"{i.name} is read as {i.kind} again (cannot be read as {i.modality}); ask again to use it"
+            for i in chosen]
+    if dropped:
+        names = ", ".join(os.path.basename(p) for p in dropped)
+        said.append(f"{names} left out of the conversation; attach another file to go on")
+    return session, "; ".join(said) + "."
+
+
 class ChatHandler:
     """Turns one chat request into engine calls; holds no conversation state (that is the ``ChatSession``).
 
@@ -222,11 +239,8 @@ class ChatHandler:
         except RequestError as e:
             yield f"{ERROR_MARK} {e}", *_skips(3), session, session.layout(), gr.skip()
         except MediaError as e:
-            suspects = _suspects(e, new_files, [i.path for i in session.inputs])
-            session = session.without(suspects)
-            names = ", ".join(os.path.basename(p) for p in suspects)
-            yield (f"{ERROR_MARK} {e}\n\n({names} left out of the conversation; attach another file to go on.)",
-                   *_skips(3), session, session.layout(), gr.skip())
+            session, said = _after_media_error(session, _suspects(e, new_files, [i.path for i in session.inputs]))
+            yield f"{ERROR_MARK} {e}\n\n({said})", *_skips(3), session, session.layout(), gr.skip()
         except Exception as e:  # noqa: BLE001 - one bad request must not take the server down
             log.exception("chat failed")
             yield f"{ERROR_MARK} Something went wrong while answering: {type(e).__name__}: {e}", *_skips(6)

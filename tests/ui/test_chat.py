@@ -120,6 +120,28 @@ def test_lookup_neighbours_reads_the_conversation_and_the_textbox(image, tmp_pat
     assert note == "Attach an input first."
 
 
+def test_a_file_that_fails_as_the_kind_chosen_for_it_goes_back_to_its_own_kind(tmp_path):
+    """A (6, T) IMU array is offered as a depth map too, but is far too thin to be one: asking about it read as depth
+    fails with the loader's reason, and the file stays in the conversation read as IMU (it was dropped for good)."""
+    from tests.app_helpers import load_engine
+
+    trace = Path(shutil.copy(toy_file("imu"), tmp_path / "trace.npy"))
+    handler = ChatHandler(load_engine())
+    history = [{"role": "user", "content": [{"path": str(trace)}]}]
+    s = handler.follow(ChatSession(), history).with_read_as(str(trace), "depth")
+    assert s.input(str(trace)).modality == "depth"
+    outs = list(handler.respond({"text": "Which way does it move?", "files": []},
+                                history, s,
+                                cache=VisualCacheConfig(), generation=GenerationConfig(max_new_tokens=8)))
+    text, after = outs[-1][0], outs[-1][4]
+    assert text.startswith(ERROR_MARK) and "too thin" in text and "read as imu again" in text
+    assert after.input(str(trace)).modality == "imu" and str(trace) not in after.removed
+    outs = list(handler.respond({"text": "Which way does it move?", "files": []},
+                                history, after,
+                                cache=VisualCacheConfig(), generation=GenerationConfig(max_new_tokens=8)))
+    assert outs[-1][0] and not outs[-1][0].startswith(ERROR_MARK)
+
+
 def test_compare_without_cache_answers_the_last_question_again(image):
     engine = FakeEngine()
     handler = ChatHandler(engine)
