@@ -54,6 +54,11 @@ from ibllm.types import (
 
 # Leave at least this many positions for the answer when fitting a long conversation into the context.
 MIN_ANSWER_TOKENS = 16
+# The default model's answer to a question without an input (with a weight above 0): it can only describe inputs.
+NEEDS_INPUT = ("I am the small default model: I can only tell you about the files you give me (their shape, colour, "
+               "size, position, motion or sound). Attach an image, video, sound, 3D point cloud, depth or thermal "
+               "map, IMU trace or text file, or click an example, then ask. For open conversation, load the real "
+               "ImageBind-LLM weights (see the Model tab).")
 NO_PICTURE_INPUT = "a picture is drawn from the inputs: attach at least one file (with a weight above 0)"
 
 log = logging.getLogger(__name__)
@@ -269,6 +274,12 @@ class ChatEngine:
         visual_cache = visual_cache or self.cfg.visual_cache
         generation = generation or self.cfg.generation
         timings = Timings()
+        if self.info.is_default and not any(a.weight > 0 for a in attachments):
+            # The default model knows only its toy world's inputs: asked with none, it described a scene it made up
+            # ("hi, what can you do?" -> "A large white cylinder..."). Say what it can do instead.
+            yield ChatEvent(delta=NEEDS_INPUT, text=NEEDS_INPUT)
+            yield ChatEvent(text=NEEDS_INPUT, done=True, timings=timings)
+            return
 
         injection, neighbours = in_passing_thread(self._visual_term, attachments, visual_cache, timings)
         max_new = max(1, min(int(generation.max_new_tokens), self.cfg.llama.max_seq_len - MIN_ANSWER_TOKENS))

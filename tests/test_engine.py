@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -118,10 +119,25 @@ def test_unusable_files_raise_media_error(model, tmp_path):
 
 
 def test_each_event_carries_its_own_timings(model):
-    events = list(model.chat("Describe it.", generation=GenerationConfig(max_new_tokens=8, temperature=1.0, seed=3)))
+    events = list(model.chat("Describe it.", attachments=[IMAGE],
+                             generation=GenerationConfig(max_new_tokens=8, temperature=1.0, seed=3)))
     counts = [e.timings.new_tokens for e in events]
     assert counts == sorted(counts) and len(set(counts)) > 1  # a snapshot per event, not one shared object
     assert len({id(e.timings) for e in events}) == len(events)
+
+
+def test_the_default_model_asked_without_an_input_says_what_it_can_do_instead_of_making_one_up(model):
+    calls = []
+    handle = model.net.llama.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        for attachments in ([], [replace(IMAGE, weight=0.0)]):
+            answer = model.answer("hi, what can you do?", attachments=attachments, generation=GREEDY)
+            assert "Attach an image" in answer and "Model tab" in answer
+        assert not calls  # the language model was not run
+        assert model.answer("What is it?", attachments=[IMAGE], generation=GREEDY) != answer
+        assert calls
+    finally:
+        handle.remove()
 
 
 def test_a_file_is_hashed_once_per_version(tmp_path):

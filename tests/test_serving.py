@@ -135,11 +135,11 @@ def engine():
     engine.close()
 
 
-CHATS = [  # (attachments, visual cache): the cache on and off mixed in one batch, and a text-only turn
+CHATS = [  # (attachments, visual cache): the cache on and off mixed in one batch, several kinds of input
     ([Attachment(str(EXAMPLES / "red_cube_image.png"), "image")], VisualCacheConfig(enabled=True)),
     ([Attachment(str(EXAMPLES / "red_cube_image.png"), "image")], VisualCacheConfig(enabled=False)),
     ([Attachment(str(EXAMPLES / "bell_torus_audio.wav"), "audio")], VisualCacheConfig(enabled=True)),
-    ([], VisualCacheConfig(enabled=False)),
+    ([Attachment(str(EXAMPLES / "going_up_imu.npy"), "imu")], VisualCacheConfig(enabled=False)),
     ([Attachment(str(EXAMPLES / "bell_torus_audio.wav"), "audio")], VisualCacheConfig(enabled=False)),
 ]
 
@@ -186,7 +186,8 @@ def test_a_queued_chat_says_where_it_is_in_line(engine):
     busy = [engine.scheduler.submit(prompt(5, i), None, GenerationConfig.greedy(200), eos_id=-1) for i in range(3)]
     for stream in busy:
         next(stream)  # its first token: it holds a slot
-    events = engine.chat("What is it?", generation=GREEDY)
+    image = CHATS[1][0]
+    events = engine.chat("What is it?", attachments=image, visual_cache=CHATS[1][1], generation=GREEDY)
     first = next(events)
     assert first.queue_position == 1 and first.text == "" and first.delta == ""
     for stream in busy:
@@ -194,13 +195,14 @@ def test_a_queued_chat_says_where_it_is_in_line(engine):
     rest = list(events)
     assert rest[-1].done and rest[-1].queue_position == 0 and rest[-1].timings.queued > 0
     assert "".join(e.delta for e in rest) == rest[-1].text
-    assert rest[-1].text == engine.answer("What is it?", generation=GREEDY)
+    assert rest[-1].text == engine.answer("What is it?", attachments=image, visual_cache=CHATS[1][1], generation=GREEDY)
     assert wait_until(lambda: engine.scheduler.batch.live == 0)
 
 
 def test_stop_frees_the_slot_within_a_step(engine):
     shown = [0]  # tokens behind the text handed out so far
-    events = engine.chat("Describe it.", generation=GenerationConfig(max_new_tokens=100, temperature=1.0, seed=2),
+    events = engine.chat("Describe it.", attachments=CHATS[0][0],
+                         generation=GenerationConfig(max_new_tokens=100, temperature=1.0, seed=2),
                          should_stop=lambda: shown[-1] >= 2)
     for event in events:
         if not event.done:
