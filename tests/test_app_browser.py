@@ -256,3 +256,38 @@ def test_reading_a_file_as_another_kind_redraws_its_preview(app_url):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_stop_before_the_first_word_says_so_and_the_next_question_goes_on(app_url):
+    """Stopped while its file is read (the engine is slow here), an answer said nothing: an empty bubble, and an
+    empty answer in the history the model read next. Now the bubble says it stopped and the model never sees it."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    url, spy = app_url
+    image = TOY / example_for(("image",))["files"][0]["path"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            box = page.get_by_test_id("textbox").first
+            box.wait_for(timeout=60_000)
+            with page.expect_file_chooser() as chooser:
+                page.get_by_test_id("upload-button").first.click()
+            chooser.value.set_files(str(image))
+            page.get_by_text(f"{image.name} · image").first.wait_for(timeout=60_000)
+            spy.delay = 5.0  # the first word is seconds away
+            try:
+                box.fill("What colour is it?")
+                box.press("Enter")
+                page.locator(".stop-button").first.click(timeout=30_000)
+                page.get_by_text("stopped before answering").first.wait_for(timeout=30_000)
+            finally:
+                spy.delay = STREAM_DELAY
+            calls = len(spy.calls)
+            box.fill("And its shape?")
+            box.press("Enter")
+            watch_answer(page, 1)
+            assert bot_texts(page)[0].endswith("stopped before answering")
+            assert len(spy.calls) > calls and spy.calls[-1]["history"] == []  # the stopped turn is not fed back
+        finally:
+            browser.close()

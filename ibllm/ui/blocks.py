@@ -19,7 +19,7 @@ from ibllm.types import ModelInfo
 from ibllm.ui.camera import camera_fold
 from ibllm.ui.chat import NEIGHBOUR_HEADERS, ChatHandler
 from ibllm.ui.gallery import REPO, Example, gallery_for, load_gallery
-from ibllm.ui.history import message_parts
+from ibllm.ui.history import mark_stopped, message_parts
 from ibllm.ui.inputs import render_panel
 from ibllm.ui.session import ChatSession
 from ibllm.ui.settings import Controls, cache_controls, generation_controls, picture_controls
@@ -271,6 +271,11 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
         textbox.change(refresh, refresh_inputs, [session, layout], **internal)
         for event in captured:
             event.then(refresh, refresh_inputs, [session, layout], **internal)
+        # Stop before the first word left an empty bubble (and an empty answer in the history the model read next).
+        def stopped(shown: list[Any], state: list[Any]) -> tuple[Any, Any]:
+            return tuple(gr.skip() if fixed is None else fixed for fixed in (mark_stopped(shown), mark_stopped(state)))
+
+        textbox.stop(stopped, [chatbot, chat.chatbot_state], [chatbot, chat.chatbot_state], queue=False, **internal)
         chatbot.clear(lambda: (ChatSession(), (), [], "", ""), None,
                       [session, layout, neighbours, timings, compare_out], **internal)
 

@@ -20,6 +20,10 @@ ERROR_MARK = "⚠️"
 # Progress notes of a picture being drawn start with this mark; a stopped picture leaves its last one in the chat,
 # which is the app's, never the model's words.
 PICTURE_MARK = "🎨"
+# An answer stopped before its first word (while the files were read, or waiting for a slot) says so instead of
+# staying an empty bubble; like an error report, it is never fed back to the model, nor is its question.
+STOPPED_MARK = "⏹"
+STOPPED_BEFORE_ANSWERING = f"{STOPPED_MARK} stopped before answering"
 
 
 @dataclass
@@ -104,9 +108,9 @@ def normalise_history(history: Sequence[Any] | None) -> Conversation:
     """Fold a Gradio message list into (user, assistant) turns and the files attached along the way.
 
     Consecutive user messages (Gradio stores each file and the text as separate messages) form one turn; a turn
-    whose answer is an error report is kept out of ``turns`` so the model never sees its own error messages, and so
-    is an error report after the text (a picture that could not be drawn). An answer that is a picture alone is a
-    turn with an empty answer.
+    whose answer is an error report (or the note of an answer stopped before it began) is kept out of ``turns`` so
+    the model never sees its own error messages, and so is an error report after the text (a picture that could not
+    be drawn). An answer that is a picture alone is a turn with an empty answer.
     Assistant messages with a metadata title (collapsible notes, tool logs) are display-only and skipped.
     """
     conversation = Conversation()
@@ -118,7 +122,7 @@ def normalise_history(history: Sequence[Any] | None) -> Conversation:
     def close_turn() -> None:
         nonlocal answered
         answer = "\n".join(answer_texts).strip()
-        if (user_texts or answer) and not answer.startswith(ERROR_MARK):
+        if (user_texts or answer) and not answer.startswith((ERROR_MARK, STOPPED_MARK)):
             conversation.turns.append(Turn(user="\n".join(user_texts).strip(), assistant=answer))
         user_texts.clear()
         answer_texts.clear()
@@ -146,6 +150,18 @@ def normalise_history(history: Sequence[Any] | None) -> Conversation:
         close_turn()
     # a trailing user message without an answer (e.g. the turn being answered) is not a finished turn
     return conversation
+
+
+def mark_stopped(history: list[Any] | None) -> list[Any] | None:
+    """``history`` with a last answer that is still empty (stopped before its first word) replaced by
+    ``STOPPED_BEFORE_ANSWERING``; None when there is nothing to change."""
+    if not history:
+        return None
+    role, content, metadata = _message_fields(history[-1])
+    texts, files = content_parts(content)
+    if role != "assistant" or files or any(t.strip() for t in texts):
+        return None
+    return [*history[:-1], {"role": "assistant", "content": STOPPED_BEFORE_ANSWERING}]
 
 
 def message_parts(message: Any) -> tuple[str, list[str]]:

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from ibllm.types import Turn
-from ibllm.ui.history import ERROR_MARK, message_parts, normalise_history, unique
+from ibllm.ui.history import (
+    ERROR_MARK,
+    STOPPED_BEFORE_ANSWERING,
+    mark_stopped,
+    message_parts,
+    normalise_history,
+    unique,
+)
 
 
 def test_history_from_browser_blocks():
@@ -48,6 +55,16 @@ def test_error_answers_and_notes_are_not_fed_back():
         {"role": "assistant", "content": "timing details", "metadata": {"title": "timings"}},
     ]
     assert normalise_history(history).turns == [Turn("q2", "a2")]
+
+
+def test_an_answer_stopped_before_its_first_word_says_so_and_is_not_fed_back():
+    asked = [{"role": "user", "content": "What colour is it?"}]
+    for empty in ("", [], [{"type": "text", "text": " "}]):
+        marked = mark_stopped([*asked, {"role": "assistant", "content": empty}])
+        assert marked == [*asked, {"role": "assistant", "content": STOPPED_BEFORE_ANSWERING}]
+        assert normalise_history([*marked, {"role": "user", "content": "And its shape?"}]).turns == []
+    assert mark_stopped([*asked, {"role": "assistant", "content": "It is"}]) is None  # a partial answer stays
+    assert mark_stopped(asked) is None and mark_stopped([]) is None
 
 
 def test_message_parts():
