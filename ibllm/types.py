@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,13 @@ class ModelInfo:
     memory: str = ""  # the memory plan's one-line verdict (which dtype and why), for the Model tab
     compute: str = ""  # how many-token steps compute with half-precision weights on a CPU (ibllm.halfgemm.describe)
     decode: str = ""  # what one-token steps of half-precision CPU weights run on (ibllm.llm.gemv.status)
+
+    @property
+    def api_id(self) -> str:
+        """The id the OpenAI-compatible API serves the model under: its name in lower case, words joined by "-",
+        repeats dropped ("toy (toy)" -> "toy", "ImageBind-LLM" -> "imagebind-llm")."""
+        words = re.findall(r"[a-z0-9.]+", self.name.lower())
+        return "-".join(dict.fromkeys(words)) or "ibllm"
 
 
 @dataclass

@@ -136,6 +136,12 @@ def test_browser_walkthrough(app_url, tmp_path: Path):
             real_errors = [e for e in errors if not any(b in e for b in BENIGN_CONSOLE)]
             assert not real_errors, real_errors
 
+            # The Model tab's API examples name this server's address (they said port 7860 wherever it ran)
+            page.get_by_role("tab", name="Model").click()
+            shown = page.locator("#ibllm-api-help").inner_text(timeout=30_000)
+            assert f'Client("{url.rstrip("/")}/")' in shown and f'base_url="{url.rstrip("/")}/v1"' in shown
+            page.get_by_role("tab", name="Inputs").click()
+
             # 3. closing the tab mid-answer frees the model
             spy.stopped.clear()
             spy.delay = 1.0

@@ -64,10 +64,8 @@ MAX_STOPS = 4  # as OpenAI's API
 
 
 def model_id(info: ModelInfo) -> str:
-    """The id the API serves the loaded model under: its name in lower case, words joined by "-", repeats dropped
-    ("toy (toy)" -> "toy", "ImageBind-LLM" -> "imagebind-llm")."""
-    words = re.findall(r"[a-z0-9.]+", info.name.lower())
-    return "-".join(dict.fromkeys(words)) or "ibllm"
+    """The id the API serves the loaded model under (``ModelInfo.api_id``)."""
+    return info.api_id
 
 
 @dataclass(frozen=True)

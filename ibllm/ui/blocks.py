@@ -114,7 +114,7 @@ API_HELP = """#### API
 The chat is also an API endpoint, `/chat` (files are sent with `handle_file`):
 ```python
 from gradio_client import Client, handle_file
-client = Client("http://127.0.0.1:7860/")
+client = Client("BASE")
 answer, timings, neighbours, thumbnails, picture = client.predict(
     {"text": "What is in this picture?", "files": [handle_file("photo.png")]},
     weights='{"image": 1.0}',  # optional; 0 leaves an input out
@@ -124,7 +124,36 @@ answer, timings, neighbours, thumbnails, picture = client.predict(
 file. Files stay part of the conversation: each client keeps its own (`client.reset_session()` starts a new one).
 `client.submit(...)` streams: iterate the job for the growing answer, `job.cancel()` stops it.
 `answer_with="text + picture"` (or `"picture"`, with `picture_steps`, `picture_guidance`, `picture_seed`,
-`picture_noise_level`) also draws the answer: `picture` is then its PNG file."""
+`picture_noise_level`) also draws the answer: `picture` is then its PNG file.
+
+`python app.py` also answers OpenAI's chat API at `BASEv1` (model `MODEL`; files as base64 data URLs, any kind
+as a `file` part with its `filename`; the README has the `ibllm` extension field):
+```python
+import base64
+from openai import OpenAI
+client = OpenAI(base_url="BASEv1", api_key="unused")  # the server's IBLLM_API_KEY when it sets one
+photo = base64.b64encode(open("photo.png", "rb").read()).decode()
+reply = client.chat.completions.create(model="MODEL", messages=[{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + photo}},
+    {"type": "text", "text": "What is in this picture?"}]}])
+print(reply.choices[0].message.content)
+```"""
+DEFAULT_BASE = "http://127.0.0.1:7860/"
+
+
+def api_help(info: ModelInfo, base: str = DEFAULT_BASE) -> str:
+    """The Model tab's API examples for the server at ``base`` (as the page was reached) serving ``info``."""
+    return API_HELP.replace("BASE", base).replace("MODEL", info.api_id)
+
+
+def page_base(request: gr.Request | None) -> str:
+    """The address the page was reached at ("http://host:port/"), behind a proxy too (Spaces sets the headers)."""
+    headers = request.headers if request is not None else {}
+    host = headers.get("x-forwarded-host") or headers.get("host")
+    if not host:
+        return DEFAULT_BASE
+    scheme = headers.get("x-forwarded-proto") or "http"
+    return f"{scheme.split(',')[0].strip()}://{host.split(',')[0].strip()}/"
 
 
 def _examples(examples: Sequence[Example]) -> dict[str, Any]:
@@ -211,7 +240,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                     picture = picture_controls(PictureConfig(), visible=pictures.available)
                 with gr.Tab("Model"):
                     gr.Markdown(model_markdown(info))
-                    gr.Markdown(API_HELP)
+                    api_md = gr.Markdown(api_help(info), elem_id="ibllm-api-help")
 
         # The handlers as Gradio calls them: their own inputs, then the settings controls they ask for.
         controls = Controls(cache, generation, picture)
@@ -276,6 +305,10 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
             return tuple(gr.skip() if fixed is None else fixed for fixed in (mark_stopped(shown), mark_stopped(state)))
 
         textbox.stop(stopped, [chatbot, chat.chatbot_state], [chatbot, chat.chatbot_state], queue=False, **internal)
+        def shown_api_help(request: gr.Request) -> str:  # the examples name the address the page came from
+            return api_help(info, page_base(request))
+
+        demo.load(shown_api_help, None, api_md, queue=False, **internal)
         chatbot.clear(lambda: (ChatSession(), (), [], "", ""), None,
                       [session, layout, neighbours, timings, compare_out], **internal)
 

@@ -213,6 +213,27 @@ def test_an_unknown_url_or_method_is_an_openai_error_naming_what_is_served(clien
     assert httpx.get(f"{url}/v1/models", timeout=30).json()["object"] == "list"  # the real routes still answer
 
 
+def test_the_model_tabs_api_examples_run_against_this_server(url, api, engine, tmp_path, monkeypatch):
+    """Both snippets of the Model tab, as the page shows them for this server, run unchanged on a photo."""
+    import re
+    import shutil
+
+    from ibllm.ui.blocks import api_help
+
+    shutil.copy(IMAGE, tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", api_help(engine.info, f"{url}/"), re.S)
+    assert len(blocks) == 2
+    want = engine.answer("What is in this picture?", attachments=[Attachment(str(IMAGE), "image")],
+                         generation=replace(engine.cfg.generation, temperature=0.0))
+    for code in blocks:
+        scope: dict[str, Any] = {}
+        exec(code.replace("print(", "shown = str(", 1), scope)  # noqa: S102 - the page's own example
+        answer = scope.get("answer") or scope.get("shown")
+        assert isinstance(answer, str) and answer.strip()
+        assert answer.split()[0] == want.split()[0], (answer, want)
+
+
 def test_too_large_is_413(client, settings, url):
     import httpx
 
