@@ -146,6 +146,21 @@ def resolve_weight(index: int, item: SessionInput, modality: str,
     return item.weight
 
 
+def _check_keys(what: str, given: Mapping | Sequence, inputs: Sequence[SessionInput], kinds_too: bool = False) -> None:
+    """RequestError for an API weight or modality that names no input (a misspelt file name was silently ignored).
+    A weight keyed by a kind of input (``"audio"``) may name a kind the conversation has none of."""
+    names = ", ".join(f"{i}: {item.name}" for i, item in enumerate(inputs)) or "none"
+    if isinstance(given, Sequence):
+        if len(given) > len(inputs):
+            raise RequestError(f"{what} gives {len(given)} values for {len(inputs)} input(s) ({names})")
+        return
+    known = {k for i, item in enumerate(inputs) for k in (str(i), item.name, item.path)}
+    unknown = [k for k in given if k not in known and not (kinds_too and k in KINDS)]
+    if unknown:
+        raise RequestError(f"{what}: {', '.join(map(repr, unknown))} names no input of this conversation; its "
+                           f"inputs (position: file name) are {names}")
+
+
 def plan_attachments(inputs: Sequence[SessionInput], weights_text: Given = None,
                      modalities_text: Given = None) -> list[Attachment]:
     """The engine's attachments for ``inputs``, in order, read and weighed as the session and the API say; weight 0
@@ -160,6 +175,8 @@ def plan_attachments(inputs: Sequence[SessionInput], weights_text: Given = None,
             raise MediaError(item.error or f"{item.name} cannot be used.")
         modalities.append(resolve_modality(i, item, given_modalities))
     given_weights = parse_weights(weights_text)
+    _check_keys("weights", given_weights, inputs, kinds_too=True)
+    _check_keys("modalities", given_modalities, inputs)
     out = []
     for i, (item, modality) in enumerate(zip(inputs, modalities, strict=True)):
         w = max(0.0, resolve_weight(i, item, modality, given_weights))

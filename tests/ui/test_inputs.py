@@ -59,6 +59,20 @@ def test_slider_weights_api_weights_and_weight_zero():
     assert [(a.modality, a.weight) for a in got] == [("audio", 1.0), ("point", 0.3)]
 
 
+def test_api_weights_or_modalities_that_name_no_input_are_refused_naming_the_inputs():
+    # a misspelt file name was silently ignored: the answer came, weighed as if it had not been given
+    with pytest.raises(RequestError, match=r"'a.jpg' names no input.*0: a.png, 1: b.wav, 2: c.ply"):
+        plan_attachments(INPUTS, '{"a.jpg": 0.5}')
+    with pytest.raises(RequestError, match="'5' names no input"):
+        plan_attachments(INPUTS, '{"5": 1}')
+    with pytest.raises(RequestError, match="4 values for 3 input"):
+        plan_attachments(INPUTS, "[1, 1, 1, 1]")
+    with pytest.raises(RequestError, match="'b.mp3' names no input"):
+        plan_attachments(INPUTS, modalities_text='{"b.mp3": "audio"}')
+    # a kind of input the conversation has none of is no mistake: a client may weigh kinds once for all its calls
+    assert len(plan_attachments(INPUTS, '{"video": 0.5, "/t/b.wav": 0.5, "0": 1}')) == 2
+
+
 def test_read_as_the_session_says_unless_the_api_says_otherwise():
     png = SessionInput("/t/x.png", "image", read_as="thermal")
     assert resolve_modality(0, png, {}) == "thermal"
