@@ -14,6 +14,7 @@ What this adds to the reference, all before the pipeline above:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,17 @@ def open_image(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Image.Image
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL refuses the largest itself, in Image.open, before our check: say it in our words, with our limit.
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(declared.group(1)) / 1e6:.0f} megapixels" if declared else "more pixels than can be decoded"
         raise MediaError(
-            f"{name} declares an image too large to decode safely (over {limits.max_image_pixels / 1e6:.0f} "
-            f"megapixels: {exc}). Downscale the image and upload it again."
+            f"{name} declares {size}; the limit is {limits.max_image_pixels / 1e6:.0f} megapixels. Downscale the "
+            "image and upload it again."
         ) from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad files
+        if "truncated" in str(exc):  # PIL: "image file is truncated (4 bytes not processed)"
+            raise MediaError(f"{name} is truncated: the file ends before its image does (an interrupted download "
+                             "or copy?). Upload the whole file again.") from None
         raise MediaError(f"{name} could not be decoded as an image (damaged or truncated?): {exc}") from None
     return img
 

@@ -98,15 +98,26 @@ def test_wrong_or_empty_content(tmp_path, content, match):
 def test_truncated_png(tmp_path):
     data = write_image(tmp_path / "full.png", 200, 200).read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(MediaError, match="could not be decoded"):
+    with pytest.raises(MediaError, match="cut.png is truncated"):
         load_image(tmp_path / "cut.png")
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = png_with_declared_size(tmp_path / "bomb.png", 100_000, 100_000)
     assert path.stat().st_size < 200
-    with pytest.raises(MediaError, match="megapixels"):
+    with pytest.raises(MediaError, match="megapixels") as e:
         load_image(path)
+    # in our words and with our limit, not PIL's ("exceeds limit of 178956970 pixels, could be decompression bomb")
+    assert "10000 megapixels; the limit is 50 megapixels" in str(e.value) and "decompression" not in str(e.value)
+
+
+def test_a_jpeg_cut_short_is_called_truncated(tmp_path):
+    data = write_image(tmp_path / "full.jpg", 200, 200).read_bytes()
+    for cut in (len(data) // 2, len(data) - 3):
+        (tmp_path / "cut.jpg").write_bytes(data[:cut])
+        with pytest.raises(MediaError, match="cut.jpg is truncated: the file ends before") as e:
+            load_image(tmp_path / "cut.jpg")
+        assert "not processed" not in str(e.value)  # PIL's wording
 
 
 def test_zero_size_and_oversize_file(tmp_path):
