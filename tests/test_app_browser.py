@@ -94,6 +94,10 @@ def test_browser_walkthrough(app_url, tmp_path: Path):
             page.goto(url, wait_until="domcontentloaded")  # never "networkidle": the queue keeps a stream open
             page.get_by_test_id("textbox").first.wait_for(timeout=60_000)
 
+            # 0. the gallery is shown from its first row (the chat's autoscroll had taken it to its last)
+            time.sleep(4)  # thumbnails loaded, the chat's own autoscroll done
+            assert page.evaluate("() => document.querySelector('#ibllm-chat .bubble-wrap').scrollTop") == 0
+
             # 1. a gallery example: one click fills and runs it, and the answer streams in
             page.get_by_text(label, exact=True).click()
             seen = watch_answer(page, 0)

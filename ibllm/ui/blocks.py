@@ -139,6 +139,15 @@ reply = client.chat.completions.create(model="MODEL", messages=[{"role": "user",
 print(reply.choices[0].message.content)
 ```"""
 DEFAULT_BASE = "http://127.0.0.1:7860/"
+# Run in the page on load: the examples (shown while the chat is empty) are scrolled to their start, a few times
+# while their thumbnails load and the chat's own autoscroll follows them down.
+GALLERY_FROM_THE_TOP = """() => {
+  const top = () => {
+    const wrap = document.querySelector('#ibllm-chat .bubble-wrap');
+    if (wrap && !wrap.querySelector('.message-row')) wrap.scrollTop = 0;
+  };
+  [0, 250, 750, 1500, 3000].forEach((ms) => setTimeout(top, ms));
+}"""
 
 
 def api_help(info: ModelInfo, base: str = DEFAULT_BASE) -> str:
@@ -262,6 +271,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                 autofocus=True,
             )
             chatbot = gr.Chatbot(label="chat", height="62vh", editable="user", buttons=["copy", "copy_all"],
+                                 elem_id="ibllm-chat",
                                  placeholder="Attach a file, ask a question — or pick an example.")
             chat = gr.ChatInterface(
                 respond,
@@ -309,6 +319,9 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
             return api_help(info, page_base(request))
 
         demo.load(shown_api_help, None, api_md, queue=False, **internal)
+        # The chat scrolls itself to its end as its contents grow, which on load is the gallery's last row: a new
+        # visitor saw the end of the examples, not their start. Back to the top while no message is shown.
+        demo.load(None, None, None, js=GALLERY_FROM_THE_TOP)
         chatbot.clear(lambda: (ChatSession(), (), [], "", ""), None,
                       [session, layout, neighbours, timings, compare_out], **internal)
 
