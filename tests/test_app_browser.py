@@ -301,3 +301,28 @@ def test_stop_before_the_first_word_says_so_and_the_next_question_goes_on(app_ur
             assert len(spy.calls) > calls and spy.calls[-1]["history"] == []  # the stopped turn is not fed back
         finally:
             browser.close()
+
+
+def test_a_two_turn_example_offers_its_follow_up(app_url):
+    """A gallery example with a follow-up ("(then ask: ...)") offers it under the chat once clicked: one click puts it
+    in the textbox, Enter asks it in the same conversation (the person had to type it)."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    url, spy = app_url
+    example = next(e for e in load_gallery(DEFAULT_GALLERY) if e.followup)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            box = page.get_by_test_id("textbox").first
+            box.wait_for(timeout=60_000)
+            page.get_by_text(example.label, exact=True).click()
+            watch_answer(page, 0)
+            page.get_by_role("button", name=f"Then ask: {example.followup}").click(timeout=30_000)
+            assert box.input_value() == example.followup
+            box.press("Enter")
+            watch_answer(page, 1)
+            assert spy.calls[-1]["message"] == example.followup and len(spy.calls[-1]["history"]) == 1
+            assert page.get_by_role("button", name=f"Then ask: {example.followup}").count() == 0  # offered once
+        finally:
+            browser.close()

@@ -289,6 +289,7 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
                 fill_height=False,
                 **_examples(examples),
             )
+            followup_button = gr.Button("", visible=False, size="sm", variant="secondary", elem_id="ibllm-followup")
             captured = camera_fold(textbox)  # the webcam, right under the chat box's paper clip and microphone
             timings.render()
 
@@ -319,11 +320,25 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
             return api_help(info, page_base(request))
 
         demo.load(shown_api_help, None, api_md, queue=False, **internal)
+
+        # A two-turn example ("(then ask: And its shape?)") offers its follow-up as a button under the chat: a click
+        # puts it in the textbox, to send or edit.
+        followups = [e.followup for e in examples]
+
+        def offer_followup(evt: gr.SelectData) -> Any:
+            question = followups[evt.index] if isinstance(evt.index, int) and evt.index < len(followups) else ""
+            return gr.Button(f"Then ask: {question}", visible=True) if question else gr.Button(visible=False)
+
+        def take_followup(label: str) -> tuple[Any, Any]:
+            return {"text": label.removeprefix("Then ask: "), "files": []}, gr.Button(visible=False)
+
+        chatbot.example_select(offer_followup, None, followup_button, queue=False, **internal)
+        followup_button.click(take_followup, followup_button, [textbox, followup_button], queue=False, **internal)
         # The chat scrolls itself to its end as its contents grow, which on load is the gallery's last row: a new
         # visitor saw the end of the examples, not their start. Back to the top while no message is shown.
         demo.load(None, None, None, js=GALLERY_FROM_THE_TOP)
-        chatbot.clear(lambda: (ChatSession(), (), [], "", ""), None,
-                      [session, layout, neighbours, timings, compare_out], **internal)
+        chatbot.clear(lambda: (ChatSession(), (), [], "", "", gr.Button(visible=False)), None,
+                      [session, layout, neighbours, timings, compare_out, followup_button], **internal)
 
         lookup.click(lookup_neighbours, [chat.chatbot_state, textbox, session, *lookup_controls],
                      [neighbours, thumbnails, lookup_note], api_name="neighbours")

@@ -191,8 +191,9 @@ class ChatHandler:
         try:
             session = self.follow(session, [*(history or []), asked])
             attachments = plan_attachments(session.sent, weights, modalities)
-            if not text_in and not attachments:
-                yield f"{ERROR_MARK} Type a question or attach a file.", *_skips(3), session, session.layout(), None
+            if not text_in and not new_files:  # Enter in an empty textbox: nothing was asked (files stay)
+                yield (f"{ERROR_MARK} Type a question" + ("." if attachments else " or attach a file."),
+                       *_skips(3), session, session.layout(), None)
                 return
             # The side panels are cleared for the new answer rather than skipped (see below: a skip costs more).
             yield "", "", [], [], session, session.layout(), None

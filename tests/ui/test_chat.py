@@ -84,6 +84,16 @@ def test_nothing_to_answer():
     assert answer == f"{ERROR_MARK} Type a question or attach a file."
 
 
+def test_an_empty_message_after_a_file_asks_nothing_of_the_model(image):
+    # Enter in an empty textbox, the conversation's photo still attached: the model was asked an empty question
+    engine = FakeEngine()
+    history = [{"role": "user", "content": [{"path": str(image)}]}, {"role": "user", "content": "What is it?"},
+               {"role": "assistant", "content": "a red cube"}]
+    outs = list(ChatHandler(engine).respond({"text": "  ", "files": []}, history, ChatSession(),
+                                            cache=VisualCacheConfig(), generation=GenerationConfig()))
+    assert outs[-1][0] == f"{ERROR_MARK} Type a question." and not engine.calls
+
+
 def test_every_upload_is_hashed_once(tmp_path, monkeypatch):
     """The UI hashes a file only to match gallery hints, through the digest memo: once per file version, however
     many turns, refreshes and lookups read it."""
