@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -232,97 +233,92 @@ def test_browser_live_capture(app_url, tmp_path: Path):
             browser.close()
 
 
-def test_reading_a_file_as_another_kind_redraws_its_preview(app_url):
-    """An (6, T) array is offered as point cloud, depth map or IMU trace; going point cloud -> IMU swaps the 3D view
-    for a plot (re-drawn without a 3D view, Model3D's script was handed the plot and threw, freezing the page) and the
-    chat still answers, reading the file as chosen."""
+@contextmanager
+def chat_page(url: str, errors: list[str] | None = None) -> Iterator[Any]:
+    """The app's page in headless Chromium, its chat box ready; uncaught page errors (less the benign ones) go
+    to ``errors``."""
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
-    url, spy = app_url
-    trace = TOY / example_for(("imu",))["files"][0]["path"]
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}")
-                    if not any(b in str(e) for b in BENIGN_PAGE_ERRORS) else None)
+            if errors is not None:
+                page.on("pageerror", lambda e: errors.append(f"page error: {e}")
+                        if not any(b in str(e) for b in BENIGN_PAGE_ERRORS) else None)
             page.goto(url, wait_until="domcontentloaded")
             page.get_by_test_id("textbox").first.wait_for(timeout=60_000)
-            with page.expect_file_chooser() as chooser:
-                page.get_by_test_id("upload-button").first.click()
-            chooser.value.set_files(str(trace))
-            page.get_by_text(f"{trace.name} · imu").first.wait_for(timeout=60_000)
-            for kind, shown in (("point", "canvas"), ("imu", ".js-plotly-plot")):
-                page.get_by_label(kind, exact=True).check()
-                page.get_by_text(f"{trace.name} · {kind}").first.wait_for(timeout=60_000)
-                page.locator(shown).first.wait_for(timeout=30_000)
-            calls = len(spy.calls)
-            box = page.get_by_test_id("textbox").first
-            box.fill("Which way does it move?")
-            box.press("Enter")
-            watch_answer(page, 0)
-            assert len(spy.calls) == calls + 1, "the question never reached the engine"
-            assert [a.modality for a in spy.calls[-1]["attachments"]] == ["imu"]
-            assert not errors, errors
+            yield page
         finally:
             browser.close()
+
+
+def attach(page: Any, path: Path, kind: str) -> None:
+    """Attach ``path`` with the paper clip and wait for the inputs panel to list it as ``kind``."""
+    with page.expect_file_chooser() as chooser:
+        page.get_by_test_id("upload-button").first.click()
+    chooser.value.set_files(str(path))
+    page.get_by_text(f"{path.name} · {kind}").first.wait_for(timeout=60_000)
+
+
+def test_reading_a_file_as_another_kind_redraws_its_preview(app_url):
+    """An (6, T) array is offered as point cloud, depth map or IMU trace; going point cloud -> IMU swaps the 3D view
+    for a plot (re-drawn without a 3D view, Model3D's script was handed the plot and threw, freezing the page) and the
+    chat still answers, reading the file as chosen."""
+    url, spy = app_url
+    trace = TOY / example_for(("imu",))["files"][0]["path"]
+    errors: list[str] = []
+    with chat_page(url, errors) as page:
+        attach(page, trace, "imu")
+        for kind, shown in (("point", "canvas"), ("imu", ".js-plotly-plot")):
+            page.get_by_label(kind, exact=True).check()
+            page.get_by_text(f"{trace.name} · {kind}").first.wait_for(timeout=60_000)
+            page.locator(shown).first.wait_for(timeout=30_000)
+        calls = len(spy.calls)
+        box = page.get_by_test_id("textbox").first
+        box.fill("Which way does it move?")
+        box.press("Enter")
+        watch_answer(page, 0)
+        assert len(spy.calls) == calls + 1, "the question never reached the engine"
+        assert [a.modality for a in spy.calls[-1]["attachments"]] == ["imu"]
+        assert not errors, errors
 
 
 def test_stop_before_the_first_word_says_so_and_the_next_question_goes_on(app_url):
     """Stopped while its file is read (the engine is slow here), an answer said nothing: an empty bubble, and an
     empty answer in the history the model read next. Now the bubble says it stopped and the model never sees it."""
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
     url, spy = app_url
     image = TOY / example_for(("image",))["files"][0]["path"]
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with chat_page(url) as page:
+        attach(page, image, "image")
+        box = page.get_by_test_id("textbox").first
+        spy.delay = 5.0  # the first word is seconds away
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded")
-            box = page.get_by_test_id("textbox").first
-            box.wait_for(timeout=60_000)
-            with page.expect_file_chooser() as chooser:
-                page.get_by_test_id("upload-button").first.click()
-            chooser.value.set_files(str(image))
-            page.get_by_text(f"{image.name} · image").first.wait_for(timeout=60_000)
-            spy.delay = 5.0  # the first word is seconds away
-            try:
-                box.fill("What colour is it?")
-                box.press("Enter")
-                page.locator(".stop-button").first.click(timeout=30_000)
-                page.get_by_text("stopped before answering").first.wait_for(timeout=30_000)
-            finally:
-                spy.delay = STREAM_DELAY
-            calls = len(spy.calls)
-            box.fill("And its shape?")
+            box.fill("What colour is it?")
             box.press("Enter")
-            watch_answer(page, 1)
-            assert bot_texts(page)[0].endswith("stopped before answering")
-            assert len(spy.calls) > calls and spy.calls[-1]["history"] == []  # the stopped turn is not fed back
+            page.locator(".stop-button").first.click(timeout=30_000)
+            page.get_by_text("stopped before answering").first.wait_for(timeout=30_000)
         finally:
-            browser.close()
+            spy.delay = STREAM_DELAY
+        calls = len(spy.calls)
+        box.fill("And its shape?")
+        box.press("Enter")
+        watch_answer(page, 1)
+        assert bot_texts(page)[0].endswith("stopped before answering")
+        assert len(spy.calls) > calls and spy.calls[-1]["history"] == []  # the stopped turn is not fed back
 
 
 def test_a_two_turn_example_offers_its_follow_up(app_url):
     """A gallery example with a follow-up ("(then ask: ...)") offers it under the chat once clicked: one click puts it
     in the textbox, Enter asks it in the same conversation (the person had to type it)."""
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
     url, spy = app_url
     example = next(e for e in load_gallery(DEFAULT_GALLERY) if e.followup)
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded")
-            box = page.get_by_test_id("textbox").first
-            box.wait_for(timeout=60_000)
-            page.get_by_text(example.label, exact=True).click()
-            watch_answer(page, 0)
-            page.get_by_role("button", name=f"Then ask: {example.followup}").click(timeout=30_000)
-            assert box.input_value() == example.followup
-            box.press("Enter")
-            watch_answer(page, 1)
-            assert spy.calls[-1]["message"] == example.followup and len(spy.calls[-1]["history"]) == 1
-            assert page.get_by_role("button", name=f"Then ask: {example.followup}").count() == 0  # offered once
-        finally:
-            browser.close()
+    with chat_page(url) as page:
+        box = page.get_by_test_id("textbox").first
+        page.get_by_text(example.label, exact=True).click()
+        watch_answer(page, 0)
+        page.get_by_role("button", name=f"Then ask: {example.followup}").click(timeout=30_000)
+        assert box.input_value() == example.followup
+        box.press("Enter")
+        watch_answer(page, 1)
+        assert spy.calls[-1]["message"] == example.followup and len(spy.calls[-1]["history"]) == 1
+        assert page.get_by_role("button", name=f"Then ask: {example.followup}").count() == 0  # offered once
