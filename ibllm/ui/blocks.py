@@ -329,11 +329,13 @@ def build_demo(engine: ChatEngine, *, gallery: str | Path | None | _Choose = BY_
             question = followups[evt.index] if isinstance(evt.index, int) and evt.index < len(followups) else ""
             return gr.Button(f"Then ask: {question}", visible=True) if question else gr.Button(visible=False)
 
-        def take_followup(label: str) -> tuple[Any, Any]:
-            return {"text": label.removeprefix("Then ask: "), "files": []}, gr.Button(visible=False)
+        def take_followup(label: str, typed: Any) -> tuple[Any, Any]:  # files waiting in the textbox stay
+            question = label.removeprefix("Then ask: ")
+            return {"text": question, "files": message_parts(typed)[1]}, gr.Button(visible=False)
 
         chatbot.example_select(offer_followup, None, followup_button, queue=False, **internal)
-        followup_button.click(take_followup, followup_button, [textbox, followup_button], queue=False, **internal)
+        followup_button.click(take_followup, [followup_button, textbox], [textbox, followup_button], queue=False,
+                              **internal)
         # The chat scrolls itself to its end as its contents grow, which on load is the gallery's last row: a new
         # visitor saw the end of the examples, not their start. Back to the top while no message is shown.
         demo.load(None, None, None, js=GALLERY_FROM_THE_TOP)
