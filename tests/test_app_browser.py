@@ -260,16 +260,20 @@ def attach(page: Any, path: Path, kind: str) -> None:
     page.get_by_text(f"{path.name} · {kind}").first.wait_for(timeout=60_000)
 
 
-def test_reading_a_file_as_another_kind_redraws_its_preview(app_url):
-    """An (6, T) array is offered as point cloud, depth map or IMU trace; going point cloud -> IMU swaps the 3D view
-    for a plot (re-drawn without a 3D view, Model3D's script was handed the plot and threw, freezing the page) and the
-    chat still answers, reading the file as chosen."""
+def test_reading_a_file_as_another_kind_redraws_its_preview(app_url, tmp_path):
+    """A (T, 6) array is a point cloud or an IMU trace; going point cloud -> IMU swaps the 3D view for a plot
+    (re-drawn without a 3D view, Model3D's script was handed the plot and threw, freezing the page) and the chat
+    still answers, reading the file as chosen."""
+    import numpy as np
+
     url, spy = app_url
-    trace = TOY / example_for(("imu",))["files"][0]["path"]
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.load(TOY / example_for(("imu",))["files"][0]["path"]).T)  # (T, 6): detected as points
     errors: list[str] = []
     with chat_page(url, errors) as page:
-        attach(page, trace, "imu")
-        for kind, shown in (("point", "canvas"), ("imu", ".js-plotly-plot")):
+        attach(page, trace, "point")
+        page.locator("canvas").first.wait_for(timeout=30_000)
+        for kind, shown in (("imu", ".js-plotly-plot"), ("point", "canvas"), ("imu", ".js-plotly-plot")):
             page.get_by_label(kind, exact=True).check()
             page.get_by_text(f"{trace.name} · {kind}").first.wait_for(timeout=60_000)
             page.locator(shown).first.wait_for(timeout=30_000)

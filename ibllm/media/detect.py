@@ -15,7 +15,7 @@ from PIL import Image
 from ibllm.kinds import ALL_EXTENSIONS, KINDS, MEDIA_KINDS
 from ibllm.media.arrays import ARRAY_FORMATS, array_header
 from ibllm.media.errors import MediaError
-from ibllm.media.limits import Limits
+from ibllm.media.limits import DEFAULT_LIMITS, Limits
 from ibllm.media.sniff import describe, sniff
 from ibllm.media.tracks import sound_only
 from ibllm.media.validate import AUDIO_FORMATS, IMAGE_FORMATS, VIDEO_FORMATS, check_file
@@ -49,6 +49,22 @@ def accepted_table() -> str:
     rows = ["| input | file types |", "|---|---|"]
     rows += [f"| {kind.name} | {' '.join(kind.extensions)} |" for kind in KINDS.values()]
     return "\n".join(rows)
+
+
+def array_kinds(path: str | Path) -> list[str]:
+    """The kinds an .npy / .npz array can be read as, from its header's shape alone: a point cloud (N, 3..16), as
+    detection sees one; an IMU recording (6, T) or (T, 6); a depth map (H, W) no thinner than the loaders accept.
+    A (6, 2000) trace is IMU or points, never a depth map. MediaError for an unreadable header."""
+    shape, _ = array_header(Path(path))
+    dims = [d for d in shape if d != 1]
+    kinds = []
+    if len(shape) == 2 and 3 <= shape[1] <= 16:
+        kinds.append("point")
+    if len(shape) == 2 and 6 in shape:
+        kinds.append("imu")
+    if len(dims) == 2 and len(shape) <= 3 and max(dims) <= DEFAULT_LIMITS.max_aspect_ratio * min(dims):
+        kinds.append("depth")
+    return kinds
 
 
 def _array_kind(path: Path) -> str:

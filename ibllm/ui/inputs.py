@@ -191,7 +191,7 @@ def _preview(item: SessionInput) -> None:
     if p.kind != "model3d" and "point" in item.choices:
         # A file that can be read as a point cloud keeps its 3D view, hidden, while it is read as something else.
         # Re-drawn without it, Gradio's page handed the 3D view the new preview's value (a plot, an image) and its
-        # script threw, freezing the page: "read as" point cloud -> IMU trace on a (6, T) array (Gradio 6.x).
+        # script threw, freezing the page: "read as" point cloud -> IMU trace on a (T, 6) array (Gradio 6.x).
         gr.Model3D(None, visible=False, key=f"preview-model3d-{item.path}")
     if p.kind == "image":
         gr.Image(p.value, show_label=False, height=140, interactive=False, key=key)

@@ -13,11 +13,14 @@ file that is still there.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from ibllm.kinds import KINDS
+from ibllm.media.detect import array_kinds
+from ibllm.media.errors import MediaError
 from ibllm.types import Turn
 from ibllm.ui.history import Conversation, unique
 
@@ -29,10 +32,32 @@ Detect = Callable[[str], tuple[str, str]]
 
 def modality_choices(path: str, detected: str) -> list[str]:
     """The media kinds a file could be read as: the detected one first, then the others its extension allows
-    (a PNG can be a photo, a depth map or a thermal image; detection never guesses thermal)."""
+    (a PNG can be a photo, a depth map or a thermal image; detection never guesses thermal) and, for an array,
+    its shape allows."""
     ext = os.path.splitext(path)[1].lower()
     others = [k.name for k in KINDS.values() if ext in k.extensions and k.name != detected]
+    if ext in (".npy", ".npz"):
+        fits = _array_kinds(path, *_version(path))
+        others = [k for k in others if fits is None or k in fits]
     return [detected, *others]
+
+
+def _version(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _array_kinds(path: str, size: int, mtime_ns: int) -> tuple[str, ...] | None:
+    """``array_kinds`` once per file version (the panel asks on every re-draw); None when the header is unreadable
+    (the loader then says why)."""
+    try:
+        return tuple(array_kinds(path))
+    except MediaError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -131,24 +131,27 @@ def test_lookup_neighbours_reads_the_conversation_and_the_textbox(image, tmp_pat
 
 
 def test_a_file_that_fails_as_the_kind_chosen_for_it_goes_back_to_its_own_kind(tmp_path):
-    """A (6, T) IMU array is offered as a depth map too, but is far too thin to be one: asking about it read as depth
-    fails with the loader's reason, and the file stays in the conversation read as IMU (it was dropped for good)."""
+    """A CSV of xyz rows is offered as an IMU recording too (the extension allows both), but has no 6 channels:
+    asked about it read as IMU, the loader's reason is shown and the file stays in the conversation read as a point
+    cloud (it was dropped for good)."""
+    import numpy as np
+
     from tests.app_helpers import load_engine
 
-    trace = Path(shutil.copy(toy_file("imu"), tmp_path / "trace.npy"))
+    points = tmp_path / "scan.csv"
+    np.savetxt(points, np.random.default_rng(0).normal(size=(200, 3)), delimiter=",")
     handler = ChatHandler(load_engine())
-    history = [{"role": "user", "content": [{"path": str(trace)}]}]
-    s = handler.follow(ChatSession(), history).with_read_as(str(trace), "depth")
-    assert s.input(str(trace)).modality == "depth"
-    outs = list(handler.respond({"text": "Which way does it move?", "files": []},
-                                history, s,
-                                cache=VisualCacheConfig(), generation=GenerationConfig(max_new_tokens=8)))
+    history = [{"role": "user", "content": [{"path": str(points)}]}]
+    s = handler.follow(ChatSession(), history).with_read_as(str(points), "imu")
+    assert s.input(str(points)).modality == "imu"
+    ask = {"text": "What shape is it?", "files": []}
+    outs = list(handler.respond(ask, history, s, cache=VisualCacheConfig(),
+                                generation=GenerationConfig(max_new_tokens=8)))
     text, after = outs[-1][0], outs[-1][4]
-    assert text.startswith(ERROR_MARK) and "too thin" in text and "read as imu again" in text
-    assert after.input(str(trace)).modality == "imu" and str(trace) not in after.removed
-    outs = list(handler.respond({"text": "Which way does it move?", "files": []},
-                                history, after,
-                                cache=VisualCacheConfig(), generation=GenerationConfig(max_new_tokens=8)))
+    assert text.startswith(ERROR_MARK) and "6 numeric columns" in text and "read as point again" in text
+    assert after.input(str(points)).modality == "point" and str(points) not in after.removed
+    outs = list(handler.respond(ask, history, after, cache=VisualCacheConfig(),
+                                generation=GenerationConfig(max_new_tokens=8)))
     assert outs[-1][0] and not outs[-1][0].startswith(ERROR_MARK)
 
 

@@ -37,6 +37,21 @@ def test_modality_choices():
     assert SessionInput("/t/x.wav").choices == []  # an unusable file has none
 
 
+def test_an_array_is_offered_only_as_the_kinds_its_shape_fits(tmp_path):
+    import numpy as np
+
+    for shape, detected, offered in [((6, 2000), "imu", ["imu"]),  # too thin for a depth map, 6 points of 2000
+                                     ((2000, 6), "point", ["point", "imu"]),
+                                     ((500, 3), "point", ["point"]), ((48, 64), "depth", ["depth"]),
+                                     ((6, 6), "imu", ["imu", "point", "depth"])]:
+        np.save(tmp_path / "a.npy", np.zeros(shape))
+        np.savez(tmp_path / "a.npz", data=np.zeros(shape))
+        for name in ("a.npy", "a.npz"):
+            assert modality_choices(str(tmp_path / name), detected) == offered, (shape, name)
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")  # the loader says why; every kind stays offered
+    assert modality_choices(str(tmp_path / "bad.npy"), "point") == ["point", "depth", "imu"]
+
+
 def test_follow_lists_the_conversation_then_the_textbox():
     s = ChatSession().follow(conversation("/t/a.png", "/t/bad.png"), ["/t/b.wav", "/t/a.png"], detect)
     assert [(i.path, i.kind, i.sent) for i in s.inputs] == [("/t/a.png", "image", True), ("/t/bad.png", "", True),
