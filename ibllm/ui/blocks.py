@@ -139,14 +139,18 @@ reply = client.chat.completions.create(model="MODEL", messages=[{"role": "user",
 print(reply.choices[0].message.content)
 ```"""
 DEFAULT_BASE = "http://127.0.0.1:7860/"
-# Run in the page on load: the examples (shown while the chat is empty) are scrolled to their start, a few times
-# while their thumbnails load and the chat's own autoscroll follows them down.
+# Run in the page on load: the examples (shown while the chat is empty) are kept at their start for the first
+# seconds, while their thumbnails load and the chat's own autoscroll follows them down; a person scrolling or
+# typing meanwhile takes over at once.
 GALLERY_FROM_THE_TOP = """() => {
-  const top = () => {
+  let left = 50, taken = false;
+  const take = () => { taken = true; };
+  ['wheel', 'touchstart', 'keydown', 'mousedown'].forEach((e) => document.addEventListener(e, take, {once: true}));
+  const timer = setInterval(() => {
     const wrap = document.querySelector('#ibllm-chat .bubble-wrap');
-    if (wrap && !wrap.querySelector('.message-row')) wrap.scrollTop = 0;
-  };
-  [0, 250, 750, 1500, 3000].forEach((ms) => setTimeout(top, ms));
+    if (taken || --left < 0 || (wrap && wrap.querySelector('.message-row'))) return clearInterval(timer);
+    if (wrap) wrap.scrollTop = 0;
+  }, 200);
 }"""
 
 
