@@ -85,8 +85,8 @@ def _suspects(error: MediaError, new_files: Sequence[str], all_files: Sequence[s
 
 def _after_media_error(session: ChatSession, suspects: Sequence[str]) -> tuple[ChatSession, str]:
     """The session after ``suspects`` failed to load, and what the chat says about it. A file read as another kind
-    than the detected one goes back to the detected kind (the choice failed, not the file: a (6, T) IMU array
-    offered as a depth map is too thin to be one); the others are left out of the conversation."""
+    than the detected one goes back to the detected kind (the choice failed, not the file: a CSV of xyz rows offered
+    as an IMU recording has no 6 channels); the others are left out of the conversation."""
     chosen = [i for p in suspects if (i := session.input(p)) is not None and i.modality != i.kind]
     for item in chosen:
         session = session.with_read_as(item.path, item.kind)
