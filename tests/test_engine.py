@@ -132,7 +132,7 @@ def test_the_default_model_asked_without_an_input_says_what_it_can_do_instead_of
     try:
         for attachments in ([], [replace(IMAGE, weight=0.0)]):
             answer = model.answer("hi, what can you do?", attachments=attachments, generation=GREEDY)
-            assert "Attach an image" in answer and "Model tab" in answer
+            assert "Attach an image" in answer and "real ImageBind-LLM weights" in answer
         assert not calls  # the language model was not run
         assert model.answer("What is it?", attachments=[IMAGE], generation=GREEDY) != answer
         assert calls
