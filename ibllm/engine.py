@@ -42,6 +42,7 @@ from ibllm.model import ImageBindLLM
 from ibllm.serving import Queued, Scheduler, TokenStream
 from ibllm.threads import in_passing_thread
 from ibllm.types import (
+    NEEDS_INPUT,
     Attachment,
     ChatEvent,
     ModelInfo,
@@ -54,11 +55,6 @@ from ibllm.types import (
 
 # Leave at least this many positions for the answer when fitting a long conversation into the context.
 MIN_ANSWER_TOKENS = 16
-# The default model's answer to a question without an input (with a weight above 0): it can only describe inputs.
-NEEDS_INPUT = ("I am the small default model: I can only tell you about the files you give me (their shape, colour, "
-               "size, position, motion or sound). Attach an image, video, sound, 3D point cloud, depth or thermal "
-               "map, IMU trace or text file (in the app, or click an example), then ask. For open conversation, "
-               "load the real ImageBind-LLM weights (the app's Model tab and the README say how).")
 NO_PICTURE_INPUT = "a picture is drawn from the inputs: attach at least one file (with a weight above 0)"
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+# The default model's answer to a question without an input (with a weight above 0): it can only describe inputs.
+# The app's words, not the model's: chat histories leave such a turn out (ibllm.ui.history).
+NEEDS_INPUT = ("I am the small default model: I can only tell you about the files you give me (their shape, colour, "
+               "size, position, motion or sound). Attach an image, video, sound, 3D point cloud, depth or thermal "
+               "map, IMU trace or text file (in the app, or click an example), then ask. For open conversation, "
+               "load the real ImageBind-LLM weights (the app's Model tab and the README say how).")
+
 
 @dataclass(frozen=True)
 class Attachment:

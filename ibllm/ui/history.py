@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ibllm.types import Turn
+from ibllm.types import NEEDS_INPUT, Turn
 
 # Answers that are error reports start with this mark: they stay visible in the chat but are never fed back to the
 # model as if it had said them.
@@ -108,7 +108,8 @@ def normalise_history(history: Sequence[Any] | None) -> Conversation:
     """Fold a Gradio message list into (user, assistant) turns and the files attached along the way.
 
     Consecutive user messages (Gradio stores each file and the text as separate messages) form one turn; a turn
-    whose answer is an error report (or the note of an answer stopped before it began) is kept out of ``turns`` so
+    whose answer is an error report (or the note of an answer stopped before it began, or the default model's
+    ``NEEDS_INPUT`` note) is kept out of ``turns`` so
     the model never sees its own error messages, and so is an error report after the text (a picture that could not
     be drawn). An answer that is a picture alone is a turn with an empty answer.
     Assistant messages with a metadata title (collapsible notes, tool logs) are display-only and skipped.
@@ -122,7 +123,7 @@ def normalise_history(history: Sequence[Any] | None) -> Conversation:
     def close_turn() -> None:
         nonlocal answered
         answer = "\n".join(answer_texts).strip()
-        if (user_texts or answer) and not answer.startswith((ERROR_MARK, STOPPED_MARK)):
+        if (user_texts or answer) and not answer.startswith((ERROR_MARK, STOPPED_MARK)) and answer != NEEDS_INPUT:
             conversation.turns.append(Turn(user="\n".join(user_texts).strip(), assistant=answer))
         user_texts.clear()
         answer_texts.clear()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ibllm.types import Turn
+from ibllm.types import NEEDS_INPUT, Turn
 from ibllm.ui.history import (
     ERROR_MARK,
     STOPPED_BEFORE_ANSWERING,
@@ -65,6 +65,13 @@ def test_an_answer_stopped_before_its_first_word_says_so_and_is_not_fed_back():
         assert normalise_history([*marked, {"role": "user", "content": "And its shape?"}]).turns == []
     assert mark_stopped([*asked, {"role": "assistant", "content": "It is"}]) is None  # a partial answer stays
     assert mark_stopped(asked) is None and mark_stopped([]) is None
+
+
+def test_the_default_models_note_on_a_question_without_input_is_not_fed_back():
+    # the app's words, not the model's; fed back, it filled the toy model's context (208 tokens) and was dropped
+    history = [{"role": "user", "content": "hi, what can you do?"}, {"role": "assistant", "content": NEEDS_INPUT},
+               {"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": "It is red."}]
+    assert normalise_history(history).turns == [Turn("What colour is it?", "It is red.")]
 
 
 def test_message_parts():
